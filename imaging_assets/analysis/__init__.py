@@ -1,0 +1,1 @@
+"""analysis domain package (no Dagster imports)."""

@@ -1,0 +1,170 @@
+"""`imaging-assets` command line: the domain code without Dagster.
+
+Sub-commands
+------------
+demo-data   write the synthetic DICOM cohort (default data/demo, 100 patients)
+scan        crawl folders, assemble series, link segmentations; print a summary or JSON
+summary     print what the warehouse holds (used at the end of ``make demo``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from imaging_assets import settings
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from imaging_assets.demo.generator import generate_cohort
+
+    out = Path(args.out)
+    if args.if_missing and (out / "manifest.json").exists():
+        print(f"demo cohort already present at {out} (delete it to regenerate)")
+        return 0
+    t0 = time.perf_counter()
+    cohort = generate_cohort(out, n_patients=args.patients, seed=args.seed, workers=args.workers)
+    print(
+        f"wrote {cohort.n_patients} patients, {cohort.n_lesions} lesions, {cohort.n_files} files "
+        f"to {cohort.out_dir} in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
+def scan_paths(paths: list[str], workers: int | None = None) -> dict[str, Any]:
+    """Crawl ``paths`` (no warehouse), assemble series and link segmentations.
+
+    Returns
+    -------
+    dict
+        ``files``, ``quarantine``, ``series``, ``segmentations`` lists of records.
+    """
+    from imaging_assets.dicom.crawl import crawl
+    from imaging_assets.dicom.pseudonym import pseudonym_secret
+    from imaging_assets.dicom.segmentations import link_segmentations
+    from imaging_assets.dicom.series import assemble_series
+
+    secret = pseudonym_secret()
+    result = crawl(paths, known=None, secret=secret, workers=workers)
+    files = sorted(result.records, key=lambda r: r["path"])
+    series = assemble_series([f for f in files if f["kind"] == "image"])
+    segs = link_segmentations([f for f in files if f["kind"] in ("seg", "rtstruct")], series, secret=secret)
+    return {
+        "files": files,
+        "quarantine": sorted(result.quarantined, key=lambda r: r["path"]),
+        "series": series,
+        "segmentations": segs,
+    }
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        print(f"error: path(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out = scan_paths(args.paths, workers=args.workers)
+    if args.json:
+        json.dump(out, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+        return 0
+    print(f"files catalogued: {len(out['files'])} ({dict(Counter(f['kind'] for f in out['files']))})")
+    print(f"files quarantined: {len(out['quarantine'])}")
+    for reason, n in Counter(q["reason"] for q in out["quarantine"]).most_common():
+        print(f"  {reason}: {n}")
+    for q in out["quarantine"][: args.show]:
+        print(f"    {q['path']}: {q['message']}")
+    flagged = [s for s in out["series"] if s["flags"]]
+    print(f"series: {len(out['series'])} ({len(flagged)} with geometry flags)")
+    for s in out["series"][: args.show]:
+        flags = ", ".join(s["flags"]) or "ok"
+        print(f"  {s['series_instance_uid']}  {s['modality']}  {s['n_slices']} slices  [{flags}]")
+        for detail in s["flag_details"]:
+            print(f"      {detail}")
+    print(f"segmentations: {len(out['segmentations'])}")
+    for g in out["segmentations"][: args.show]:
+        how = g["link_rule"] or f"UNLINKED: {g['unlinked_reason']}"
+        print(f"  {g['kind']:8s} {g['path']}  -> {g['linked_series_key'] or '-'}  ({how})")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from imaging_assets.store.warehouse import connect, duckdb_path
+
+    db = duckdb_path(args.warehouse)
+    if not db.exists():
+        print(f"error: no warehouse at {db}; run `make demo` first", file=sys.stderr)
+        return 2
+    with connect(db, read_only=True) as con:
+        tables = [r[0] for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
+        ).fetchall()]
+        print(f"warehouse {db}")
+        for t in tables:
+            n = con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
+            print(f"  {t:28s} {n:>8d} rows")
+        if "dicom_quarantine" in tables:
+            for reason, n in con.execute(
+                "SELECT reason, count(*) FROM dicom_quarantine WHERE status = 'active' GROUP BY 1 ORDER BY 2 DESC"
+            ).fetchall():
+                print(f"    quarantined {reason}: {n}")
+        if "imaging_series" in tables:
+            for flag, n in con.execute(
+                "SELECT f, count(*) FROM (SELECT unnest(flags) AS f FROM imaging_series) GROUP BY 1 ORDER BY 2 DESC"
+            ).fetchall():
+                print(f"    series flagged {flag}: {n}")
+        if "segmentations" in tables:
+            for rule, n in con.execute(
+                "SELECT coalesce(link_rule, 'unlinked'), count(*) FROM segmentations GROUP BY 1 ORDER BY 2 DESC"
+            ).fetchall():
+                print(f"    segmentations {rule}: {n}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    p = argparse.ArgumentParser(prog="imaging-assets", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo-data", help="write the synthetic DICOM cohort")
+    d.add_argument("--out", default=str(settings.demo_dir()), help="output folder (default data/demo)")
+    d.add_argument("--patients", type=int, default=100, help="number of patients (default 100)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    d.add_argument("--if-missing", action="store_true", help="do nothing when the cohort already exists")
+    d.set_defaults(func=_cmd_demo_data)
+
+    s = sub.add_parser("scan", help="catalog DICOM folders without Dagster or a warehouse")
+    s.add_argument("paths", nargs="+", help="files or folders to scan")
+    s.add_argument("--json", action="store_true", help="print one JSON document")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    s.add_argument("--show", type=int, default=20, help="rows to list per section (default 20)")
+    s.set_defaults(func=_cmd_scan)
+
+    m = sub.add_parser("summary", help="print what the warehouse holds")
+    m.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    m.set_defaults(func=_cmd_summary)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``imaging-assets`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

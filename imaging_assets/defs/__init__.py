@@ -1,0 +1,1 @@
+"""The Dagster layer: thin wrappers that wire the domain packages into assets, checks and automation."""

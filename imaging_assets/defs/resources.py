@@ -1,0 +1,70 @@
+"""Resources shared by every stage: where the warehouse is and which folders hold the DICOM archive."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+import duckdb
+from pydantic import Field
+
+from imaging_assets import settings
+from imaging_assets.store.warehouse import connect, duckdb_path
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The warehouse folder: ``warehouse.duckdb`` (SQL face, catalog tables) and the Lance tables.
+
+    Connections are opened briefly inside ``with`` blocks, as dagster-duckdb's ``DuckDBResource`` does;
+    a writer waits (with backoff) while another process holds DuckDB's single write lock.
+    """
+
+    root: str = Field(
+        default_factory=lambda: str(settings.warehouse_dir()),
+        description="Warehouse folder (env IMAGING_ASSETS_WAREHOUSE; default data/warehouse).",
+    )
+
+    @property
+    def database(self) -> str:
+        """Path of the DuckDB file."""
+        return str(duckdb_path(self.root))
+
+    @contextmanager
+    def get_connection(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open the warehouse DuckDB file for the duration of a ``with`` block."""
+        with connect(self.database, read_only=read_only) as con:
+            yield con
+
+
+class DicomSourcesResource(dg.ConfigurableResource):
+    """What discovery reads: DICOM root folders, optional NIfTI/NRRD manifests, the pseudonym secret."""
+
+    roots: list[str] = Field(
+        default_factory=settings.dicom_roots,
+        description="Folders to crawl (env IMAGING_ASSETS_DICOM_ROOTS, os.pathsep-separated; "
+        "default data/demo/dicom).",
+    )
+    manifests: list[str] = Field(
+        default_factory=settings.manifests,
+        description="CSV manifests of NIfTI/NRRD image+mask pairs (env IMAGING_ASSETS_MANIFESTS).",
+    )
+    pseudonym_key: str | None = Field(
+        default=None,
+        description="HMAC secret for patient keys. Leave unset to read IMAGING_ASSETS_PSEUDONYM_KEY "
+        "from the environment (a development default with a warning is used when that is unset too).",
+    )
+    workers: int = Field(default=0, description="Header-reading processes; 0 = one per CPU core.")
+
+    def worker_count(self) -> int:
+        """Process count to use."""
+        return self.workers or (os.cpu_count() or 1)
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    """Default resources; override in tests with ``dg.materialize(..., resources=...)``."""
+    return dg.Definitions(
+        resources={"warehouse": WarehouseResource(), "dicom_sources": DicomSourcesResource()}
+    )

@@ -1,0 +1,2 @@
+"""Pure DICOM domain code: crawl, header parsing, series assembly + geometry QC, segmentation linking,
+pseudonymisation. Never imports Dagster."""

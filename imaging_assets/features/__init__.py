@@ -1,0 +1,1 @@
+"""features domain package (no Dagster imports)."""

@@ -1,0 +1,49 @@
+"""Default locations, all overridable from the environment (no Dagster here).
+
+=================================  =============================================  ==========================
+setting                            environment variable                            default
+=================================  =============================================  ==========================
+data folder                        ``IMAGING_ASSETS_DATA``                         ``<repo>/data``
+warehouse (DuckDB file + Lance)    ``IMAGING_ASSETS_WAREHOUSE``                    ``<data>/warehouse``
+DICOM roots (``os.pathsep`` list)  ``IMAGING_ASSETS_DICOM_ROOTS``                  ``<data>/demo/dicom``
+NIfTI/NRRD manifests (list)        ``IMAGING_ASSETS_MANIFESTS``                    none
+pseudonymisation secret            ``IMAGING_ASSETS_PSEUDONYM_KEY``                dev default + warning
+=================================  =============================================  ==========================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """Folder holding params, the demo cohort and (by default) the warehouse."""
+    return Path(os.environ.get("IMAGING_ASSETS_DATA", PROJECT_ROOT / "data"))
+
+
+def demo_dir() -> Path:
+    """Where ``imaging-assets demo-data`` writes the synthetic cohort by default."""
+    return data_dir() / "demo"
+
+
+def warehouse_dir() -> Path:
+    """Root of the warehouse: ``warehouse.duckdb`` and the Lance tables live below it."""
+    return Path(os.environ.get("IMAGING_ASSETS_WAREHOUSE", data_dir() / "warehouse"))
+
+
+def _path_list(var: str) -> list[str]:
+    raw = os.environ.get(var, "")
+    return [p for p in raw.split(os.pathsep) if p.strip()]
+
+
+def dicom_roots() -> list[str]:
+    """Folders crawled by discovery."""
+    return _path_list("IMAGING_ASSETS_DICOM_ROOTS") or [str(demo_dir() / "dicom")]
+
+
+def manifests() -> list[str]:
+    """Manifest CSVs of NIfTI/NRRD image + mask pairs (see ``dicom.segmentations.read_manifest``)."""
+    return _path_list("IMAGING_ASSETS_MANIFESTS")

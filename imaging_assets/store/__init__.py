@@ -1,0 +1,1 @@
+"""store domain package (no Dagster imports)."""

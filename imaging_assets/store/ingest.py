@@ -1,0 +1,190 @@
+"""Discovery steps that read the disk and write the warehouse: the code behind the ``ingest`` assets.
+
+Each function opens the DuckDB file briefly, does one step in one transaction and returns a summary
+dict that the Dagster layer turns into metadata. No Dagster here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from imaging_assets.dicom.crawl import crawl
+from imaging_assets.dicom.pseudonym import pseudonym_secret
+from imaging_assets.dicom.segmentations import link_segmentations, read_manifest
+from imaging_assets.dicom.series import assemble_series
+from imaging_assets.store.warehouse import (
+    active_files,
+    apply_crawl,
+    connect,
+    known_files,
+    replace_table,
+    table_rows,
+)
+
+logger = logging.getLogger(__name__)
+
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+
+
+def refresh_catalog(
+    database: str | Path,
+    roots: Sequence[str | Path],
+    secret: str | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Crawl ``roots`` incrementally and bring ``dicom_files`` / ``dicom_quarantine`` up to date.
+
+    Only new or changed files (by path, size and mtime) are read; files gone from disk are marked
+    removed. Missing roots are reported, not fatal.
+
+    Returns
+    -------
+    dict
+        ``seen``, ``read``, ``unchanged``, ``removed``, ``catalogued`` (active rows),
+        ``quarantined`` (active rows), ``quarantine_by_reason``, ``missing_roots``, ``elapsed_s``.
+    """
+    t0 = time.perf_counter()
+    existing = [str(r) for r in roots if Path(r).exists()]
+    missing = [str(r) for r in roots if not Path(r).exists()]
+    for r in missing:
+        logger.warning("DICOM root %s does not exist; nothing crawled there", r)
+    with connect(database) as con:
+        known = known_files(con)
+    result = crawl(existing, known=known, secret=pseudonym_secret(secret), workers=workers)
+    with connect(database) as con:
+        apply_crawl(con, result.records, result.quarantined, result.removed)
+        catalogued = con.execute("SELECT count(*) FROM dicom_files WHERE status = 'active'").fetchone()[0]
+        by_reason = dict(
+            con.execute(
+                "SELECT reason, count(*) FROM dicom_quarantine WHERE status = 'active' "
+                "GROUP BY reason ORDER BY count(*) DESC, reason"
+            ).fetchall()
+        )
+        by_kind = dict(
+            con.execute(
+                "SELECT kind, count(*) FROM dicom_files WHERE status = 'active' GROUP BY kind ORDER BY kind"
+            ).fetchall()
+        )
+    return {
+        "seen": result.seen,
+        "read": result.read,
+        "unchanged": len(result.unchanged),
+        "removed": len(result.removed),
+        "catalogued": int(catalogued),
+        "catalogued_by_kind": by_kind,
+        "quarantined": int(sum(by_reason.values())),
+        "quarantine_by_reason": by_reason,
+        "missing_roots": missing,
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def rebuild_series(database: str | Path) -> dict[str, Any]:
+    """Assemble ``imaging_series`` from the active image files of the catalog (full, atomic rewrite).
+
+    Returns
+    -------
+    dict
+        ``series``, ``usable``, ``flagged``, ``flag_counts``, ``flagged_series`` (key, uid, flags, details).
+    """
+    t0 = time.perf_counter()
+    with connect(database) as con:
+        images = active_files(con, kinds=["image"])
+    series = assemble_series(images)
+    with connect(database) as con:
+        replace_table(con, "imaging_series", series)
+    flagged = [s for s in series if s["flags"]]
+    return {
+        "series": len(series),
+        "usable": len(series) - len(flagged),
+        "flagged": len(flagged),
+        "flag_counts": dict(Counter(f for s in flagged for f in s["flags"])),
+        "flagged_series": [
+            {
+                "series_key": s["series_key"],
+                "series_instance_uid": s["series_instance_uid"],
+                "n_slices": s["n_slices"],
+                "flags": list(s["flags"]),
+                "details": list(s["flag_details"]),
+            }
+            for s in flagged
+        ],
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def rebuild_segmentations(
+    database: str | Path, manifests: Sequence[str | Path] = (), secret: str | None = None
+) -> dict[str, Any]:
+    """Link every SEG / RTSTRUCT of the catalog (and manifest NIfTI/NRRD pairs) to its image series.
+
+    Manifest images become extra rows of ``imaging_series`` so that one table lists every volume.
+
+    Returns
+    -------
+    dict
+        ``segmentations``, ``linked``, ``unlinked``, ``by_rule``, ``unlinked_rows`` (path, reason).
+    """
+    t0 = time.perf_counter()
+    secret = pseudonym_secret(secret)
+    with connect(database) as con:
+        seg_files = active_files(con, kinds=["seg", "rtstruct"])
+        series = table_rows(con, "imaging_series")
+    dicom_series = [s for s in series if not _is_manifest_series(s)]
+    rows = link_segmentations(seg_files, dicom_series, secret=secret)
+    manifest_series: list[dict[str, Any]] = []
+    for manifest in manifests:
+        m_series, m_segs = read_manifest(Path(manifest), secret=secret)
+        manifest_series.extend(m_series)
+        rows.extend(m_segs)
+    with connect(database) as con:
+        if manifest_series or any(_is_manifest_series(s) for s in series):
+            replace_table(con, "imaging_series", dicom_series + manifest_series)
+        replace_table(con, "segmentations", rows)
+    unlinked = [r for r in rows if not r["linked_series_key"]]
+    return {
+        "segmentations": len(rows),
+        "linked": len(rows) - len(unlinked),
+        "unlinked": len(unlinked),
+        "by_rule": dict(Counter(r["link_rule"] or "unlinked" for r in rows)),
+        "by_kind": dict(Counter(r["kind"] for r in rows)),
+        "unlinked_rows": [{"path": r["path"], "reason": r["unlinked_reason"]} for r in unlinked],
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _is_manifest_series(series_row: dict[str, Any]) -> bool:
+    """Series rows made from manifest NIfTI/NRRD images (rebuilt from the manifests each time)."""
+    files = series_row.get("files") or []
+    return bool(files) and str(files[0]).lower().endswith(_VOLUME_SUFFIXES)
+
+
+def roots_fingerprint(roots: Sequence[str | Path]) -> dict[str, Any]:
+    """A cheap fingerprint of the files under ``roots`` (no file is opened; one ``stat`` each).
+
+    Any added, deleted, modified or touched file changes ``digest``. Used by the new-DICOM sensor.
+
+    Returns
+    -------
+    dict
+        ``files``, ``bytes``, ``max_mtime_ns`` and ``digest`` (sha1 over sorted path/size/mtime).
+    """
+    import hashlib
+
+    from imaging_assets.dicom.crawl import iter_files
+
+    entries = sorted(iter_files([r for r in roots if Path(r).exists()]))
+    h = hashlib.sha1()
+    for path, size, mtime_ns in entries:
+        h.update(f"{path}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return {
+        "files": len(entries),
+        "bytes": sum(e[1] for e in entries),
+        "max_mtime_ns": max((e[2] for e in entries), default=0),
+        "digest": h.hexdigest(),
+    }

@@ -1,0 +1,228 @@
+"""The DuckDB side of the warehouse: connections, schema, and transactional writes of catalog records.
+
+Every write happens inside one transaction, so a crash leaves the previous committed state, never half a
+batch. Values always travel as parameters or registered Arrow tables, never formatted into SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from imaging_assets.dicom.records import (
+    FILE_FIELDS,
+    QUARANTINE_FIELDS,
+    SEGMENTATION_FIELDS,
+    SERIES_FIELDS,
+)
+
+logger = logging.getLogger(__name__)
+
+DUCKDB_FILENAME = "warehouse.duckdb"
+
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "VARCHAR": pa.string(),
+    "BIGINT": pa.int64(),
+    "INTEGER": pa.int32(),
+    "DOUBLE": pa.float64(),
+    "BOOLEAN": pa.bool_(),
+    "DATE": pa.string(),  # ISO strings; cast to DATE by DuckDB on insert
+    "DOUBLE[]": pa.list_(pa.float64()),
+    "DOUBLE[][]": pa.list_(pa.list_(pa.float64())),
+    "VARCHAR[]": pa.list_(pa.string()),
+    "INTEGER[]": pa.list_(pa.int32()),
+}
+
+#: Columns the catalog tables add to the record fields.
+_CATALOG_EXTRA = {"status": "VARCHAR", "updated_at": "TIMESTAMP", "removed_at": "TIMESTAMP"}
+
+#: Table name -> (record fields, extra bookkeeping columns, primary key).
+TABLES: dict[str, tuple[Mapping[str, str], Mapping[str, str], str]] = {
+    "dicom_files": (FILE_FIELDS, _CATALOG_EXTRA, "path"),
+    "dicom_quarantine": (QUARANTINE_FIELDS, _CATALOG_EXTRA, "path"),
+    "imaging_series": (SERIES_FIELDS, {}, "series_key"),
+    "segmentations": (SEGMENTATION_FIELDS, {}, "seg_key"),
+}
+
+
+def duckdb_path(warehouse: str | Path) -> Path:
+    """Path of the DuckDB file inside a warehouse folder."""
+    return Path(warehouse) / DUCKDB_FILENAME
+
+
+@contextmanager
+def connect(
+    database: str | Path, read_only: bool = False, retries: int = 50, wait_s: float = 0.1
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open a DuckDB connection briefly, retrying while another process holds the write lock.
+
+    Parameters
+    ----------
+    database
+        Path of the DuckDB file (its folder is created for writers) or ``":memory:"``.
+    read_only
+        Open read-only (sensors, queries). A read-only open of a file that does not exist yet fails.
+    retries, wait_s
+        How often and how long to wait for a lock held by another process.
+    """
+    if str(database) != ":memory:" and not read_only:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    last: Exception | None = None
+    for attempt in range(retries):
+        try:
+            con = duckdb.connect(str(database), read_only=read_only)
+            break
+        except duckdb.IOException as exc:  # lock held by another process
+            if "lock" not in str(exc).lower():
+                raise
+            last = exc
+            time.sleep(wait_s * min(1 + attempt, 10))
+    else:
+        raise RuntimeError(f"could not open {database}: still locked after {retries} tries: {last}")
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the catalog tables when missing (idempotent)."""
+    for name, (fields, extra, key) in TABLES.items():
+        cols = [f'"{c}" {t}' for c, t in {**fields, **extra}.items()]
+        cols.append(f'PRIMARY KEY ("{key}")')
+        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(cols)})")
+
+
+def arrow_table(rows: Sequence[Mapping[str, Any]], fields: Mapping[str, str]) -> pa.Table:
+    """Build an Arrow table with the declared column types from record dicts."""
+    schema = pa.schema([(c, _ARROW_TYPES[t]) for c, t in fields.items()])
+    columns = {c: [r.get(c) for r in rows] for c in fields}
+    return pa.table(columns, schema=schema)
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mapping[str, Any]],
+            fields: Mapping[str, str], extra_sql: Mapping[str, str]) -> None:
+    if not rows:
+        return
+    incoming = arrow_table(rows, fields)
+    con.register("_incoming", incoming)
+    try:
+        cols = [f'"{c}"' for c in fields] + [f'"{c}"' for c in extra_sql]
+        select = [f'CAST("{c}" AS {t})' for c, t in fields.items()] + list(extra_sql.values())
+        con.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(select)} FROM _incoming")
+    finally:
+        con.unregister("_incoming")
+
+
+def known_files(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[int, int]]:
+    """``path -> (size, mtime_ns)`` of every active catalogued or quarantined file."""
+    ensure_schema(con)
+    rows = con.execute(
+        "SELECT path, size, mtime_ns FROM dicom_files WHERE status = 'active' "
+        "UNION ALL SELECT path, size, mtime_ns FROM dicom_quarantine WHERE status = 'active'"
+    ).fetchall()
+    return {p: (int(s), int(m)) for p, s, m in rows}
+
+
+def apply_crawl(
+    con: duckdb.DuckDBPyConnection,
+    records: Sequence[Mapping[str, Any]],
+    quarantined: Sequence[Mapping[str, Any]],
+    removed: Iterable[str],
+) -> dict[str, int]:
+    """Write one crawl's outcome in a single transaction.
+
+    New or re-read paths replace their previous row in either table (a modified file may move between
+    the catalog and the quarantine); removed paths are marked ``status='removed'`` with ``removed_at``,
+    never deleted, so history stays queryable. Unchanged paths are not touched.
+
+    Returns
+    -------
+    dict
+        Counts: ``upserted``, ``quarantined``, ``removed``.
+    """
+    ensure_schema(con)
+    removed = sorted(set(removed))
+    touched = [r["path"] for r in records] + [q["path"] for q in quarantined]
+    now_sql = {"status": "'active'", "updated_at": "now()::TIMESTAMP", "removed_at": "NULL"}
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if touched:
+            paths = pa.table({"path": pa.array(touched, pa.string())})
+            con.register("_touched", paths)
+            for table in ("dicom_files", "dicom_quarantine"):
+                con.execute(f"DELETE FROM {table} WHERE path IN (SELECT path FROM _touched)")
+            con.unregister("_touched")
+        _insert(con, "dicom_files", records, FILE_FIELDS, now_sql)
+        _insert(con, "dicom_quarantine", quarantined, QUARANTINE_FIELDS, now_sql)
+        if removed:
+            gone = pa.table({"path": pa.array(removed, pa.string())})
+            con.register("_gone", gone)
+            for table in ("dicom_files", "dicom_quarantine"):
+                con.execute(
+                    f"UPDATE {table} SET status = 'removed', removed_at = now()::TIMESTAMP "
+                    "WHERE status = 'active' AND path IN (SELECT path FROM _gone)"
+                )
+            con.unregister("_gone")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return {"upserted": len(records), "quarantined": len(quarantined), "removed": len(removed)}
+
+
+def replace_table(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Atomically replace the content of a derived table (``imaging_series``, ``segmentations``)."""
+    fields, extra, _ = TABLES[table]
+    ensure_schema(con)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f"DELETE FROM {table}")
+        _insert(con, table, rows, fields, {})
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return len(rows)
+
+
+def fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Run a query and return rows as dicts (dates as ISO strings, lists as lists)."""
+    cur = con.execute(sql, list(params))
+    names = [d[0] for d in cur.description]
+    out = []
+    for row in cur.fetchall():
+        rec = dict(zip(names, row))
+        for k, v in rec.items():
+            if hasattr(v, "isoformat") and not isinstance(v, str):
+                rec[k] = v.isoformat()
+        out.append(rec)
+    return out
+
+
+def active_files(con: duckdb.DuckDBPyConnection, kinds: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Active catalog records (FILE_FIELDS keys), optionally only some kinds, ordered by path."""
+    ensure_schema(con)
+    cols = ", ".join(f'"{c}"' for c in FILE_FIELDS)
+    if kinds:
+        return fetch_dicts(
+            con,
+            f"SELECT {cols} FROM dicom_files WHERE status = 'active' AND list_contains(?, kind) ORDER BY path",
+            [list(kinds)],
+        )
+    return fetch_dicts(con, f"SELECT {cols} FROM dicom_files WHERE status = 'active' ORDER BY path")
+
+
+def table_rows(con: duckdb.DuckDBPyConnection, table: str) -> list[dict[str, Any]]:
+    """All rows of a derived table as dicts, in primary-key order."""
+    fields, _, key = TABLES[table]
+    ensure_schema(con)
+    cols = ", ".join(f'"{c}"' for c in fields)
+    return fetch_dicts(con, f'SELECT {cols} FROM {table} ORDER BY "{key}"')

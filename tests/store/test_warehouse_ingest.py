@@ -1,0 +1,150 @@
+"""Warehouse writes: incremental catalog refresh, atomicity, and no PHI in any table."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from imaging_assets.store import ingest
+from imaging_assets.store.warehouse import apply_crawl, connect, duckdb_path, known_files
+
+
+def _copy_ct(dst: Path, n: int) -> list[Path]:
+    """n copies of pydicom's CT_small with distinct SOP instance UIDs in one series."""
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    dst.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        ds = src.copy()
+        ds.SOPInstanceUID = f"{src.SOPInstanceUID}.{i + 1}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [0.0, 0.0, float(i) * 5.0]
+        p = dst / f"ct_{i:03d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        out.append(p)
+    return out
+
+
+def _table(db: Path, sql: str, params=()):
+    with connect(db, read_only=True) as con:
+        return con.execute(sql, list(params)).fetchall()
+
+
+def test_incremental_refresh_add_modify_delete(tmp_path):
+    root = tmp_path / "archive"
+    files = _copy_ct(root / "series1", 6)
+    db = duckdb_path(tmp_path / "wh")
+
+    first = ingest.refresh_catalog(db, [root], workers=1)
+    assert first["read"] == 6 and first["catalogued"] == 6 and first["quarantined"] == 0
+
+    again = ingest.refresh_catalog(db, [root], workers=1)
+    assert again["read"] == 0 and again["unchanged"] == 6 and again["removed"] == 0
+
+    # add one, modify one (now truncated -> quarantined), delete one
+    _copy_ct(root / "series2", 1)
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[: len(data) // 2])
+    os.utime(files[1], ns=(1, 1))
+    files[2].unlink()
+
+    third = ingest.refresh_catalog(db, [root], workers=1)
+    assert third["read"] == 2
+    assert third["removed"] == 1
+    assert third["catalogued"] == 5  # 6 - modified - deleted + added
+    assert third["quarantined"] == 1
+
+    # no duplicate rows; the deleted file is kept as 'removed'; the modified file left the catalog
+    assert _table(db, "SELECT count(*), count(DISTINCT path) FROM dicom_files")[0] == (6, 6)
+    assert _table(db, "SELECT status FROM dicom_files WHERE path = ?", [str(files[2])]) == [("removed",)]
+    assert _table(db, "SELECT count(*) FROM dicom_files WHERE path = ?", [str(files[1])]) == [(0,)]
+    assert _table(db, "SELECT reason FROM dicom_quarantine WHERE path = ?", [str(files[1])]) == [("truncated",)]
+
+    # the file comes back intact: it leaves the quarantine and is catalogued again
+    files[1].write_bytes(data)
+    fourth = ingest.refresh_catalog(db, [root], workers=1)
+    assert fourth["read"] == 1 and fourth["quarantined"] == 0 and fourth["catalogued"] == 6
+
+
+def test_missing_root_is_reported_not_fatal(tmp_path):
+    db = duckdb_path(tmp_path / "wh")
+    summary = ingest.refresh_catalog(db, [tmp_path / "nope"], workers=1)
+    assert summary["missing_roots"] == [str(tmp_path / "nope")]
+    assert summary["catalogued"] == 0
+
+
+def test_failed_write_keeps_previous_state(tmp_path):
+    root = tmp_path / "archive"
+    _copy_ct(root, 3)
+    db = duckdb_path(tmp_path / "wh")
+    ingest.refresh_catalog(db, [root], workers=1)
+    before = _table(db, "SELECT * FROM dicom_files ORDER BY path")
+    bad = [{"path": "/x/new.dcm", "size": "not-a-number"}]  # fails inside the transaction
+    with connect(db) as con:
+        with pytest.raises(Exception):
+            apply_crawl(con, bad, [], removed=[str(p) for p in sorted(root.iterdir())])
+        assert len(known_files(con)) == 3
+    assert _table(db, "SELECT * FROM dicom_files ORDER BY path") == before
+
+
+def _phi_values(dicom_dir: Path) -> set[str]:
+    values: set[str] = set()
+    for p in dicom_dir.rglob("*.dcm"):
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except Exception:
+            continue
+        for tag in ("PatientID", "PatientName", "PatientBirthDate"):
+            v = str(ds.get(tag, "") or "").strip()
+            if len(v) >= 4:
+                values.add(v)
+        name = str(ds.get("PatientName", "") or "")
+        values.update(part for part in name.split("^") if len(part) >= 4)
+    return values
+
+
+def find_phi(db: Path, needles: set[str]) -> list[tuple[str, str, str]]:
+    """Every (table, column, needle) where a needle occurs in any text or list column."""
+    hits = []
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        cols = con.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main'"
+        ).fetchall()
+        for table, column in cols:
+            for needle in sorted(needles):
+                n = con.execute(
+                    f'SELECT count(*) FROM "{table}" WHERE contains(CAST("{column}" AS VARCHAR), ?)', [needle]
+                ).fetchone()[0]
+                if n:
+                    hits.append((table, column, needle))
+    finally:
+        con.close()
+    return hits
+
+
+@pytest.mark.slow
+def test_no_phi_in_any_table_after_demo_ingest(small_cohort, tmp_path):
+    # copy so that planting a leak cannot touch the shared cohort
+    dicom = tmp_path / "dicom"
+    shutil.copytree(small_cohort.dicom_dir, dicom)
+    db = duckdb_path(tmp_path / "wh")
+    ingest.refresh_catalog(db, [dicom], workers=2)
+    ingest.rebuild_series(db)
+    ingest.rebuild_segmentations(db)
+    needles = _phi_values(dicom)
+    assert len(needles) >= small_cohort.n_patients * 2
+    assert find_phi(db, needles) == []
+
+    # the scanner itself finds a planted leak
+    leak = sorted(needles)[0]
+    with connect(db) as con:
+        con.execute("UPDATE dicom_files SET series_description = ? WHERE rowid = (SELECT min(rowid) FROM dicom_files)", [f"x {leak} y"])
+    assert ("dicom_files", "series_description", leak) in find_phi(db, needles)
