@@ -1,0 +1,8 @@
+"""demo domain package (no Dagster imports): the synthetic demo cohort.
+
+``imaging_assets.demo.generator.generate_cohort(out_dir, n_patients=100, seed=0, workers=None)`` writes a
+deterministic CT cohort with DICOM SEG / RTSTRUCT lesion segmentations, test-retest series, a few
+deliberately broken files, ``outcomes.csv``, ``ground_truth.csv`` and ``manifest.json``.
+Modules: ``phantom`` (analytic anatomy and lesion phenotypes), ``rtstruct`` (contours + RTSTRUCT),
+``seg`` (highdicom SEG, made deterministic), ``generator`` (cohort layout, process pool, tables).
+"""
