@@ -1,7 +1,5 @@
 """Ingest stage: catalog every DICOM file, assemble and geometry-check series, link segmentations."""
 
-from __future__ import annotations
-
 import json
 
 import dagster as dg

@@ -1,7 +1,5 @@
 """Resources shared by every stage: where the warehouse is and which folders hold the DICOM archive."""
 
-from __future__ import annotations
-
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager

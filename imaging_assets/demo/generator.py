@@ -7,13 +7,16 @@ This is the embedded default dataset (``make demo`` and many tests). Public entr
 
 Layout written under ``out_dir``::
 
-    dicom/<PatientID>/<StudyDate>_<Accession>/SE001_CT/IM0001.dcm ...   image series (CT Image Storage)
-    dicom/<PatientID>/<StudyDate>_<Accession>/SE002_CT/...               test-retest series (some patients)
-    dicom/<PatientID>/<StudyDate>_<Accession>/SE101_SEG/SEG0001.dcm      DICOM SEG of series 1 (or
-    dicom/<PatientID>/<StudyDate>_<Accession>/SE101_RTSTRUCT/RS0001.dcm  RTSTRUCT of series 1), SE102_* for 2
+    dicom/case_<NNNN>/study_<StudyDate>/SE001_CT/IM0001.dcm ...   image series (CT Image Storage)
+    dicom/case_<NNNN>/study_<StudyDate>/SE002_CT/...               test-retest series (some patients)
+    dicom/case_<NNNN>/study_<StudyDate>/SE101_SEG/SEG0001.dcm      DICOM SEG of series 1 (or
+    dicom/case_<NNNN>/study_<StudyDate>/SE101_RTSTRUCT/RS0001.dcm  RTSTRUCT of series 1), SE102_* for 2
     outcomes.csv       patient_id, time_months, event, age, sex, stage
     ground_truth.csv   one row per written segment / ROI (never read by the pipeline)
     manifest.json      seed, n_patients, generator version, file counts, the deliberately broken files
+
+Folder names carry no identifier (case number and study date only): discovery stores paths, and the
+analytic tables must never hold a PatientID, PatientName or birth date.
 
 Rules (all deterministic for a seed; patient ``i`` is drawn from ``numpy.random.default_rng([seed, i])``
 and its noise from ``default_rng([seed, i, 1, series])``, so patients are independent):
@@ -195,9 +198,14 @@ class PatientSpec:
     event: int
 
     @property
+    def case_folder(self) -> str:
+        """Patient folder name: a case number, never an identifier (paths are stored by discovery)."""
+        return f"case_{self.index + 1:04d}"
+
+    @property
     def study_folder(self) -> str:
-        """Study folder name."""
-        return f"{self.study_date}_{self.accession_number}"
+        """Study folder name (the study date; no accession number, which identifies the patient)."""
+        return f"study_{self.study_date}"
 
     @property
     def phenotypes(self) -> tuple[str, ...]:
@@ -520,7 +528,7 @@ def _write_patient(out_dir: Path, seed: int, index: int, n_patients: int) -> dic
 
     rendered = render_patient(seed, index)
     spec = rendered.spec
-    study_dir = out_dir / "dicom" / spec.patient_id / spec.study_folder
+    study_dir = out_dir / "dicom" / spec.case_folder / spec.study_folder
     with_broken = n_patients >= 4
     broken: list[dict[str, Any]] = []
     gt_rows: list[dict[str, Any]] = []

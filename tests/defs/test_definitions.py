@@ -22,7 +22,7 @@ def test_definitions_load_with_expected_graph():
     assert {"dicom_files", "imaging_series", "segmentations"} <= keys
     assert repo.get_sensor_def("new_dicom_sensor") is not None
     assert repo.get_schedule_def("nightly_ingest_schedule") is not None
-    job = defs.get_job_def("ingest_job")
+    job = defs.resolve_job_def("ingest_job")
     assert job is not None
     graph = repo.asset_graph
     assert graph.get(dg.AssetKey("imaging_series")).parent_keys == {dg.AssetKey("dicom_files")}
@@ -54,13 +54,19 @@ def test_domain_packages_do_not_import_dagster():
 
 @pytest.mark.slow
 def test_ingest_materializes_in_process(small_cohort, tmp_path):
-    from imaging_assets.defs.discovery import dicom_files, imaging_series, segmentations
+    from imaging_assets.defs.discovery import (
+        dicom_files,
+        imaging_series,
+        segmentations,
+        segmentations_linked,
+        series_geometry,
+    )
 
     warehouse = WarehouseResource(root=str(tmp_path / "wh"))
     sources = DicomSourcesResource(roots=[str(small_cohort.dicom_dir)], workers=2)
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [dicom_files, imaging_series, segmentations],
+            [dicom_files, imaging_series, segmentations, series_geometry, segmentations_linked],
             instance=instance,
             resources={"warehouse": warehouse, "dicom_sources": sources},
         )
@@ -75,7 +81,10 @@ def test_ingest_materializes_in_process(small_cohort, tmp_path):
         assert {"series_geometry", "segmentations_linked"} <= set(checks)
         # the demo drops one slice from one series: the geometry check must see it
         assert not checks["series_geometry"].passed
-        assert checks["segmentations_linked"].passed
+        # the SEG drawn on that series references the dropped slice: reported unlinked, with its reason
+        linked_check = checks["segmentations_linked"]
+        assert not linked_check.passed
+        assert linked_check.metadata["observed_unlinked"].value == 1
 
     con = duckdb.connect(warehouse.database, read_only=True)
     try:
@@ -89,7 +98,7 @@ def test_ingest_materializes_in_process(small_cohort, tmp_path):
         con.close()
     assert n_series >= small_cohort.n_patients
     assert flagged == 1
-    assert linked == n_segs > 0
+    assert linked == n_segs - 1 > 0
 
 
 def test_new_dicom_sensor_skips_until_something_changes(tmp_path):
