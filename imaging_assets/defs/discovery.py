@@ -4,24 +4,12 @@ import json
 
 import dagster as dg
 
+from imaging_assets.defs.metadata import md_table
 from imaging_assets.defs.resources import DicomSourcesResource, WarehouseResource
 from imaging_assets.store import ingest
 
 GROUP = "ingest"
 OWNERS = ["team:imaging"]
-
-
-def _md_table(rows: list[dict], columns: list[str], limit: int = 20) -> str:
-    """A markdown table of the first ``limit`` rows (for asset metadata)."""
-    if not rows:
-        return "_none_"
-    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    body = "".join(
-        "| " + " | ".join(str(r.get(c, "")).replace("|", "/").replace("\n", " ") for c in columns) + " |\n"
-        for r in rows[:limit]
-    )
-    more = f"\n_{len(rows) - limit} more not shown_" if len(rows) > limit else ""
-    return head + body + more
 
 
 @dg.asset(
@@ -60,7 +48,7 @@ def dicom_files(
             "files_removed": summary["removed"],
             "catalogued_by_kind": dg.MetadataValue.json(summary["catalogued_by_kind"]),
             "quarantined": summary["quarantined"],
-            "quarantine_by_reason": dg.MetadataValue.md(_md_table(reasons, ["reason", "files"])),
+            "quarantine_by_reason": dg.MetadataValue.md(md_table(reasons, ["reason", "files"])),
             "roots": dg.MetadataValue.json(list(dicom_sources.roots)),
             "missing_roots": dg.MetadataValue.json(summary["missing_roots"]),
             "elapsed_s": summary["elapsed_s"],
@@ -92,7 +80,7 @@ def imaging_series(context: dg.AssetExecutionContext, warehouse: WarehouseResour
             "flagged": summary["flagged"],
             "flag_counts": dg.MetadataValue.json(summary["flag_counts"]),
             "flagged_series": dg.MetadataValue.md(
-                _md_table(summary["flagged_series"], ["series_instance_uid", "n_slices", "flags", "details"])
+                md_table(summary["flagged_series"], ["series_instance_uid", "n_slices", "flags", "details"])
             ),
             "elapsed_s": summary["elapsed_s"],
         }
@@ -125,7 +113,7 @@ def segmentations(
             "by_rule": dg.MetadataValue.json(summary["by_rule"]),
             "by_kind": dg.MetadataValue.json(summary["by_kind"]),
             "unlinked_segmentations": dg.MetadataValue.md(
-                _md_table(summary["unlinked_rows"], ["path", "reason"])
+                md_table(summary["unlinked_rows"], ["path", "reason"])
             ),
             "elapsed_s": summary["elapsed_s"],
         }
@@ -151,7 +139,7 @@ def series_geometry(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "series": int(total),
             "threshold": 0,
             "reason": "flagged series are kept but not extracted; fix or re-export them",
-            "flagged_series": dg.MetadataValue.md(_md_table(flagged, ["series_instance_uid", "n_slices", "flags", "details"])),
+            "flagged_series": dg.MetadataValue.md(md_table(flagged, ["series_instance_uid", "n_slices", "flags", "details"])),
         },
     )
 
@@ -173,7 +161,7 @@ def segmentations_linked(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "segmentations": int(total),
             "threshold": 0,
             "reason": "an unlinked segmentation yields no lesions",
-            "unlinked": dg.MetadataValue.md(_md_table(unlinked, ["path", "reason"])),
+            "unlinked": dg.MetadataValue.md(md_table(unlinked, ["path", "reason"])),
         },
     )
 

@@ -114,3 +114,57 @@ SEGMENTATION_FIELDS: dict[str, str] = {
     "link_rule": "VARCHAR",  # 'referenced_series' | 'referenced_instances' | 'frame_of_reference_extent' | 'manifest' | None
     "unlinked_reason": "VARCHAR",  # why it could not be linked, else None
 }
+
+#: One row of the ``lesions`` table.
+LESION_FIELDS: dict[str, str] = {
+    "lesion_id": "VARCHAR",
+    "series_key": "VARCHAR",
+    "seg_key": "VARCHAR",
+    "series_instance_uid": "VARCHAR",
+    "patient_key": "VARCHAR",
+    "modality": "VARCHAR",
+    "study_date": "DATE",
+    "body_part": "VARCHAR",
+    "segment_number": "INTEGER",
+    "raw_label": "VARCHAR",
+    "roi_name": "VARCHAR",
+    "component": "INTEGER",
+    "n_voxels": "BIGINT",
+    "volume_mm3": "DOUBLE",
+    "status": "VARCHAR",  # ok | empty | single_voxel | outside_image | error | series_flagged
+    "reason": "VARCHAR",
+    "notes": "VARCHAR[]",
+    "extractable": "BOOLEAN",  # status ok and the series passed geometry QC
+    "source_fingerprint": "VARCHAR",  # files (path, size, mtime) + lesion options
+}
+
+#: Provenance of one lesion's features (``radiomics_provenance``).
+PROVENANCE_FIELDS: dict[str, str] = {
+    "lesion_id": "VARCHAR",
+    "pyradiomics_version": "VARCHAR",
+    "params_hash": "VARCHAR",
+    "image_hash": "VARCHAR",  # content hash of the (cropped) image handed to pyradiomics
+    "mask_hash": "VARCHAR",
+    "source_fingerprint": "VARCHAR",  # lesions.source_fingerprint at extraction time
+    "crop_index": "INTEGER[]",
+    "crop_size": "INTEGER[]",
+    "n_features": "INTEGER",
+    "elapsed_s": "DOUBLE",
+}
+
+#: One feature value (``radiomics_features``, long format).
+FEATURE_FIELDS: dict[str, str] = {
+    "lesion_id": "VARCHAR",
+    "image_type": "VARCHAR",  # original | log-sigma-1-0-mm-3D | wavelet-LLH | ...
+    "feature_class": "VARCHAR",  # firstorder | shape | glcm | glrlm | glszm | gldm | ngtdm
+    "feature": "VARCHAR",
+    "value": "DOUBLE",
+}
+
+#: One failed extraction (``radiomics_errors``).
+EXTRACTION_ERROR_FIELDS: dict[str, str] = {
+    "lesion_id": "VARCHAR",
+    "params_hash": "VARCHAR",
+    "source_fingerprint": "VARCHAR",
+    "message": "VARCHAR",
+}

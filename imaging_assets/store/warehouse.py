@@ -17,7 +17,11 @@ import duckdb
 import pyarrow as pa
 
 from imaging_assets.dicom.records import (
+    EXTRACTION_ERROR_FIELDS,
+    FEATURE_FIELDS,
     FILE_FIELDS,
+    LESION_FIELDS,
+    PROVENANCE_FIELDS,
     QUARANTINE_FIELDS,
     SEGMENTATION_FIELDS,
     SERIES_FIELDS,
@@ -38,17 +42,24 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "DOUBLE[][]": pa.list_(pa.list_(pa.float64())),
     "VARCHAR[]": pa.list_(pa.string()),
     "INTEGER[]": pa.list_(pa.int32()),
+    "TIMESTAMP": pa.timestamp("us"),
 }
 
 #: Columns the catalog tables add to the record fields.
 _CATALOG_EXTRA = {"status": "VARCHAR", "updated_at": "TIMESTAMP", "removed_at": "TIMESTAMP"}
 
-#: Table name -> (record fields, extra bookkeeping columns, primary key).
-TABLES: dict[str, tuple[Mapping[str, str], Mapping[str, str], str]] = {
-    "dicom_files": (FILE_FIELDS, _CATALOG_EXTRA, "path"),
-    "dicom_quarantine": (QUARANTINE_FIELDS, _CATALOG_EXTRA, "path"),
-    "imaging_series": (SERIES_FIELDS, {}, "series_key"),
-    "segmentations": (SEGMENTATION_FIELDS, {}, "seg_key"),
+_STAMPED = {"created_at": "TIMESTAMP"}
+
+#: Table name -> (record fields, extra bookkeeping columns, primary key columns).
+TABLES: dict[str, tuple[Mapping[str, str], Mapping[str, str], tuple[str, ...]]] = {
+    "dicom_files": (FILE_FIELDS, _CATALOG_EXTRA, ("path",)),
+    "dicom_quarantine": (QUARANTINE_FIELDS, _CATALOG_EXTRA, ("path",)),
+    "imaging_series": (SERIES_FIELDS, {}, ("series_key",)),
+    "segmentations": (SEGMENTATION_FIELDS, {}, ("seg_key",)),
+    "lesions": (LESION_FIELDS, {}, ("lesion_id",)),
+    "radiomics_features": (FEATURE_FIELDS, {}, ("lesion_id", "image_type", "feature_class", "feature")),
+    "radiomics_provenance": (PROVENANCE_FIELDS, _STAMPED, ("lesion_id",)),
+    "radiomics_errors": (EXTRACTION_ERROR_FIELDS, _STAMPED, ("lesion_id",)),
 }
 
 
@@ -96,7 +107,7 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create the catalog tables when missing (idempotent)."""
     for name, (fields, extra, key) in TABLES.items():
         cols = [f'"{c}" {t}' for c, t in {**fields, **extra}.items()]
-        cols.append(f'PRIMARY KEY ("{key}")')
+        cols.append("PRIMARY KEY (" + ", ".join(f'"{k}"' for k in key) + ")")
         con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(cols)})")
 
 
@@ -107,8 +118,10 @@ def arrow_table(rows: Sequence[Mapping[str, Any]], fields: Mapping[str, str]) ->
     return pa.table(columns, schema=schema)
 
 
-def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mapping[str, Any]],
-            fields: Mapping[str, str], extra_sql: Mapping[str, str]) -> None:
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mapping[str, Any]],
+                fields: Mapping[str, str], extra_sql: Mapping[str, str]) -> None:
+    """Insert record dicts (typed through Arrow) plus SQL-valued bookkeeping columns; caller holds the
+    transaction."""
     if not rows:
         return
     incoming = arrow_table(rows, fields)
@@ -160,8 +173,8 @@ def apply_crawl(
             for table in ("dicom_files", "dicom_quarantine"):
                 con.execute(f"DELETE FROM {table} WHERE path IN (SELECT path FROM _touched)")
             con.unregister("_touched")
-        _insert(con, "dicom_files", records, FILE_FIELDS, now_sql)
-        _insert(con, "dicom_quarantine", quarantined, QUARANTINE_FIELDS, now_sql)
+        insert_rows(con, "dicom_files", records, FILE_FIELDS, now_sql)
+        insert_rows(con, "dicom_quarantine", quarantined, QUARANTINE_FIELDS, now_sql)
         if removed:
             gone = pa.table({"path": pa.array(removed, pa.string())})
             con.register("_gone", gone)
@@ -185,7 +198,7 @@ def replace_table(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Map
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute(f"DELETE FROM {table}")
-        _insert(con, table, rows, fields, {})
+        insert_rows(con, table, rows, fields, {})
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -225,4 +238,5 @@ def table_rows(con: duckdb.DuckDBPyConnection, table: str) -> list[dict[str, Any
     fields, _, key = TABLES[table]
     ensure_schema(con)
     cols = ", ".join(f'"{c}"' for c in fields)
-    return fetch_dicts(con, f'SELECT {cols} FROM {table} ORDER BY "{key}"')
+    order = ", ".join(f'"{k}"' for k in key)
+    return fetch_dicts(con, f"SELECT {cols} FROM {table} ORDER BY {order}")

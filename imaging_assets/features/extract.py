@@ -1,0 +1,643 @@
+"""Fast per-lesion pyradiomics extraction that returns the stock values.
+
+Stock ``RadiomicsFeatureExtractor.execute(image, mask)`` filters the *whole* image (LoG, wavelet) even
+when the lesion is a few millimetres wide. :func:`extract_lesion` crops image and mask to the lesion's
+bounding box plus the margin the enabled filters need, runs the same pyradiomics code on the crop, and
+returns the same numbers (max relative difference < 1e-4 on the pyradiomics reference cases; see
+``tests/features/test_extract.py`` and ``benchmarks/extraction.py``).
+
+The crop rule (why the values do not change)
+--------------------------------------------
+With ``b`` the bounding box of ``mask == label`` in index space and ``m`` the per-axis margin of
+:func:`imaging_assets.features.params.crop_margin_voxels`, the crop is ``[b_lo - m, b_hi + m]`` clamped to
+the image, taken with SimpleITK ``RegionOfInterest`` (physical origin, spacing and direction kept), and:
+
+* ``normalize``: applied to the **whole** image first (``imageoperations.normalizeImage``, the very call
+  pyradiomics makes, it uses whole-image mean and SD), then cropped; pyradiomics runs with it off.
+* resampling (``interpolator`` + ``resampledPixelSpacing``): pyradiomics anchors the new grid at the whole
+  image's corner and sizes it from the whole mask's bounding box plus ``padDistance``. The crop is
+  resampled by ``imageoperations.resampleImage(cropped_image, whole_mask)``, which derives that same grid
+  from the whole mask and reads intensities only from the crop; the margin covers the padded box plus
+  the interpolator's support (B-spline prefilter included). pyradiomics then runs on the resampled box
+  with resampling off: exactly the arrays stock pyradiomics filters.
+* filters on the whole image (no resampling, no preCrop): the margin covers 12 LoG sigmas (the Deriche
+  IIR filter's boundary effect is then below float32 rounding) and the wavelet's reach; where the
+  wavelet reach crosses the image border the whole axis is kept, because the stationary wavelet
+  transform wraps around (periodic) and stock values there read the opposite side of the image.
+  The LoG at a true image border sees the same border in the crop.
+* image types that depend on whole-image statistics (Square, SquareRoot, Logarithm, Exponential, LBP3D)
+  and image/mask pairs whose geometry differs are extracted from the whole image (logged).
+
+Shape features use the unpadded bounding box and are identical; the only differences left are the IIR
+filters' tails (and the B-spline prefilter's), far below the features' precision.
+
+Batches
+-------
+:func:`extract_many` runs :class:`ExtractionJob` s in a process pool sized to the machine. A job carries a
+picklable *loader* (e.g. :class:`FileLesionLoader`) so images are read inside the worker: nothing
+cohort-sized travels between processes or sits in memory, and at most ``2 * workers`` jobs are in
+flight. A lesion that fails (empty mask, one voxel, unreadable file, even a worker crash) becomes an
+:class:`ExtractionOutcome` with an error message; the others go on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import hashlib
+import logging
+import math
+import multiprocessing
+import os
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from imaging_assets.features.params import (
+    _effective,
+    crop_margin_voxels,
+    params_hash,
+    resampling_enabled,
+    resolve_params,
+    wavelet_reach_voxels,
+)
+
+logger = logging.getLogger(__name__)
+
+ParamsLike = Mapping[str, Any] | str | Path | None
+LesionLoader = Callable[[], tuple[sitk.Image, sitk.Image, int]]
+
+_INTEGER_PIXEL_IDS = {
+    sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
+    sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64,
+}
+
+
+class LesionError(ValueError):
+    """The lesion cannot be extracted (label absent, empty mask, single voxel, ...)."""
+
+
+def pyradiomics_version() -> str:
+    """Version string of the installed pyradiomics."""
+    import radiomics
+
+    return str(radiomics.__version__)
+
+
+def _quiet_pyradiomics() -> None:
+    """pyradiomics logs every step at INFO: keep WARNING and above."""
+    logging.getLogger("radiomics").setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+_EXTRACTORS: dict[str, Any] = {}
+
+
+def _extractor(params: Mapping[str, Any], phash: str) -> Any:
+    """A pyradiomics extractor for ``params`` (cached per params hash; never mutated by callers)."""
+    ex = _EXTRACTORS.get(phash)
+    if ex is None:
+        from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+        ex = RadiomicsFeatureExtractor(copy.deepcopy(dict(params)))
+        if len(_EXTRACTORS) >= 16:
+            _EXTRACTORS.pop(next(iter(_EXTRACTORS)))
+        _EXTRACTORS[phash] = ex
+    return ex
+
+
+def _execute(extractor: Any, image: sitk.Image, mask: sitk.Image, label: int) -> Mapping[str, Any]:
+    """``extractor.execute`` without numpy's RuntimeWarnings (empty means on uniform images: NaN features)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        return extractor.execute(image, mask, label=int(label))
+
+
+def _split(result: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """pyradiomics' ordered result -> (features as float, diagnostics_* entries)."""
+    features: dict[str, float] = {}
+    diagnostics: dict[str, Any] = {}
+    for key, value in result.items():
+        if key.startswith("diagnostics_"):
+            diagnostics[key] = value
+        else:
+            features[key] = float(value)
+    return features, diagnostics
+
+
+def _label_map(mask: sitk.Image, settings: Mapping[str, Any]) -> sitk.Image:
+    """The mask as pyradiomics selects voxels from it: one channel of a vector mask; floats cast to UInt32."""
+    if "vector" in mask.GetPixelIDTypeAsString().lower():
+        channel = int(settings.get("label_channel", 0))
+        if channel >= mask.GetNumberOfComponentsPerPixel():
+            raise LesionError(
+                f"label_channel {channel} requested but the mask has {mask.GetNumberOfComponentsPerPixel()} channels"
+            )
+        mask = sitk.VectorIndexSelectionCast(mask, channel)
+    if mask.GetPixelID() not in _INTEGER_PIXEL_IDS:
+        # pyradiomics casts to UInt32 (truncating floats); integer masks select the same voxels uncast
+        mask = sitk.Cast(mask, sitk.sitkUInt32)
+    return mask
+
+
+def _same_geometry(image: sitk.Image, mask: sitk.Image, tolerance: float) -> bool:
+    if image.GetSize() != mask.GetSize() or image.GetDimension() != mask.GetDimension():
+        return False
+    for a, b in ((image.GetSpacing(), mask.GetSpacing()), (image.GetOrigin(), mask.GetOrigin()),
+                 (image.GetDirection(), mask.GetDirection())):
+        if not np.allclose(a, b, rtol=0.0, atol=tolerance):
+            return False
+    return True
+
+
+def lesion_bbox(mask: sitk.Image, label: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Bounding box of ``mask == label`` in index space (SimpleITK x, y, z order) and its voxel count.
+
+    Raises
+    ------
+    LesionError
+        When the mask is empty or the label is absent (the message lists the labels present).
+    """
+    arr = sitk.GetArrayViewFromImage(mask)
+    sel = arr == label
+    count = int(np.count_nonzero(sel))
+    if count == 0:
+        present = np.unique(arr)
+        present = present[present != 0]
+        if present.size == 0:
+            raise LesionError(f"the mask is empty (no non-zero voxel): nothing to extract for label {label}")
+        raise LesionError(f"label {label} is not present in the mask (labels present: {present.tolist()})")
+    lo, hi = [], []
+    for axis in range(sel.ndim):  # numpy axes are z, y, x
+        other = tuple(a for a in range(sel.ndim) if a != axis)
+        idx = np.flatnonzero(sel.any(axis=other))
+        lo.append(int(idx[0]))
+        hi.append(int(idx[-1]))
+    return np.array(lo[::-1]), np.array(hi[::-1]), count
+
+
+def _crop_region(
+    lo: np.ndarray, hi: np.ndarray, margin: tuple[int, ...], size: tuple[int, ...], wavelet_reach: int
+) -> tuple[list[int], list[int]]:
+    """(index, size) of the crop: bbox +- margin, clamped; whole axis where the wavelet would wrap."""
+    index, extent = [], []
+    for lo_i, hi_i, m, n in zip(lo.tolist(), hi.tolist(), margin, size, strict=True):
+        if wavelet_reach and (lo_i - wavelet_reach < 0 or hi_i + wavelet_reach > n - 1):
+            a, b = 0, n - 1  # periodic transform: stock values here read the other side of the image
+        else:
+            a, b = max(0, lo_i - m), min(n - 1, hi_i + m)
+        index.append(a)
+        extent.append(b - a + 1)
+    return index, extent
+
+
+def content_hash(image: sitk.Image) -> str:
+    """SHA-1 of an image's voxel bytes, pixel type, size, spacing, origin and direction."""
+    h = hashlib.sha1()
+    arr = np.ascontiguousarray(sitk.GetArrayViewFromImage(image))
+    h.update(arr.tobytes())
+    meta = (
+        image.GetPixelIDTypeAsString(), image.GetSize(),
+        tuple(round(v, 6) for v in image.GetSpacing()),
+        tuple(round(v, 6) for v in image.GetOrigin()),
+        tuple(round(v, 8) for v in image.GetDirection()),
+    )
+    h.update(repr(meta).encode("ascii"))
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ one lesion
+@dataclass(frozen=True)
+class LesionExtraction:
+    """Everything :func:`extract_lesion_detailed` learned about one lesion.
+
+    Attributes
+    ----------
+    features : dict of str to float
+        pyradiomics features keyed by pyradiomics' names (``original_firstorder_Mean``, ...).
+    diagnostics : dict
+        pyradiomics' ``diagnostics_*`` entries (of the cropped run: sizes and hashes refer to the crop).
+    params_hash : str
+        :func:`~imaging_assets.features.params.params_hash` of the parameters used.
+    image_hash, mask_hash : str
+        :func:`content_hash` of the image and mask region handed to pyradiomics (before normalisation).
+    crop_index, crop_size : tuple of int
+        The region (SimpleITK x, y, z order); the whole image when not cropped.
+    cropped : bool
+        False when the whole image was used (``crop=False``, uncroppable filters, geometry mismatch).
+    """
+
+    features: dict[str, float]
+    diagnostics: dict[str, Any]
+    params_hash: str
+    image_hash: str
+    mask_hash: str
+    crop_index: tuple[int, ...]
+    crop_size: tuple[int, ...]
+    cropped: bool
+
+
+def extract_lesion_detailed(
+    image: sitk.Image,
+    mask: sitk.Image,
+    label: int = 1,
+    params: ParamsLike = None,
+    crop: bool = True,
+) -> LesionExtraction:
+    """:func:`extract_lesion` with diagnostics, content hashes and the crop region.
+
+    Parameters and exceptions as for :func:`extract_lesion`.
+    """
+    _quiet_pyradiomics()
+    from radiomics import imageoperations
+
+    p = resolve_params(params)
+    phash = params_hash(p)
+    base = _extractor(p, phash)
+    settings = dict(base.settings)
+    settings["label"] = int(label)
+
+    mask = _label_map(mask, settings)
+    lo, hi, count = lesion_bbox(mask, label)
+    if count == 1:
+        raise LesionError(
+            f"label {label} marks a single voxel (index {lo.tolist()}): pyradiomics needs at least 2 voxels "
+            "spanning the minimum number of dimensions"
+        )
+    size = tuple(image.GetSize())
+    if count == math.prod(mask.GetSize()):
+        raise LesionError(
+            f"label {label} covers every voxel of the mask: pyradiomics needs background voxels around a lesion"
+        )
+    margin = crop_margin_voxels(p, image.GetSpacing()) if crop else None
+    tolerance = settings.get("geometryTolerance") or 1e-6
+    if margin is not None and not _same_geometry(image, mask, tolerance):
+        logger.warning("image and mask geometries differ: extracting from the whole image (no crop)")
+        margin = None
+    if margin is None:
+        if crop:
+            logger.info("enabled filters need the whole image: extracting without crop")
+        result = _execute(base, image, mask, label)
+        features, diagnostics = _split(result)
+        return LesionExtraction(features, diagnostics, phash, content_hash(image), content_hash(mask),
+                                (0,) * len(size), size, False)
+
+    index, extent = _crop_region(lo, hi, margin, size, wavelet_reach_voxels(p))
+    whole = tuple(extent) == size
+    image_c = image if whole else sitk.RegionOfInterest(image, extent, index)
+    mask_c = mask if whole else sitk.RegionOfInterest(mask, extent, index)
+    image_hash, mask_hash = content_hash(image_c), content_hash(mask_c)
+
+    run_settings = dict(settings)
+    if run_settings.get("normalize", False):
+        normalized = imageoperations.normalizeImage(image, **run_settings)  # whole-image mean / SD
+        image_c = normalized if whole else sitk.RegionOfInterest(normalized, extent, index)
+        run_settings["normalize"] = False
+    if resampling_enabled(run_settings):
+        # Same grid as stock (derived from the whole mask), intensities read from the crop.
+        image_c, mask_c = imageoperations.resampleImage(image_c, mask, **run_settings)
+        run_settings["resampledPixelSpacing"] = None
+    runner = copy.copy(base)
+    runner.settings = run_settings
+    result = _execute(runner, image_c, mask_c, label)
+    features, diagnostics = _split(result)
+    return LesionExtraction(features, diagnostics, phash, image_hash, mask_hash, tuple(index), tuple(extent),
+                            not whole)
+
+
+def extract_lesion(
+    image: sitk.Image,
+    mask: sitk.Image,
+    label: int = 1,
+    params: ParamsLike = None,
+    crop: bool = True,
+) -> dict[str, float]:
+    """pyradiomics features of one lesion, from its neighbourhood only.
+
+    Parameters
+    ----------
+    image : SimpleITK.Image
+        The whole image.
+    mask : SimpleITK.Image
+        Label map on the image's grid (any integer type; a vector image selects ``label_channel``).
+    label : int
+        Label value of the lesion in ``mask``.
+    params : dict, str, pathlib.Path or None
+        pyradiomics parameters: a dict, a YAML path, a preset name (``"ct"``, ``"mr"``, ``"pet"``) or
+        ``None`` for ``data/params/default.yaml``.
+    crop : bool
+        Crop to the bounding box plus the filters' margin first (see the module docstring for why this
+        gives the stock values). ``False`` runs stock pyradiomics on the whole image.
+
+    Returns
+    -------
+    dict of str to float
+        Features keyed by pyradiomics' own names (``original_shape_Elongation``,
+        ``log-sigma-1-0-mm-3D_glcm_Idm``, ``wavelet-LLH_firstorder_Mean``, ...); ``diagnostics_*`` dropped
+        (see :func:`extract_lesion_detailed`).
+
+    Raises
+    ------
+    LesionError
+        The label is absent, the mask is empty, the lesion is a single voxel or covers the whole mask.
+    ValueError
+        pyradiomics rejected the ROI (e.g. fewer dimensions than ``minimumROIDimensions``) or the params.
+    """
+    return extract_lesion_detailed(image, mask, label=label, params=params, crop=crop).features
+
+
+def stock_extract(image: sitk.Image, mask: sitk.Image, label: int = 1, params: ParamsLike = None) -> dict[str, float]:
+    """Stock ``RadiomicsFeatureExtractor(params).execute(image, mask, label)`` on the whole image.
+
+    The reference for tests and benchmarks; ``diagnostics_*`` dropped, values as float.
+    """
+    _quiet_pyradiomics()
+    from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+    extractor = RadiomicsFeatureExtractor(resolve_params(params))
+    return _split(_execute(extractor, image, mask, label))[0]
+
+
+def max_relative_difference(
+    reference: Mapping[str, float], other: Mapping[str, float], abs_floor: float = 1e-6
+) -> tuple[float, str | None]:
+    """Largest ``|a - b| / max(|a|, abs_floor * scale)`` over the keys of ``reference``.
+
+    ``scale`` is the largest ``|value|`` of features of the same image type and feature class (e.g. all
+    ``wavelet-LLH_glcm_*``), so a feature that should be 0 but comes out as 1e-12 is not a failure, while a
+    feature missing from ``other`` or NaN in only one of them counts as ``inf``.
+
+    Returns
+    -------
+    (float, str or None)
+        The difference and the feature it occurred at.
+    """
+    scale: dict[str, float] = {}
+    for key, value in reference.items():
+        group = key.rsplit("_", 1)[0]
+        if math.isfinite(value):
+            scale[group] = max(scale.get(group, 0.0), abs(value))
+    worst, where = 0.0, None
+    for key, a in reference.items():
+        b = other.get(key)
+        if b is None:
+            return math.inf, key
+        if math.isnan(a) and math.isnan(b):
+            continue
+        if math.isnan(a) != math.isnan(b):
+            return math.inf, key
+        denom = max(abs(a), abs_floor * max(scale.get(key.rsplit("_", 1)[0], 0.0), 1.0))
+        d = abs(a - b) / denom if denom > 0 else (0.0 if a == b else math.inf)
+        if d > worst:
+            worst, where = d, key
+    return worst, where
+
+
+# ----------------------------------------------------------------------------------------------- batches
+def _read_image(path: str) -> sitk.Image:
+    p = Path(path)
+    if p.is_dir():
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(str(p))
+        if len(series) != 1:
+            raise ValueError(f"{p}: expected one DICOM series in the folder, found {len(series)}")
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(p), series[0]))
+        return reader.Execute()
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such image file")
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise ValueError(f"{p}: SimpleITK could not read it: {str(exc).strip().splitlines()[-1]}") from exc
+
+
+@dataclass(frozen=True)
+class FileLesionLoader:
+    """Loads an image and a label map from files (NRRD, NIfTI, MHA, ... or a folder of one DICOM series).
+
+    Picklable, so it travels to a worker process instead of the pixels.
+    """
+
+    image_path: str
+    mask_path: str
+    label: int = 1
+
+    def __call__(self) -> tuple[sitk.Image, sitk.Image, int]:
+        return _read_image(self.image_path), _read_image(self.mask_path), int(self.label)
+
+
+@dataclass(frozen=True)
+class ExtractionJob:
+    """One lesion to extract.
+
+    Attributes
+    ----------
+    lesion_id : str
+        Caller's identifier, echoed in the outcome.
+    loader : callable
+        Picklable zero-argument callable returning ``(image, mask, label)``; called inside the worker
+        (e.g. :class:`FileLesionLoader`, or a dataclass of the caller's own that reads a DICOM series).
+    params : dict, str, pathlib.Path or None
+        As for :func:`extract_lesion`.
+    crop : bool
+        As for :func:`extract_lesion`.
+    """
+
+    lesion_id: str
+    loader: LesionLoader
+    params: ParamsLike = None
+    crop: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractionOutcome:
+    """Result of one :class:`ExtractionJob`: features, or the error that prevented them.
+
+    Attributes
+    ----------
+    lesion_id : str
+    features : dict of str to float or None
+        None on failure.
+    error : str or None
+        ``"<ExceptionType>: <message>"`` on failure.
+    elapsed_s : float
+        Wall time of load + extraction in the worker.
+    pyradiomics_version : str
+    params_hash : str or None
+        None only when the parameters themselves could not be read.
+    image_hash, mask_hash : str or None
+        Content hashes of the (cropped) arrays handed to pyradiomics, see :func:`content_hash`.
+    crop_index, crop_size : tuple of int or None
+        The region used (SimpleITK x, y, z order).
+    """
+
+    lesion_id: str
+    features: dict[str, float] | None
+    error: str | None
+    elapsed_s: float
+    pyradiomics_version: str
+    params_hash: str | None
+    image_hash: str | None = None
+    mask_hash: str | None = None
+    crop_index: tuple[int, ...] | None = None
+    crop_size: tuple[int, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when features were extracted."""
+        return self.error is None
+
+
+def run_job(job: ExtractionJob) -> ExtractionOutcome:
+    """Run one job in this process; every exception becomes an outcome with its message."""
+    t0 = time.perf_counter()
+    version = pyradiomics_version()
+    phash: str | None = None
+    try:
+        params = resolve_params(job.params)
+        phash = params_hash(params)
+        image, mask, label = job.loader()
+        res = extract_lesion_detailed(image, mask, label=label, params=params, crop=job.crop)
+        return ExtractionOutcome(
+            job.lesion_id, res.features, None, time.perf_counter() - t0, version, res.params_hash,
+            res.image_hash, res.mask_hash, res.crop_index, res.crop_size,
+        )
+    except Exception as exc:  # noqa: BLE001 - one lesion's failure must not stop the batch
+        msg = f"{type(exc).__name__}: {str(exc).strip()}"
+        logger.warning("lesion %s failed: %s", job.lesion_id, msg)
+        return ExtractionOutcome(job.lesion_id, None, msg, time.perf_counter() - t0, version, phash)
+
+
+def _init_worker(itk_threads: int) -> None:
+    _quiet_pyradiomics()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, itk_threads))
+
+
+def default_workers() -> int:
+    """Worker processes for this machine: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    # spawn: workers never inherit the parent's threads (ITK's pool, Dagster's) or its memory.
+    return cf.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(max(1, default_workers() // workers),),
+    )
+
+
+def _crashed(job: ExtractionJob) -> ExtractionOutcome:
+    return ExtractionOutcome(
+        job.lesion_id, None,
+        "WorkerCrashed: the worker process died while extracting this lesion (crash in native code or out "
+        "of memory)", 0.0, pyradiomics_version(), None,
+    )
+
+
+def _run_isolated(job: ExtractionJob) -> ExtractionOutcome:
+    """Re-run a job that was in flight when a worker died, alone in a fresh process."""
+    with _pool(1) as pool:
+        try:
+            return pool.submit(run_job, job).result()
+        except BrokenProcessPool:
+            return _crashed(job)
+
+
+def extract_many(
+    jobs: Iterable[ExtractionJob],
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[ExtractionOutcome]:
+    """Extract many lesions in a process pool; yield outcomes as they complete.
+
+    Parameters
+    ----------
+    jobs : iterable of ExtractionJob
+        Small descriptions (ids, loaders, params); images are loaded inside the workers.
+    workers : int, optional
+        Worker processes; default :func:`default_workers` (the machine's CPUs). ``1`` runs in this
+        process, in order.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each outcome.
+
+    Yields
+    ------
+    ExtractionOutcome
+        One per job, in completion order. A failing lesion yields an outcome with ``error`` set; a worker
+        that dies (segfault, out of memory) is replaced, the lesions it may have held are re-run one by
+        one in fresh processes and only the culprit is reported as failed.
+
+    Notes
+    -----
+    At most ``2 * workers`` jobs are submitted at a time, so memory stays bounded by the lesions being
+    extracted, whatever the cohort size. Workers use ``spawn`` and ``cpu_count // workers`` ITK threads.
+    """
+    todo = deque(jobs)
+    total = len(todo)
+    n = default_workers() if workers is None else int(workers)
+    n = max(1, min(n, total or 1))
+    done = 0
+
+    def tick() -> None:
+        if progress is not None:
+            progress(done, total)
+
+    if n == 1:
+        _quiet_pyradiomics()
+        while todo:
+            outcome = run_job(todo.popleft())
+            done += 1
+            tick()
+            yield outcome
+        return
+
+    pool = _pool(n)
+    in_flight: dict[cf.Future[ExtractionOutcome], ExtractionJob] = {}
+    try:
+        while todo or in_flight:
+            while todo and len(in_flight) < 2 * n:
+                job = todo.popleft()
+                in_flight[pool.submit(run_job, job)] = job
+            finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+            broken = False
+            for fut in finished:
+                job = in_flight[fut]
+                try:
+                    outcome = fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    continue
+                except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable loader
+                    outcome = ExtractionOutcome(job.lesion_id, None, f"{type(exc).__name__}: {exc}", 0.0,
+                                                pyradiomics_version(), None)
+                del in_flight[fut]
+                done += 1
+                tick()
+                yield outcome
+            if broken:
+                suspects = list(in_flight.values())
+                in_flight.clear()
+                pool.shutdown(wait=True, cancel_futures=True)
+                logger.warning("a worker died: re-running %d lesion(s) one at a time", len(suspects))
+                for job in suspects:
+                    outcome = _run_isolated(job)
+                    done += 1
+                    tick()
+                    yield outcome
+                pool = _pool(n)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

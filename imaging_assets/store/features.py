@@ -1,0 +1,254 @@
+"""The steps behind the ``features`` assets: lesion rows and radiomics extraction into the warehouse.
+
+Writes are transactional per batch of lesions: a crash leaves whole lesions (features + provenance), never
+a part of one. Extraction is incremental: a lesion whose provenance matches its current source
+fingerprint and parameter hash is not extracted again; lesions that left the ``lesions`` table (or
+became non-extractable) lose their features in the same transaction that rewrites ``lesions``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from imaging_assets.dicom.records import (
+    EXTRACTION_ERROR_FIELDS,
+    FEATURE_FIELDS,
+    LESION_FIELDS,
+    PROVENANCE_FIELDS,
+)
+from imaging_assets.store.warehouse import connect, ensure_schema, insert_rows, table_rows
+
+logger = logging.getLogger(__name__)
+
+WIDE_VIEW = "radiomics_features_wide"
+_DERIVED = ("radiomics_features", "radiomics_provenance", "radiomics_errors")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+Progress = Callable[[int, int], None]
+
+
+def _delete_for(con: duckdb.DuckDBPyConnection, tables: Sequence[str], lesion_ids: Sequence[str]) -> None:
+    if not lesion_ids:
+        return
+    con.register("_ids", pa.table({"lesion_id": pa.array(list(lesion_ids), pa.string())}))
+    try:
+        for t in tables:
+            con.execute(f"DELETE FROM {t} WHERE lesion_id IN (SELECT lesion_id FROM _ids)")
+    finally:
+        con.unregister("_ids")
+
+
+def rebuild_lesions(
+    database: str | Path,
+    split_components: bool = False,
+    fractional_threshold: float = 0.5,
+    roi_mapping: Sequence[tuple[str, str]] | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Decode linked segmentations into the ``lesions`` table (unchanged ones are reused).
+
+    Returns
+    -------
+    dict
+        ``lesions``, ``extractable``, ``by_status``, ``decoded_segmentations``, ``removed`` (lesions whose
+        features were dropped), ``problem_rows`` (non-ok lesions with reasons), ``elapsed_s``.
+    """
+    from imaging_assets.features.pipeline import LesionOptions, lesion_rows
+
+    t0 = time.perf_counter()
+    options = LesionOptions(split_components, fractional_threshold,
+                            tuple(tuple(m) for m in roi_mapping) if roi_mapping else None)
+    with connect(database) as con:
+        ensure_schema(con)
+        series = table_rows(con, "imaging_series")
+        segs = [s for s in table_rows(con, "segmentations") if s["linked_series_key"]]
+        previous = table_rows(con, "lesions")
+    rows, decoded = lesion_rows(series, segs, options, previous=previous, workers=workers, progress=progress)
+    keep = {r["lesion_id"] for r in rows if r["extractable"]}
+    with connect(database) as con:
+        stale = [r[0] for r in con.execute(
+            "SELECT DISTINCT lesion_id FROM radiomics_provenance UNION SELECT lesion_id FROM radiomics_errors"
+        ).fetchall() if r[0] not in keep]
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM lesions")
+            insert_rows(con, "lesions", rows, LESION_FIELDS, {})
+            _delete_for(con, _DERIVED, stale)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    problems = [r for r in rows if r["status"] != "ok"]
+    return {
+        "lesions": len(rows),
+        "extractable": len(keep),
+        "by_status": dict(Counter(r["status"] for r in rows)),
+        "by_roi_name": dict(Counter(r["roi_name"] for r in rows)),
+        "decoded_segmentations": decoded,
+        "removed": len(stale),
+        "problem_rows": [{"lesion_id": r["lesion_id"], "status": r["status"], "reason": r["reason"]}
+                         for r in problems],
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _feature_rows(lesion_id: str, features: Mapping[str, float]) -> list[dict[str, Any]]:
+    from imaging_assets.features.pipeline import split_feature_name
+
+    rows = []
+    for name, value in features.items():
+        image_type, feature_class, feature = split_feature_name(name)
+        rows.append({"lesion_id": lesion_id, "image_type": image_type, "feature_class": feature_class,
+                     "feature": feature, "value": float(value)})
+    return rows
+
+
+def write_outcomes(con: duckdb.DuckDBPyConnection, outcomes: Sequence[Any], fingerprints: Mapping[str, str]) -> None:
+    """Replace features, provenance and errors of a batch of lesions in one transaction."""
+    feats, prov, errs = [], [], []
+    for o in outcomes:
+        fp = fingerprints[o.lesion_id]
+        if o.ok:
+            feats.extend(_feature_rows(o.lesion_id, o.features))
+            prov.append({
+                "lesion_id": o.lesion_id, "pyradiomics_version": o.pyradiomics_version,
+                "params_hash": o.params_hash, "image_hash": o.image_hash, "mask_hash": o.mask_hash,
+                "source_fingerprint": fp, "crop_index": list(o.crop_index or []) or None,
+                "crop_size": list(o.crop_size or []) or None, "n_features": len(o.features),
+                "elapsed_s": float(o.elapsed_s),
+            })
+        else:
+            errs.append({"lesion_id": o.lesion_id, "params_hash": o.params_hash, "source_fingerprint": fp,
+                         "message": o.error})
+    stamp = {"created_at": "now()::TIMESTAMP"}
+    con.execute("BEGIN TRANSACTION")
+    try:
+        _delete_for(con, _DERIVED, [o.lesion_id for o in outcomes])
+        insert_rows(con, "radiomics_features", feats, FEATURE_FIELDS, {})
+        insert_rows(con, "radiomics_provenance", prov, PROVENANCE_FIELDS, stamp)
+        insert_rows(con, "radiomics_errors", errs, EXTRACTION_ERROR_FIELDS, stamp)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def refresh_wide_view(con: duckdb.DuckDBPyConnection) -> int:
+    """(Re)create ``radiomics_features_wide``: one row per lesion, one column per feature
+    (``<image_type>_<class>_<feature>``, pyradiomics' own names). Returns the number of feature columns."""
+    names = [r[0] for r in con.execute(
+        "SELECT DISTINCT image_type || '_' || feature_class || '_' || feature FROM radiomics_features ORDER BY 1"
+    ).fetchall()]
+    bad = [n for n in names if not _SAFE_NAME.match(n)]
+    if bad:
+        raise ValueError(f"unexpected characters in feature names: {bad[:5]}")
+    if not names:
+        con.execute(f"CREATE OR REPLACE VIEW {WIDE_VIEW} AS SELECT lesion_id FROM lesions WHERE false")
+        return 0
+    in_list = ", ".join(f"'{n}'" for n in names)  # validated above: DDL cannot take parameters
+    con.execute(
+        f"CREATE OR REPLACE VIEW {WIDE_VIEW} AS PIVOT (SELECT lesion_id, image_type || '_' || feature_class "
+        f"|| '_' || feature AS name, value FROM radiomics_features) ON name IN ({in_list}) "
+        "USING first(value) GROUP BY lesion_id ORDER BY lesion_id"
+    )
+    return len(names)
+
+
+def extract_features(
+    database: str | Path,
+    params_override: str | Path | None = None,
+    workers: int | None = None,
+    batch_size: int = 16,
+    retry_failed: bool = False,
+    progress: Progress | None = None,
+    split_components: bool = False,
+    fractional_threshold: float = 0.5,
+    roi_mapping: Sequence[tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Extract pyradiomics features for every extractable lesion that lacks current ones.
+
+    Parameters
+    ----------
+    params_override
+        A pyradiomics YAML used for every modality instead of the presets in ``data/params``.
+    retry_failed
+        Re-run lesions that failed before with the same inputs (by default they are skipped: the same
+        inputs fail the same way).
+    batch_size
+        Lesions per write transaction.
+
+    Returns
+    -------
+    dict
+        ``extractable``, ``extracted``, ``failed``, ``skipped_current``, ``skipped_failed``,
+        ``features_per_lesion``, ``errors`` (lesion_id, message), ``lesions_per_s``, ``elapsed_s``.
+    """
+    from imaging_assets.features.extract import extract_many
+    from imaging_assets.features.pipeline import LesionOptions, extraction_jobs
+
+    t0 = time.perf_counter()
+    options = LesionOptions(split_components, fractional_threshold,
+                            tuple(tuple(m) for m in roi_mapping) if roi_mapping else None)
+    with connect(database) as con:
+        ensure_schema(con)
+        lesions = table_rows(con, "lesions")
+        series = table_rows(con, "imaging_series")
+        segs = table_rows(con, "segmentations")
+        done = {r[0]: (r[1], r[2]) for r in con.execute(
+            "SELECT lesion_id, params_hash, source_fingerprint FROM radiomics_provenance").fetchall()}
+        failed = {r[0]: (r[1], r[2]) for r in con.execute(
+            "SELECT lesion_id, params_hash, source_fingerprint FROM radiomics_errors").fetchall()}
+    fingerprints = {r["lesion_id"]: r["source_fingerprint"] for r in lesions}
+    all_jobs = extraction_jobs(lesions, series, segs, params_override, options)
+    todo, skipped_current, skipped_failed = [], 0, 0
+    for job, phash in all_jobs:
+        state = (phash, fingerprints[job.lesion_id])
+        if done.get(job.lesion_id) == state:
+            skipped_current += 1
+        elif failed.get(job.lesion_id) == state and not retry_failed:
+            skipped_failed += 1
+        else:
+            todo.append(job)
+    n_ok = n_err = 0
+    errors: list[dict[str, str]] = []
+    buffer: list[Any] = []
+
+    def flush() -> None:
+        if buffer:
+            with connect(database) as con:
+                write_outcomes(con, buffer, fingerprints)
+            buffer.clear()
+
+    for outcome in extract_many(todo, workers=workers, progress=progress):
+        buffer.append(outcome)
+        if outcome.ok:
+            n_ok += 1
+        else:
+            n_err += 1
+            errors.append({"lesion_id": outcome.lesion_id, "message": outcome.error})
+        if len(buffer) >= batch_size:
+            flush()
+    flush()
+    with connect(database) as con:
+        n_columns = refresh_wide_view(con)
+    elapsed = time.perf_counter() - t0
+    return {
+        "extractable": len(all_jobs),
+        "extracted": n_ok,
+        "failed": n_err,
+        "skipped_current": skipped_current,
+        "skipped_failed": skipped_failed,
+        "features_per_lesion": n_columns,
+        "errors": errors,
+        "lesions_per_s": round(len(todo) / elapsed, 3) if todo else None,
+        "elapsed_s": round(elapsed, 3),
+    }
