@@ -4,6 +4,7 @@ Sub-commands
 ------------
 demo-data   write the synthetic DICOM cohort (default data/demo, 100 patients)
 scan        crawl folders, assemble series, link segmentations; print a summary or JSON
+extract     pyradiomics features of one lesion from an image and a mask
 summary     print what the warehouse holds (used at the end of ``make demo``)
 """
 
@@ -93,6 +94,29 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from imaging_assets.features.pipeline import extract_one
+
+    try:
+        outcome = extract_one(args.image, args.mask, label=args.label, segment=args.segment,
+                              params=args.params, modality=args.modality)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not outcome.ok:
+        print(f"error: {outcome.error}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(outcome.features, sys.stdout, indent=1, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        for name in sorted(outcome.features):
+            print(f"{name}\t{outcome.features[name]:.10g}")
+        print(f"# {len(outcome.features)} features in {outcome.elapsed_s:.2f} s, pyradiomics "
+              f"{outcome.pyradiomics_version}, params {outcome.params_hash}", file=sys.stderr)
+    return 0
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from imaging_assets.store.warehouse import connect, duckdb_path
 
@@ -146,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     s.add_argument("--show", type=int, default=20, help="rows to list per section (default 20)")
     s.set_defaults(func=_cmd_scan)
+
+    e = sub.add_parser("extract", help="pyradiomics features of one lesion (same code path as the asset)")
+    e.add_argument("--image", required=True, help="DICOM series folder, NIfTI or NRRD image")
+    e.add_argument("--mask", required=True, help="DICOM SEG, RTSTRUCT, NIfTI or NRRD mask")
+    pick = e.add_mutually_exclusive_group()
+    pick.add_argument("--label", type=int, help="segment number / ROI number / label value")
+    pick.add_argument("--segment", help="segment or ROI name (raw or harmonised, e.g. GTV)")
+    e.add_argument("--params", help="pyradiomics YAML (default: the modality's preset in data/params)")
+    e.add_argument("--modality", help="modality of a NIfTI/NRRD image (CT, MR, PT; default CT)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=_cmd_extract)
 
     m = sub.add_parser("summary", help="print what the warehouse holds")
     m.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")

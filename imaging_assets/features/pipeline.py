@@ -236,3 +236,120 @@ def split_feature_name(name: str) -> tuple[str, str, str]:
     """``'log-sigma-1-0-mm-3D_glcm_Idm'`` -> ``('log-sigma-1-0-mm-3D', 'glcm', 'Idm')``."""
     image_type, feature_class, feature = name.split("_", 2)
     return image_type, feature_class, feature
+
+
+# ------------------------------------------------------------------------------- one lesion, no warehouse
+def _is_volume(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"))
+
+
+def resolve_inputs(image: str | Path, mask: str | Path, modality: str | None = None) -> tuple[dict, dict]:
+    """Series row and linked segmentation row for an image (DICOM folder, NIfTI, NRRD) and a mask
+    (DICOM SEG, RTSTRUCT, NIfTI, NRRD), built by the same discovery code the assets use.
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the problem (no series, several series, unlinkable mask, ...).
+    """
+    import csv
+    import tempfile
+
+    from imaging_assets.dicom.crawl import crawl
+    from imaging_assets.dicom.segmentations import link_segmentations, read_manifest
+    from imaging_assets.dicom.series import assemble_series
+
+    image, mask = Path(image), Path(mask)
+    for p in (image, mask):
+        if not p.exists():
+            raise ValueError(f"{p}: no such file or folder")
+    if _is_volume(image):
+        if not _is_volume(mask):
+            raise ValueError(f"{mask}: a NIfTI/NRRD image needs a NIfTI/NRRD mask (DICOM SEG/RTSTRUCT need "
+                             "the DICOM image series)")
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = Path(tmp) / "manifest.csv"
+            with open(manifest, "w", newline="") as fh:
+                csv.writer(fh).writerows([["image_path", "mask_path", "patient_id", "modality"],
+                                          [str(image.resolve()), str(mask.resolve()), "", modality or "CT"]])
+            series_rows, seg_rows = read_manifest(manifest, require_same_grid=False)
+        if not series_rows:
+            raise ValueError(f"{image}: {seg_rows[0]['unlinked_reason'] if seg_rows else 'could not be read'}")
+        return series_rows[0], seg_rows[0]
+    if not image.is_dir():
+        raise ValueError(f"{image}: expected a folder of one DICOM series, a NIfTI or an NRRD file")
+    roots = [str(image)] + ([] if _is_volume(mask) else [str(mask)])
+    result = crawl(roots, workers=1)
+    images = [r for r in result.records if r["kind"] == "image" and r["path"].startswith(str(image))]
+    series = assemble_series(images)
+    if not series:
+        why = "; ".join(f"{q['path']}: {q['message']}" for q in result.quarantined[:3])
+        raise ValueError(f"{image}: no DICOM image series found" + (f" ({why})" if why else ""))
+    if _is_volume(mask):
+        if len(series) != 1:
+            raise ValueError(f"{image}: holds {len(series)} series; point --image at one series")
+        s = series[0]
+        seg = {"seg_key": hashlib.sha1(str(mask.resolve()).encode()).hexdigest()[:16], "path": str(mask),
+               "kind": "nrrd" if mask.name.lower().endswith((".nrrd", ".nhdr")) else "nifti",
+               "sop_instance_uid": None, "series_instance_uid": None, "frame_of_reference_uid": None,
+               "patient_key": s.get("patient_key"), "segmentation_type": None, "n_segments": None,
+               "segment_numbers": [], "segment_labels": [], "image_path": None,
+               "linked_series_key": s["series_key"], "link_rule": "manifest", "unlinked_reason": None}
+        return s, seg
+    seg_files = [r for r in result.records if r["kind"] in ("seg", "rtstruct") and r["path"] == str(mask)]
+    if not seg_files:
+        why = next((q["message"] for q in result.quarantined if q["path"] == str(mask)), "not a SEG or RTSTRUCT")
+        raise ValueError(f"{mask}: {why}")
+    seg = link_segmentations(seg_files, series)[0]
+    if not seg["linked_series_key"]:
+        raise ValueError(f"{mask}: does not link to the series in {image}: {seg['unlinked_reason']}")
+    return next(s for s in series if s["series_key"] == seg["linked_series_key"]), seg
+
+
+def choose_segment(seg: Mapping[str, Any], label: int | None = None, segment: str | None = None) -> int:
+    """The segment number picked by ``label`` (number) or ``segment`` (raw or harmonised name)."""
+    from imaging_assets.features.lesions import harmonise_roi_name
+
+    numbers = [int(n) for n in seg.get("segment_numbers") or []]
+    labels = list(seg.get("segment_labels") or [])
+    listing = ", ".join(f"{n}={labels[i] if i < len(labels) else '?'}" for i, n in enumerate(numbers)) or "none listed"
+    if label is not None:
+        if numbers and label not in numbers:
+            raise ValueError(f"{seg['path']}: no segment/label {label} (available: {listing})")
+        return int(label)
+    if segment is not None:
+        wanted = segment.strip().lower()
+        for i, n in enumerate(numbers):
+            name = labels[i] if i < len(labels) else ""
+            if name.strip().lower() == wanted:
+                return n
+        matches = [n for i, n in enumerate(numbers) if i < len(labels)
+                   and harmonise_roi_name(labels[i]).lower() == wanted]
+        if len(matches) == 1:
+            return matches[0]
+        raise ValueError(f"{seg['path']}: no single segment named {segment!r} (available: {listing})")
+    if len(numbers) == 1:
+        return numbers[0]
+    if not numbers:
+        return 1
+    raise ValueError(f"{seg['path']}: {len(numbers)} segments; choose one with --label or --segment ({listing})")
+
+
+def extract_one(image: str | Path, mask: str | Path, label: int | None = None, segment: str | None = None,
+                params: str | Path | None = None, modality: str | None = None):
+    """Extract one lesion from files, through exactly the asset's path (loader + cropped extraction).
+
+    Returns
+    -------
+    ExtractionOutcome
+        ``features`` keyed by pyradiomics' own names, or ``error``.
+    """
+    from imaging_assets.features.extract import run_job
+    from imaging_assets.features.lesions import lesion_id
+
+    series, seg = resolve_inputs(image, mask, modality)
+    number = choose_segment(seg, label, segment)
+    p = params_for(series.get("modality") or modality, params)
+    lid = lesion_id(str(series.get("series_instance_uid") or series["series_key"]),
+                    str(seg.get("sop_instance_uid") or seg["seg_key"]), number, 0)
+    return run_job(ExtractionJob(lid, SeriesLesionLoader(dict(series), dict(seg), number), params=p))
