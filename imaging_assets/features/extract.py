@@ -540,12 +540,17 @@ def _pool(workers: int) -> cf.ProcessPoolExecutor:
     )
 
 
-def _crashed(job: ExtractionJob) -> ExtractionOutcome:
-    return ExtractionOutcome(
-        job.lesion_id, None,
-        "WorkerCrashed: the worker process died while extracting this lesion (crash in native code or out "
-        "of memory)", 0.0, pyradiomics_version(), None,
-    )
+#: Isolated re-runs that may crash in a row before the remaining lesions are given up.
+MAX_CRASHES_IN_A_ROW = 3
+
+
+def _crashed(job: ExtractionJob, abandoned: bool = False) -> ExtractionOutcome:
+    msg = ("WorkerCrashed: the worker process died while extracting this lesion (crash in native code or out "
+           "of memory)")
+    if abandoned:
+        msg = (f"WorkerCrashed: not attempted, {MAX_CRASHES_IN_A_ROW} worker processes in a row died (workers "
+               "cannot start, or the lesions exhaust memory)")
+    return ExtractionOutcome(job.lesion_id, None, msg, 0.0, pyradiomics_version(), None)
 
 
 def _run_isolated(job: ExtractionJob) -> ExtractionOutcome:
@@ -584,7 +589,11 @@ def extract_many(
     Notes
     -----
     At most ``2 * workers`` jobs are submitted at a time, so memory stays bounded by the lesions being
-    extracted, whatever the cohort size. Workers use ``spawn`` and ``cpu_count // workers`` ITK threads.
+    extracted, whatever the cohort size. Workers are started with ``spawn`` (they never inherit the
+    caller's threads or memory; a script calling this needs the ``if __name__ == "__main__":`` guard) and
+    use ``cpu_count // workers`` ITK threads each. Worker start-up (~0.5 s: imports) is paid once per call.
+    If :data:`MAX_CRASHES_IN_A_ROW` isolated re-runs die in a row, the remaining jobs are reported as not
+    attempted instead of spawning a process for each.
     """
     todo = deque(jobs)
     total = len(todo)
@@ -606,12 +615,31 @@ def extract_many(
         return
 
     pool = _pool(n)
+    crashes_in_a_row = 0
     in_flight: dict[cf.Future[ExtractionOutcome], ExtractionJob] = {}
     try:
         while todo or in_flight:
             while todo and len(in_flight) < 2 * n:
                 job = todo.popleft()
-                in_flight[pool.submit(run_job, job)] = job
+                try:
+                    in_flight[pool.submit(run_job, job)] = job
+                except BrokenProcessPool:  # a worker died while idle: the futures in flight will tell
+                    todo.appendleft(job)
+                    if not in_flight:
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        crashes_in_a_row += 1
+                        if crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
+                            break
+                        pool = _pool(n)
+                        continue
+                    break
+            if not in_flight:  # only when the pool could not be restarted
+                while todo:
+                    outcome = _crashed(todo.popleft(), abandoned=True)
+                    done += 1
+                    tick()
+                    yield outcome
+                break
             finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
             broken = False
             for fut in finished:
@@ -634,10 +662,22 @@ def extract_many(
                 pool.shutdown(wait=True, cancel_futures=True)
                 logger.warning("a worker died: re-running %d lesion(s) one at a time", len(suspects))
                 for job in suspects:
-                    outcome = _run_isolated(job)
+                    if crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
+                        outcome = _crashed(job, abandoned=True)
+                    else:
+                        outcome = _run_isolated(job)
+                        crashes_in_a_row = crashes_in_a_row + 1 if outcome.error == _crashed(job).error else 0
                     done += 1
                     tick()
                     yield outcome
+                if crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
+                    # workers cannot even start (or every lesion kills them): do not spawn one per job
+                    while todo:
+                        outcome = _crashed(todo.popleft(), abandoned=True)
+                        done += 1
+                        tick()
+                        yield outcome
+                    break
                 pool = _pool(n)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

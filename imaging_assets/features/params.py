@@ -19,7 +19,8 @@ follows from what each one reads:
    plus the interpolator's support: 1 voxel for nearest/linear; for B-splines the kernel (2 voxels for
    cubic) plus the recursive prefilter's reach: ITK's ``BSplineDecompositionImageFilter`` spreads a change
    at distance ``d`` by ``|z|**d`` (cubic: ``z = sqrt(3) - 2``, ``|z|**20 < 4e-12``), so
-   :data:`PREFILTER_VOXELS` voxels leave the interpolated values unchanged to double precision.
+   :data:`PREFILTER_VOXELS` voxels change interpolated values by < 1e-11 of the intensity range
+   (measured: bit-identical features on lung1/lung2).
 2. **preCrop** without resampling: pyradiomics crops to the box plus ``padDistance`` voxels before
    filtering; a crop containing that box gives it the very same array.
 3. **Filters on the whole image** (neither): the margin is the largest reach of the enabled filters:

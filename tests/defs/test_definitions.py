@@ -19,17 +19,22 @@ def test_definitions_load_with_expected_graph():
     defs = _defs()
     repo = defs.get_repository_def()
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
-    assert {"dicom_files", "imaging_series", "segmentations"} <= keys
+    assert {"dicom_files", "imaging_series", "segmentations", "lesions", "radiomics_features"} <= keys
     assert repo.get_sensor_def("new_dicom_sensor") is not None
     assert repo.get_schedule_def("nightly_ingest_schedule") is not None
     job = defs.resolve_job_def("ingest_job")
     assert job is not None
     graph = repo.asset_graph
     assert graph.get(dg.AssetKey("imaging_series")).parent_keys == {dg.AssetKey("dicom_files")}
-    for key in ("dicom_files", "imaging_series", "segmentations"):
+    assert graph.get(dg.AssetKey("lesions")).parent_keys == {dg.AssetKey("segmentations")}
+    assert graph.get(dg.AssetKey("radiomics_features")).parent_keys == {dg.AssetKey("lesions")}
+    groups = {"dicom_files": "ingest", "imaging_series": "ingest", "segmentations": "ingest",
+              "lesions": "features", "radiomics_features": "features"}
+    for key, group in groups.items():
         node = graph.get(dg.AssetKey(key))
-        assert node.group_name == "ingest"
+        assert node.group_name == group
         assert "duckdb" in node.kinds
+        assert node.description and len(node.description) > 40
 
 
 def test_domain_packages_do_not_import_dagster():
@@ -120,3 +125,44 @@ def test_new_dicom_sensor_skips_until_something_changes(tmp_path):
         third = new_dicom_sensor(ctx3)
         assert isinstance(third, dg.RunRequest)
         assert third.run_key != first.run_key
+
+
+@pytest.mark.slow
+def test_whole_graph_materializes_with_checks(small_cohort, tmp_path):
+    from imaging_assets.defs import discovery, radiomics
+
+    assets_and_checks = [
+        discovery.dicom_files, discovery.imaging_series, discovery.segmentations,
+        discovery.series_geometry, discovery.segmentations_linked,
+        radiomics.lesions, radiomics.radiomics_features,
+        radiomics.lesions_decodable, radiomics.radiomics_failure_share,
+    ]
+    resources = {
+        "warehouse": WarehouseResource(root=str(tmp_path / "wh")),
+        "dicom_sources": DicomSourcesResource(roots=[str(small_cohort.dicom_dir)], workers=2),
+    }
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(assets_and_checks, instance=instance, resources=resources)
+        assert result.success
+        meta = {
+            e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
+            for e in result.get_asset_materialization_events()
+        }
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        assert checks["radiomics_failure_share"].passed
+        assert checks["lesions_decodable"].passed
+        n_lesions = meta["lesions"]["extractable"].value
+        assert n_lesions >= small_cohort.n_patients
+        assert meta["radiomics_features"]["lesions_with_features"].value == n_lesions
+        assert meta["radiomics_features"]["extracted_this_run"].value == n_lesions
+
+        # a second materialization reads nothing new and extracts nothing
+        again = dg.materialize(assets_and_checks, instance=instance, resources=resources)
+        meta2 = {
+            e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
+            for e in again.get_asset_materialization_events()
+        }
+        assert meta2["dicom_files"]["files_read"].value == 0
+        assert meta2["lesions"]["decoded_segmentations"].value == 0
+        assert meta2["radiomics_features"]["extracted_this_run"].value == 0
+        assert meta2["radiomics_features"]["lesions_with_features"].value == n_lesions

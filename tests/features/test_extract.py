@@ -228,11 +228,13 @@ def test_a_crashing_worker_fails_only_its_lesion(lesion_files: dict[str, Path]) 
     jobs = [
         ExtractionJob("crash", CrashingLoader(), NATIVE),
         ExtractionJob("a", FileLesionLoader(img, lab, 1), NATIVE),
+        ExtractionJob("lambda", lambda: None, NATIVE),  # cannot be sent to a worker
         ExtractionJob("b", FileLesionLoader(img, lab, 2), NATIVE),
     ]
     out = {o.lesion_id: o for o in extract_many(jobs, workers=2)}
-    assert set(out) == {"crash", "a", "b"}
+    assert set(out) == {"crash", "a", "lambda", "b"}
     assert out["crash"].error is not None and "WorkerCrashed" in out["crash"].error
+    assert out["lambda"].error is not None and "pickle" in out["lambda"].error.lower()
     assert out["a"].ok and out["b"].ok
 
 
@@ -318,3 +320,26 @@ def test_reference_case_native_grid_filters_match_stock(case: str) -> None:
     assert_same_features(stock_extract(image, mask, 1, params), res.features)
     if case == "lung1":
         assert np.prod(res.crop_size) < 0.1 * np.prod(image.GetSize())
+
+
+MIRP_DIR = CASES_DIR.parent / "dicom" / "mirp-edge-masks"
+
+
+@pytest.mark.realdata
+def test_degenerate_masks_give_an_outcome_each_never_a_crash() -> None:
+    """mirp's edge cases: uniform images with empty, one-voxel, full and disconnected masks."""
+    if not MIRP_DIR.is_dir():
+        pytest.skip(f"{MIRP_DIR} is absent")
+    jobs = []
+    for case in ("uninformative", "uninformative_slice"):
+        image = MIRP_DIR / case / "image" / f"{case}.nii.gz"
+        for kind in ("empty", "one_voxel", "full", "disconnected"):
+            mask = MIRP_DIR / case / "mask" / f"{kind}_mask.nii.gz"
+            jobs.append(ExtractionJob(f"{case}/{kind}", FileLesionLoader(str(image), str(mask), 1), "ct"))
+    out = {o.lesion_id: o for o in extract_many(jobs, workers=1)}
+    assert len(out) == 8
+    for case in ("uninformative", "uninformative_slice"):
+        assert "empty" in (out[f"{case}/empty"].error or "")
+        assert "single voxel" in (out[f"{case}/one_voxel"].error or "")
+        assert "every voxel" in (out[f"{case}/full"].error or "")
+        assert out[f"{case}/disconnected"].ok, out[f"{case}/disconnected"].error
