@@ -120,7 +120,7 @@ def segmentations(
     )
 
 
-@dg.asset_check(asset=imaging_series, description="Reports series with geometry problems (they are "
+@dg.asset_check(asset=imaging_series, pool="duckdb_writer", description="Reports series with geometry problems (they are "
                 "excluded from extraction). Warns when any series is flagged.")
 def series_geometry(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Series with geometry flags, with the flags and reasons in metadata."""
@@ -144,7 +144,7 @@ def series_geometry(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=segmentations, description="Every segmentation links to an image series.")
+@dg.asset_check(asset=segmentations, pool="duckdb_writer", description="Every segmentation links to an image series.")
 def segmentations_linked(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Unlinked segmentations and their reasons."""
     with warehouse.get_connection(read_only=True) as con:

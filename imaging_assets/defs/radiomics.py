@@ -117,7 +117,7 @@ def radiomics_features(context: dg.AssetExecutionContext, config: RadiomicsConfi
     })
 
 
-@dg.asset_check(asset=radiomics_features, blocking=True,
+@dg.asset_check(asset=radiomics_features, pool="duckdb_writer", blocking=True,
                 description="Share of extractable lesions without features stays below 5 %.")
 def radiomics_failure_share(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Failed extractions over extractable lesions, with the failing lesions and messages."""
@@ -140,7 +140,7 @@ def radiomics_failure_share(warehouse: WarehouseResource) -> dg.AssetCheckResult
     )
 
 
-@dg.asset_check(asset=lesions, description="Every lesion decodes to a usable mask (warns otherwise).")
+@dg.asset_check(asset=lesions, pool="duckdb_writer", description="Every lesion decodes to a usable mask (warns otherwise).")
 def lesions_decodable(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Lesions whose status is not ok, by status, with reasons."""
     with warehouse.get_connection(read_only=True) as con:

@@ -121,6 +121,7 @@ LESION_FIELDS: dict[str, str] = {
     "series_key": "VARCHAR",
     "seg_key": "VARCHAR",
     "series_instance_uid": "VARCHAR",
+    "study_instance_uid": "VARCHAR",
     "patient_key": "VARCHAR",
     "modality": "VARCHAR",
     "study_date": "DATE",
@@ -131,6 +132,7 @@ LESION_FIELDS: dict[str, str] = {
     "component": "INTEGER",
     "n_voxels": "BIGINT",
     "volume_mm3": "DOUBLE",
+    "centroid_mm": "DOUBLE[]",  # (3,) patient coordinates of the mask's centre of mass
     "status": "VARCHAR",  # ok | empty | single_voxel | outside_image | error | series_flagged
     "reason": "VARCHAR",
     "notes": "VARCHAR[]",

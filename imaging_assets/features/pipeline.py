@@ -61,12 +61,26 @@ def source_fingerprint(series: Mapping[str, Any], segmentation: Mapping[str, Any
     return h.hexdigest()[:20]
 
 
+def mask_centroid_mm(mask: sitk.Image | None) -> list[float] | None:
+    """Centre of mass of a 0/1 mask in patient coordinates (mm); None for an empty or missing mask."""
+    import numpy as np
+
+    if mask is None:
+        return None
+    zyx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
+    if zyx.size == 0:
+        return None
+    mean_xyz = zyx.mean(axis=0)[::-1]
+    return [float(v) for v in mask.TransformContinuousIndexToPhysicalPoint([float(v) for v in mean_xyz])]
+
+
 def _row(les: LesionMask, series: Mapping[str, Any], fingerprint: str) -> dict[str, Any]:
     return {
         "lesion_id": les.lesion_id,
         "series_key": les.series_key,
         "seg_key": les.seg_key,
         "series_instance_uid": series.get("series_instance_uid"),
+        "study_instance_uid": series.get("study_instance_uid"),
         "patient_key": series.get("patient_key"),
         "modality": series.get("modality"),
         "study_date": series.get("study_date"),
@@ -77,6 +91,7 @@ def _row(les: LesionMask, series: Mapping[str, Any], fingerprint: str) -> dict[s
         "component": int(les.component),
         "n_voxels": int(les.n_voxels),
         "volume_mm3": float(les.volume_mm3),
+        "centroid_mm": mask_centroid_mm(les.mask),
         "status": les.status,
         "reason": les.reason,
         "notes": list(les.notes),
