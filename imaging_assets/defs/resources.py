@@ -24,6 +24,17 @@ class WarehouseResource(dg.ConfigurableResource):
         description="Warehouse folder (env IMAGING_ASSETS_WAREHOUSE; default data/warehouse).",
     )
 
+    lance: str = Field(
+        default_factory=lambda: os.environ.get("IMAGING_ASSETS_LANCE_URI", ""),
+        description="LanceDB URI for the vector tables: a folder or an object-store URI (s3://...); "
+        "empty = <root>/lance (env IMAGING_ASSETS_LANCE_URI).",
+    )
+
+    @property
+    def lance_uri(self) -> str:
+        """LanceDB URI of the vector tables."""
+        return self.lance or str(os.path.join(self.root, "lance"))
+
     @property
     def database(self) -> str:
         """Path of the DuckDB file."""
@@ -60,9 +71,31 @@ class DicomSourcesResource(dg.ConfigurableResource):
         return self.workers or (os.cpu_count() or 1)
 
 
+class OutcomeSourcesResource(dg.ConfigurableResource):
+    """Where clinical outcome files (CSV / Parquet) are dropped."""
+
+    path: str = Field(
+        default_factory=lambda: str(_default_outcomes()),
+        description="A file or a folder of outcome files (env IMAGING_ASSETS_OUTCOMES; default the demo's "
+        "outcomes.csv).",
+    )
+    pseudonym_key: str | None = Field(
+        default=None, description="Same secret as discovery (default: IMAGING_ASSETS_PSEUDONYM_KEY).")
+
+
+def _default_outcomes():
+    from imaging_assets.store.outcomes import default_outcomes_source
+
+    return default_outcomes_source()
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
     """Default resources; override in tests with ``dg.materialize(..., resources=...)``."""
     return dg.Definitions(
-        resources={"warehouse": WarehouseResource(), "dicom_sources": DicomSourcesResource()}
+        resources={
+            "warehouse": WarehouseResource(),
+            "dicom_sources": DicomSourcesResource(),
+            "outcome_sources": OutcomeSourcesResource(),
+        }
     )

@@ -1,0 +1,144 @@
+"""Similar-case search and cohort tables (no Dagster here).
+
+:func:`search` answers "which lesions look like this one?" for a lesion id of the warehouse or for a new
+image + mask (extracted through the same code as the pipeline and scaled with the stored scaler), with
+metadata filters; every search is audited. :func:`discover_cohort` writes the ranked answer, joined to
+clusters and outcomes when those exist, into a DuckDB table ``cohort_<name>`` and registers it in
+``cohorts`` with the query that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imaging_assets.store import audit
+from imaging_assets.store.warehouse import connect
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+COHORTS_DDL = """CREATE TABLE IF NOT EXISTS cohorts (
+    name VARCHAR PRIMARY KEY, table_name VARCHAR, created_at TIMESTAMP, "user" VARCHAR, query VARCHAR,
+    lance_version INTEGER, feature_set_version VARCHAR, n_rows INTEGER, audit_id VARCHAR)"""
+
+
+def cohort_table_name(name: str) -> str:
+    """``cohort_<name>`` for a valid name (lower-case letters, digits, underscores; starts with a letter)."""
+    if not _NAME.match(name or ""):
+        raise ValueError(f"cohort name {name!r} is not valid: use lower-case letters, digits and underscores, "
+                         "starting with a letter (at most 48 characters)")
+    return f"cohort_{name}"
+
+
+def query_vector(database: str | Path, image: str | Path, mask: str | Path, label: int | None = None,
+                 segment: str | None = None) -> tuple[np.ndarray, str]:
+    """Vector of a lesion from a new image + mask: features by the pipeline's code, the active robust set,
+    the stored scaler. Returns (vector, feature-set version)."""
+    from imaging_assets.features.pipeline import extract_one
+    from imaging_assets.store.embedding import load_scaler
+
+    with connect(database, read_only=True) as con:
+        scaler = load_scaler(con)
+        from imaging_assets.store.robustness import current_robust_set
+
+        version, _ = current_robust_set(con)
+    if scaler is None:
+        raise RuntimeError("no vector scaler stored yet: materialize lesion_vectors first")
+    outcome = extract_one(image, mask, label=label, segment=segment)
+    if not outcome.ok:
+        raise ValueError(f"{mask}: extraction failed: {outcome.error}")
+    values = np.array([[outcome.features.get(n, np.nan) for n in scaler.feature_names]], dtype=float)
+    return scaler.transform(values)[0], str(version)
+
+
+def search(database: str | Path, lance_uri: str, lesion_id: str | None = None, vector: np.ndarray | None = None,
+           k: int = 10, filters: dict[str, Any] | None = None, version: int | None = None,
+           action: str = "search", extra_params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """k most similar lesions (L2 on standardised robust features), audited.
+
+    Exactly one of ``lesion_id`` / ``vector`` is given; ``version`` searches an older table version.
+    """
+    from imaging_assets.store.vectors import find_similar, table_version
+
+    if (lesion_id is None) == (vector is None):
+        raise ValueError("give either a lesion_id or a vector")
+    params = {"lesion_id": lesion_id, "k": k, "filters": filters or {}, "version": version, **(extra_params or {})}
+    versions = {"lesion_vectors": version if version is not None else table_version(lance_uri)}
+    try:
+        rows = find_similar(lance_uri, lesion_id if lesion_id is not None else np.asarray(vector, np.float32),
+                            k=k, filters=filters or None, version=version)
+    except Exception as exc:
+        audit.record(database, action, "find_similar", params, versions, 0, status=f"error: {exc}")
+        raise
+    audit.record(database, action, "find_similar", params, versions, len(rows))
+    return rows
+
+
+def discover_cohort(database: str | Path, lance_uri: str, name: str, reference_lesion_id: str | None = None,
+                    image: str | None = None, mask: str | None = None, segment: str | None = None,
+                    k: int = 20, filters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run a similar-case search and store the ranked cohort as ``cohort_<name>``.
+
+    Columns: rank, lesion_id, patient_key, distance, modality, roi_name, volume_mm3, study_date, cluster
+    (when clusters exist), time_months / event / stage (when outcomes exist). Re-running a name replaces
+    its table and registry row.
+    """
+    from imaging_assets.store.vectors import table_version
+
+    t0 = time.perf_counter()
+    table = cohort_table_name(name)
+    vector, fs_version = None, None
+    if reference_lesion_id is None:
+        if not (image and mask):
+            raise ValueError("a cohort needs reference_lesion_id, or image and mask of a new lesion")
+        vector, fs_version = query_vector(database, image, mask, segment=segment)
+    lance_version = table_version(lance_uri)
+    rows = search(database, lance_uri, lesion_id=reference_lesion_id, vector=vector, k=k, filters=filters,
+                  action="cohort", extra_params={"name": name, "image": image, "mask": mask, "segment": segment})
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame(columns=["lesion_id", "_distance"])
+    df.insert(0, "rank", range(1, len(df) + 1))
+    df = df.rename(columns={"_distance": "distance"}).drop(columns=["vector"], errors="ignore")
+    query = {"reference_lesion_id": reference_lesion_id, "image": image, "mask": mask, "k": k,
+             "filters": filters or {}}
+    with connect(database) as con:
+        con.execute(COHORTS_DDL)
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        con.register("_cohort", df)
+        select = "SELECT c.*"
+        joins = ""
+        if "phenotype_clusters" in tables and "cluster" in df.columns:
+            select = "SELECT c.* EXCLUDE (cluster), coalesce(pc.cluster, c.cluster) AS cluster"
+            joins += " LEFT JOIN phenotype_clusters pc USING (lesion_id)"
+        if "patient_outcomes" in tables and "patient_key" in df.columns:
+            select += ", o.time_months, o.event, o.stage"
+            joins += " LEFT JOIN patient_outcomes o ON o.patient_key = c.patient_key"
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(f"CREATE OR REPLACE TABLE {table} AS {select} FROM _cohort c{joins} ORDER BY c.rank")
+            fs = fs_version or (df["feature_set_version"].iloc[0] if "feature_set_version" in df and len(df) else None)
+            con.execute("DELETE FROM cohorts WHERE name = ?", [name])
+            con.execute("INSERT INTO cohorts VALUES (?, ?, now()::TIMESTAMP, ?, ?, ?, ?, ?, NULL)",
+                        [name, table, audit.current_user(), json.dumps(query, sort_keys=True), lance_version,
+                         fs, len(df)])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            con.unregister("_cohort")
+        last = con.execute("SELECT id FROM audit_log WHERE action = 'cohort' ORDER BY logged_at DESC LIMIT 1").fetchone()
+        if last:
+            con.execute("UPDATE cohorts SET audit_id = ? WHERE name = ?", [last[0], name])
+    return {"table": table, "rows": len(df), "lance_version": lance_version, "query": query,
+            "preview": df.head(10).to_dict("records"), "elapsed_s": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,133 @@
+"""Build the ``lesion_vectors`` Lance table from the robust feature set (no Dagster here).
+
+Each extractable lesion becomes one float32 vector: its robust features (the active
+``robust_feature_sets`` version, in sorted name order) standardised with a scaler fitted on the cohort.
+The scaler is stored in DuckDB (``vector_scalers``, keyed by feature-set version) so a new lesion — e.g.
+the reference of a cohort query extracted from a new image — is scaled exactly the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imaging_assets.store.robustness import current_robust_set, ensure_robustness_schema, feature_matrix
+from imaging_assets.store.warehouse import connect, table_rows
+
+logger = logging.getLogger(__name__)
+
+_SCALER_SQL = """CREATE TABLE IF NOT EXISTS vector_scalers (
+    feature_set_version VARCHAR PRIMARY KEY, feature_names VARCHAR[], mean DOUBLE[], std DOUBLE[],
+    n_lesions INTEGER, fitted_at TIMESTAMP)"""
+
+
+class NoRobustSetError(RuntimeError):
+    """Raised when vectors are requested before a robust feature set exists."""
+
+
+def load_scaler(con: Any, version: str | None = None):
+    """The stored :class:`~imaging_assets.store.vectors.Scaler` of a feature-set version (default: the
+    active one), or None."""
+    from imaging_assets.store.vectors import Scaler
+
+    con.execute(_SCALER_SQL)
+    if version is None:
+        version, _ = current_robust_set(con)
+    row = con.execute("SELECT feature_names, mean, std FROM vector_scalers WHERE feature_set_version = ?",
+                      [version]).fetchone()
+    if row is None:
+        return None
+    return Scaler(list(row[0]), np.asarray(row[1], dtype=float), np.asarray(row[2], dtype=float))
+
+
+def build_lesion_vectors(database: str | Path, lance_uri: str, exact_threshold: int = 100_000) -> dict[str, Any]:
+    """Standardise the robust features of every extractable lesion and sync them into LanceDB.
+
+    Returns
+    -------
+    dict
+        ``feature_set_version``, ``dim``, ``rows``, the :class:`SyncReport` fields (``inserted``,
+        ``updated``, ``deleted``, ``unchanged``, ``version``, ``index``), ``elapsed_s``.
+
+    Raises
+    ------
+    NoRobustSetError
+        When ``robust_feature_set`` has not produced a set yet, or the set is empty.
+    """
+    from imaging_assets.store.vectors import fit_scaler, sync_vectors
+
+    t0 = time.perf_counter()
+    with connect(database) as con:
+        ensure_robustness_schema(con)
+        con.execute(_SCALER_SQL)
+        version, features = current_robust_set(con)
+        if not version or not features:
+            raise NoRobustSetError("no robust feature set yet (or it is empty): materialize robust_feature_set "
+                                   "and check its `robust_set_not_collapsed` result")
+        lesions = {r["lesion_id"]: r for r in table_rows(con, "lesions") if r["extractable"]}
+        wide = feature_matrix(con)
+        clusters: dict[str, int] = {}
+        if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'phenotype_clusters'"
+                       ).fetchone()[0]:
+            clusters = dict(con.execute("SELECT lesion_id, cluster FROM phenotype_clusters "
+                                        "WHERE feature_set_version = ?", [version]).fetchall())
+    ids = [i for i in wide.index if i in lesions] if not wide.empty else []
+    missing = [f for f in features if f not in wide.columns]
+    if missing:
+        raise NoRobustSetError(f"robust features missing from radiomics_features: {missing[:5]}")
+    values = wide.loc[ids, features].to_numpy(dtype=float) if ids else np.zeros((0, len(features)))
+    scaler = fit_scaler(values, list(features))
+    vectors = scaler.transform(values).astype(np.float32)
+    rows = []
+    for i, lid in enumerate(ids):
+        les = lesions[lid]
+        rows.append({
+            "lesion_id": lid, "vector": vectors[i].tolist(), "patient_key": les["patient_key"],
+            "study_date": les["study_date"], "modality": les["modality"], "body_part": les["body_part"],
+            "roi_name": les["roi_name"], "volume_mm3": les["volume_mm3"],
+            "series_instance_uid": les["series_instance_uid"], "feature_set_version": version,
+            "cluster": clusters.get(lid),
+        })
+    with connect(database) as con:
+        con.execute(_SCALER_SQL)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM vector_scalers WHERE feature_set_version = ?", [version])
+            con.execute("INSERT INTO vector_scalers VALUES (?, ?, ?, ?, ?, now()::TIMESTAMP)",
+                        [version, list(features), [float(x) for x in scaler.mean], [float(x) for x in scaler.std],
+                         len(ids)])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    report = sync_vectors(lance_uri, rows, dim=len(features), exact_threshold=exact_threshold)
+    return {
+        "feature_set_version": version,
+        "dim": len(features),
+        "rows": report.rows,
+        "inserted": report.inserted,
+        "updated": report.updated,
+        "deleted": report.deleted,
+        "unchanged": report.unchanged,
+        "table_version": report.version,
+        "index": report.index,
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def vectors_frame(lance_uri: str):
+    """The Lance ``lesion_vectors`` table as (Arrow table, float32 matrix), or (None, None) if absent."""
+    from imaging_assets.store.vectors import VECTOR_TABLE, open_db
+
+    db = open_db(lance_uri)
+    names = db.table_names() if hasattr(db, "table_names") else []
+    if VECTOR_TABLE not in names:
+        return None, None
+    tbl = db.open_table(VECTOR_TABLE).to_arrow().sort_by("lesion_id")
+    dim = tbl.schema.field("vector").type.list_size
+    flat = tbl.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return tbl, np.asarray(flat, dtype=np.float32).reshape(-1, dim) if len(tbl) else np.zeros((0, dim), np.float32)

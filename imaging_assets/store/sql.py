@@ -1,0 +1,71 @@
+"""Read-only ad-hoc SQL over the warehouse (DuckDB tables + Lance tables as views), audited.
+
+Guards (a query is refused with a clear message before anything runs):
+
+* only read statements: what DuckDB's own parser classifies as SELECT (incl. WITH, VALUES, DESCRIBE,
+  SHOW, SUMMARIZE) or EXPLAIN, statement by statement;
+* the connection is read-only, with ``enable_external_access = false`` (no ``read_csv('/etc/passwd')``,
+  no ``ATTACH``, no ``COPY ... TO``, no ``INSTALL``/``LOAD``) and ``lock_configuration = true`` (a query
+  cannot turn them back on).
+
+Lance tables are registered as Arrow views before the lock, so SQL joins them with DuckDB tables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from imaging_assets.store import audit
+from imaging_assets.store.warehouse import connect
+
+_ALLOWED = {"SELECT", "EXPLAIN"}
+
+
+class QueryRefused(ValueError):
+    """The statement is not a read-only query, or it reaches outside the warehouse."""
+
+
+def check_read_only(sql: str) -> None:
+    """Raise :class:`QueryRefused` unless every statement of ``sql`` only reads."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryRefused(f"cannot parse the query: {exc}") from exc
+    if not statements:
+        raise QueryRefused("empty query")
+    for st in statements:
+        kind = st.type.name
+        if kind not in _ALLOWED:
+            raise QueryRefused(f"only read-only queries are allowed; refused a {kind} statement: "
+                               f"{st.query.strip()[:80]!r}")
+
+
+def run_sql(database: str | Path, sql: str, lance_uri: str | None = None, limit: int | None = None) -> Any:
+    """Run a read-only query and return a pandas DataFrame; audited (also when refused or failing)."""
+    from imaging_assets.store.vectors import register_duckdb_views, table_version
+
+    versions: dict[str, Any] = {}
+    try:
+        check_read_only(sql)
+    except QueryRefused as exc:
+        audit.record(database, "sql", sql, {}, {}, 0, status=f"refused: {exc}")
+        raise
+    try:
+        with connect(database, read_only=True) as con:
+            if lance_uri:
+                try:
+                    views = register_duckdb_views(con, lance_uri)
+                    versions = {v: table_version(lance_uri, v) for v in views}
+                except Exception:  # noqa: BLE001 - no Lance tables yet
+                    versions = {}
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            df = con.execute(sql).fetchdf()
+    except duckdb.Error as exc:
+        audit.record(database, "sql", sql, {}, versions, 0, status=f"error: {exc}")
+        raise
+    audit.record(database, "sql", sql, {"limit": limit}, versions, len(df))
+    return df.head(limit) if limit else df
