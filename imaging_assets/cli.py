@@ -5,6 +5,8 @@ Sub-commands
 demo-data   write the synthetic DICOM cohort (default data/demo, 100 patients)
 scan        crawl folders, assemble series, link segmentations; print a summary or JSON
 extract     pyradiomics features of one lesion from an image and a mask
+similar     the lesions most similar to a lesion (or to a new image + mask)
+sql         read-only SQL over the warehouse, Lance tables included
 summary     print what the warehouse holds (used at the end of ``make demo``)
 """
 
@@ -117,6 +119,94 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lance_uri(args: argparse.Namespace) -> str:
+    import os
+
+    return os.environ.get("IMAGING_ASSETS_LANCE_URI") or str(Path(args.warehouse) / "lance")
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from imaging_assets.store.sql import QueryRefused, run_sql
+    from imaging_assets.store.warehouse import duckdb_path
+
+    db = duckdb_path(args.warehouse)
+    if not db.exists():
+        print(f"error: no warehouse at {db}; run `make demo` first", file=sys.stderr)
+        return 2
+    try:
+        df = run_sql(db, args.query, lance_uri=_lance_uri(args))
+    except QueryRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 3
+    except duckdb.Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(df.to_json(orient="records", date_format="iso", default_handler=str) + "\n")
+    elif args.csv:
+        df.to_csv(sys.stdout, index=False)
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", args.max_rows, "display.max_columns", 50, "display.width", 200):
+            print(df.drop(columns=[c for c in df.columns if c == "vector"]) if not args.vectors else df)
+    return 0
+
+
+def _parse_filters(items: list[str]) -> dict:
+    """``col=value[,value...]`` or ``col=lo..hi`` (dates / volumes) into a filter dict."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"filter {item!r}: expected column=value")
+        col, value = item.split("=", 1)
+        if ".." in value:
+            lo, hi = value.split("..", 1)
+            conv = (lambda x: float(x) if x else None) if col == "volume_mm3" else (lambda x: x or None)
+            out[col] = (conv(lo), conv(hi))
+        else:
+            vals = value.split(",")
+            out[col] = [int(v) for v in vals] if col == "cluster" else vals
+    return out
+
+
+def _cmd_similar(args: argparse.Namespace) -> int:
+    from imaging_assets.store.cohorts import query_vector, search
+    from imaging_assets.store.warehouse import duckdb_path
+
+    db = duckdb_path(args.warehouse)
+    if not db.exists():
+        print(f"error: no warehouse at {db}; run `make demo` first", file=sys.stderr)
+        return 2
+    try:
+        filters = _parse_filters(args.filter)
+        vector = None
+        if args.lesion_id is None:
+            if not (args.image and args.mask):
+                raise ValueError("give a lesion id, or --image and --mask of a new lesion")
+            vector, _ = query_vector(db, args.image, args.mask, segment=args.segment)
+        t0 = time.perf_counter()
+        rows = search(db, _lance_uri(args), lesion_id=args.lesion_id, vector=vector, k=args.k,
+                      filters=filters, version=args.version)
+        ms = (time.perf_counter() - t0) * 1000
+    except (ValueError, KeyError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in rows:
+        r.pop("vector", None)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{len(rows)} similar lesions ({ms:.0f} ms including audit)")
+    for i, r in enumerate(rows, 1):
+        print(f"{i:3d}  {r['lesion_id']}  d={r['_distance']:.3f}  {r.get('patient_key')}  {r.get('modality')}  "
+              f"{r.get('roi_name')}  {r.get('volume_mm3') or 0:.0f} mm3  {r.get('study_date')}  cluster={r.get('cluster')}")
+    return 0
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from imaging_assets.store.warehouse import connect, duckdb_path
 
@@ -181,6 +271,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--modality", help="modality of a NIfTI/NRRD image (CT, MR, PT; default CT)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_cmd_extract)
+
+    q = sub.add_parser("sql", help="read-only SQL over the warehouse (DuckDB tables + Lance views), audited")
+    q.add_argument("query", help="a SELECT query, e.g. \"SELECT * FROM lesions LIMIT 5\"")
+    q.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    fmt = q.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="rows as a JSON array")
+    fmt.add_argument("--csv", action="store_true", help="rows as CSV")
+    q.add_argument("--max-rows", type=int, default=50, help="rows shown in the table view")
+    q.add_argument("--vectors", action="store_true", help="show vector columns too")
+    q.set_defaults(func=_cmd_sql)
+
+    f = sub.add_parser("similar", help="lesions most similar to a lesion id or a new image + mask, audited")
+    f.add_argument("lesion_id", nargs="?", help="reference lesion id (see the lesions table)")
+    f.add_argument("--image", help="or: image of a new lesion (DICOM folder, NIfTI, NRRD)")
+    f.add_argument("--mask", help="... and its mask (SEG, RTSTRUCT, NIfTI, NRRD)")
+    f.add_argument("--segment", help="segment / ROI name in the mask")
+    f.add_argument("-k", type=int, default=10, help="number of neighbours (default 10)")
+    f.add_argument("--filter", action="append", metavar="COL=VALUE",
+                   help="modality=CT,MR | roi_name=GTV | body_part=CHEST | cluster=0,2 | "
+                        "study_date=2020-01-01..2022-12-31 | volume_mm3=500..5000 (repeatable)")
+    f.add_argument("--version", type=int, help="search an older lesion_vectors table version")
+    f.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    f.add_argument("--json", action="store_true", help="print JSON")
+    f.set_defaults(func=_cmd_similar)
 
     m = sub.add_parser("summary", help="print what the warehouse holds")
     m.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")

@@ -121,7 +121,7 @@ def radiomics_expectations(warehouse: WarehouseResource) -> dg.AssetCheckResult:
         counts = con.execute("SELECT lesion_id, count(*) FROM radiomics_features GROUP BY 1").fetchall()
         n_extractable = con.execute(
             "SELECT count(*) FROM lesions l JOIN radiomics_provenance p USING (lesion_id)").fetchone()[0]
-        _, robust = current_robust_set(con) if _has_table(con, "robust_feature_set_history") else (None, [])
+        _, robust = current_robust_set(con)
     if wide.empty:
         return dg.AssetCheckResult(passed=True, metadata={"reason": "no features yet"})
     wide = wide.reset_index()
@@ -145,10 +145,6 @@ def radiomics_expectations(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "reason": "bad rows would poison the vectors: blocking",
         },
     )
-
-
-def _has_table(con, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0])
 
 
 @dg.asset_check(asset=robust_feature_set, pool="duckdb_writer", blocking=True,

@@ -32,9 +32,11 @@ class NoRobustSetError(RuntimeError):
 def load_scaler(con: Any, version: str | None = None):
     """The stored :class:`~imaging_assets.store.vectors.Scaler` of a feature-set version (default: the
     active one), or None."""
+    from imaging_assets.store.robustness import _has_table
     from imaging_assets.store.vectors import Scaler
 
-    con.execute(_SCALER_SQL)
+    if not _has_table(con, "vector_scalers"):
+        return None
     if version is None:
         version, _ = current_robust_set(con)
     row = con.execute("SELECT feature_names, mean, std FROM vector_scalers WHERE feature_set_version = ?",
@@ -123,11 +125,10 @@ def vectors_frame(lance_uri: str):
     """The Lance ``lesion_vectors`` table as (Arrow table, float32 matrix), or (None, None) if absent."""
     from imaging_assets.store.vectors import VECTOR_TABLE, open_db
 
-    db = open_db(lance_uri)
-    names = db.table_names() if hasattr(db, "table_names") else []
-    if VECTOR_TABLE not in names:
+    try:
+        tbl = open_db(lance_uri).open_table(VECTOR_TABLE).to_arrow().sort_by("lesion_id")
+    except (ValueError, FileNotFoundError, OSError):
         return None, None
-    tbl = db.open_table(VECTOR_TABLE).to_arrow().sort_by("lesion_id")
     dim = tbl.schema.field("vector").type.list_size
     flat = tbl.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return tbl, np.asarray(flat, dtype=np.float32).reshape(-1, dim) if len(tbl) else np.zeros((0, dim), np.float32)

@@ -368,8 +368,13 @@ def select_robust_set(database: str | Path, threshold: float = 0.75, rho: float 
 
 def current_robust_set(con: Any) -> tuple[str | None, list[str]]:
     """(version, features) of the active robust feature set, or (None, []) before the first one."""
-    ensure_robustness_schema(con)
+    if not _has_table(con, "robust_feature_set_history"):
+        return None, []
     row = con.execute(
         "SELECT s.version, s.features FROM robust_feature_set_history h JOIN robust_feature_sets s USING (version) "
         "ORDER BY h.activated_at DESC LIMIT 1").fetchone()
     return (row[0], list(row[1])) if row else (None, [])
+
+
+def _has_table(con: Any, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0])

@@ -16,6 +16,8 @@ Writes (:func:`sync_vectors`)
     a scalar index silently updated 0 rows; if the verification fails the changed ids are deleted and
     re-added (``delete`` + ``add``) and the table verified again; if it is still wrong a
     :class:`VectorStoreIntegrityError` says how (missing / unexpected / duplicated / different rows).
+    One writer at a time is assumed (the ``lesion_vectors`` asset): a concurrent write between the diff
+    and the read-back would show up as a mismatch and be overwritten by the fallback.
     A different vector dimension (a new feature-set version with another number of robust features) or
     an older column layout rewrites the table (``mode="overwrite"``; older versions stay readable by
     time travel until cleaned up).
@@ -31,15 +33,18 @@ The ``cluster`` column
 
 Index policy (see ``benchmarks/vector_search.py`` for the measurements behind it)
     * Below ``exact_threshold`` rows (default 100,000) no vector index: exact (flat) search, a few ms.
-    * At or above it an ANN index, ``IVF_PQ`` by default with ``num_partitions ≈ sqrt(n)`` (at most
-      ``n / 256``, Lance's training sample per partition) and ``num_sub_vectors`` = the divisor of ``dim``
-      closest to ``dim / 4`` (≈4 dimensions per sub-vector: with 8-16 dimensions per sub-vector recall
-      at refine 10 dropped to ≈0.87 on random 32-d data, with 2-4 it was ≥0.99). Searches refine with
-      the exact distance (``refine_factor`` 10 by default). ``IVF_HNSW_SQ`` is available
-      (``index_type=``). The index is built when first needed, extended incrementally by ``optimize()``
-      after later writes, and retrained when the row count has moved its partition count by more than
-      2× or the requested type changed; it is dropped when the table shrinks below 80 % of the
-      threshold.
+    * At or above it an ANN index, ``IVF_PQ`` by default, created with ``target_partition_size ≈
+      sqrt(n)`` rows (so ``num_partitions ≈ sqrt(n)``; at least 256 rows per partition, Lance's
+      training sample) and ``num_sub_vectors`` = the divisor of ``dim`` closest to ``dim / 4`` (≈4
+      dimensions per sub-vector: with 8 dimensions per sub-vector recall at refine 10 was ≈0.87 on
+      random 32-d data, with 2-4 it was ≥0.99). Searches re-rank with the exact distance
+      (``refine_factor`` 10 by default). ``IVF_HNSW_SQ`` is available (``index_type=``).
+      The index is built when first needed; later writes are added by ``optimize()`` as delta
+      segments (beyond 4 they are merged into one); it is retrained when the row count has
+      moved the ideal partition count by more than 2× or the requested type changed, and dropped when
+      the table shrinks below 80 % of the threshold. The index is created with a partition *size*, not
+      a count, because Lance 14's ``optimize()`` splits/joins partitions towards the size the index was
+      created for: given only a count it joined a 234-partition index into 2 (measured).
     * Scalar indexes on the filter columns (:data:`DEFAULT_SCALAR_INDEXES`): BITMAP for the
       low-cardinality ones, BTREE for the others and for ``lesion_id``; created when missing, updated by
       ``optimize()``.
@@ -352,7 +357,9 @@ def _open_table(uri: str | os.PathLike[str], table_name: str) -> lancedb.table.T
 def _require_table(uri: str | os.PathLike[str], table_name: str) -> lancedb.table.Table:
     tbl = _open_table(uri, table_name)
     if tbl is None:
-        raise FileNotFoundError(f"no LanceDB table {table_name!r} at {_uri_str(uri)} (materialize lesion_vectors first)")
+        raise FileNotFoundError(
+            f"no LanceDB table {table_name!r} at {_uri_str(uri)} (materialize lesion_vectors first)"
+        )
     return tbl
 
 
@@ -401,7 +408,9 @@ def _as_arrow(data: Any) -> pa.Table:
             return pa.Table.from_pandas(data, preserve_index=False)
     except ImportError:  # pragma: no cover
         pass
-    raise TypeError(f"sync_vectors: unsupported input type {type(data).__name__} (use a pyarrow Table or list of dicts)")
+    raise TypeError(
+        f"sync_vectors: unsupported input type {type(data).__name__} (use a pyarrow Table or list of dicts)"
+    )
 
 
 def _vectors_numpy(col: pa.ChunkedArray | pa.Array, dim: int | None = None) -> np.ndarray:
@@ -839,7 +848,8 @@ def _maintain_indexes(
         have, segments = _ann_layout(tbl, vec.name)
         if index_type == "IVF_PQ":
             want = ivf_pq_params(rows, dim)["num_partitions"]
-            rebuild = have is None or not (want / 2 <= have <= want * 2)
+            # unknown layout (statistics unreadable): keep the index rather than retrain on every sync
+            rebuild = have is not None and not (want / 2 <= have <= want * 2)
     if rebuild:
         if vec is not None and vec.name != ANN_INDEX_NAME:
             tbl.drop_index(vec.name)
@@ -1054,7 +1064,61 @@ def sync_vectors(
     return finish(tbl, rep, wrote=True)
 
 
+def update_clusters(
+    uri: str | os.PathLike[str],
+    clusters: Mapping[str, int | None],
+    table_name: str = VECTOR_TABLE,
+    **sync_options: Any,
+) -> SyncReport:
+    """Set the ``cluster`` column (phenotype clustering) through :func:`sync_vectors`.
+
+    Parameters
+    ----------
+    uri, table_name
+        The vector table.
+    clusters
+        ``{lesion_id: cluster}``; lesions not in the mapping get ``NULL``. Ids not in the table are
+        ignored (logged).
+    sync_options
+        Passed on to :func:`sync_vectors` (``exact_threshold``, ``index_type``...).
+
+    Returns
+    -------
+    SyncReport
+        Only lesions whose cluster changed are rewritten; the same read-back verification applies.
+    """
+    tbl = _require_table(uri, table_name)
+    current = _read_all(tbl)
+    dim = _schema_dim(current.schema)
+    if dim is None:
+        raise ValueError(f"{table_name} at {_uri_str(uri)} has no fixed-size vector column")
+    ids = current["lesion_id"].to_pylist()
+    unknown = set(clusters) - set(ids)
+    if unknown:
+        logger.warning(
+            "update_clusters: %d lesion id(s) not in %s, e.g. %s", len(unknown), table_name, sorted(unknown)[:3]
+        )
+    values = pa.array([clusters.get(i) for i in ids], pa.int32())
+    updated = current.set_column(current.schema.get_field_index("cluster"), pa.field("cluster", pa.int32()), values)
+    return sync_vectors(uri, updated, dim, table_name=table_name, **sync_options)
+
+
 # ------------------------------------------------------------------------------------------------ search
+
+
+def _checked_out(uri: str | os.PathLike[str], table_name: str, version: int | None) -> Any:
+    """The table, at ``version`` (read-only) when given."""
+    tbl = _require_table(uri, table_name)
+    if version is not None:
+        try:
+            tbl.checkout(int(version))
+        except Exception as exc:  # noqa: BLE001 - Lance raises several types for a missing version
+            available = [int(v["version"]) for v in tbl.list_versions()]
+            raise ValueError(
+                f"version {version} of {table_name!r} at {_uri_str(uri)} is not available (never written, or "
+                f"removed by optimize's cleanup); available versions: {available[:3]}...{available[-3:]}"
+            ) from exc
+    return tbl
 
 
 def _lookup_vector(tbl: Any, lesion_id: str) -> np.ndarray:
@@ -1117,9 +1181,7 @@ def find_similar(
     """
     if not isinstance(k, Integral) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    tbl = _require_table(uri, table_name)
-    if version is not None:
-        tbl.checkout(int(version))
+    tbl = _checked_out(uri, table_name, version)
     schema = tbl.schema
     clauses: list[str] = []
     structured = filters_to_where(filters or {}, schema)
@@ -1167,10 +1229,7 @@ def find_similar(
 
 def lance_dataset(uri: str | os.PathLike[str], table_name: str = VECTOR_TABLE, version: int | None = None) -> Any:
     """The pylance ``LanceDataset`` behind a table (latest or ``version``), with the connection's storage options."""
-    tbl = _require_table(uri, table_name)
-    if version is not None:
-        tbl.checkout(int(version))
-    return tbl.to_lance()
+    return _checked_out(uri, table_name, version).to_lance()
 
 
 def register_duckdb_views(

@@ -129,35 +129,40 @@ def test_new_dicom_sensor_skips_until_something_changes(tmp_path):
 
 @pytest.mark.slow
 def test_whole_graph_materializes_with_checks(small_cohort, tmp_path):
-    from imaging_assets.defs import discovery, radiomics
+    from imaging_assets.defs.reproducibility import RobustnessConfig
+    from imaging_assets.defs.resources import OutcomeSourcesResource
 
-    assets_and_checks = [
-        discovery.dicom_files, discovery.imaging_series, discovery.segmentations,
-        discovery.series_geometry, discovery.segmentations_linked,
-        radiomics.lesions, radiomics.radiomics_features,
-        radiomics.lesions_decodable, radiomics.radiomics_failure_share,
-    ]
+    defs = _defs()
+    everything = list(defs.assets) + list(defs.asset_checks)
     resources = {
         "warehouse": WarehouseResource(root=str(tmp_path / "wh")),
         "dicom_sources": DicomSourcesResource(roots=[str(small_cohort.dicom_dir)], workers=2),
+        "outcome_sources": OutcomeSourcesResource(path=str(small_cohort.outcomes_csv)),
     }
+    run_config = dg.RunConfig(ops={"feature_robustness": RobustnessConfig(n_perturbations=3)})
     with dg.instance_for_test() as instance:
-        result = dg.materialize(assets_and_checks, instance=instance, resources=resources)
+        result = dg.materialize(everything, instance=instance, resources=resources, run_config=run_config)
         assert result.success
         meta = {
             e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
             for e in result.get_asset_materialization_events()
         }
+        assert set(meta) == {k.to_user_string() for k in defs.get_repository_def().asset_graph.get_all_asset_keys()}
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-        assert checks["radiomics_failure_share"].passed
-        assert checks["lesions_decodable"].passed
+        for name in ("radiomics_failure_share", "lesions_decodable", "radiomics_expectations",
+                     "robust_set_not_collapsed", "vectors_integrity", "robustness_sample_size", "outcomes_coverage"):
+            assert checks[name].passed, (name, checks[name].metadata)
         n_lesions = meta["lesions"]["extractable"].value
         assert n_lesions >= small_cohort.n_patients
         assert meta["radiomics_features"]["lesions_with_features"].value == n_lesions
-        assert meta["radiomics_features"]["extracted_this_run"].value == n_lesions
+        assert meta["lesion_vectors"]["dagster/row_count"].value == n_lesions
+        assert meta["cluster_outcomes"]["kaplan_meier"].value.startswith("![")
+        assert meta["phenotype_clusters"]["projection"].value.startswith("![")
+        assert meta["feature_robustness"]["icc_plot"].value.startswith("![")
+        version = meta["lesion_vectors"]["table_version"].value
 
-        # a second materialization reads nothing new and extracts nothing
-        again = dg.materialize(assets_and_checks, instance=instance, resources=resources)
+        # a second materialization reads nothing new, extracts nothing and leaves the vectors' version
+        again = dg.materialize(everything, instance=instance, resources=resources, run_config=run_config)
         meta2 = {
             e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
             for e in again.get_asset_materialization_events()
@@ -165,4 +170,44 @@ def test_whole_graph_materializes_with_checks(small_cohort, tmp_path):
         assert meta2["dicom_files"]["files_read"].value == 0
         assert meta2["lesions"]["decoded_segmentations"].value == 0
         assert meta2["radiomics_features"]["extracted_this_run"].value == 0
-        assert meta2["radiomics_features"]["lesions_with_features"].value == n_lesions
+        assert meta2["feature_robustness"]["extracted_this_run"].value == 0
+        assert meta2["robust_feature_set"]["changed"].value is False
+        # the first run's clusters fill the vectors' cluster column once; the content is otherwise equal
+        assert meta2["lesion_vectors"]["dagster/row_count"].value == n_lesions
+        assert meta2["lesion_vectors"]["table_version"].value >= version
+
+
+@pytest.mark.slow
+def test_cohort_discovery_job_writes_the_cohort(small_cohort, tmp_path):
+    from imaging_assets.defs.reproducibility import RobustnessConfig
+    from imaging_assets.defs.resources import OutcomeSourcesResource
+    from imaging_assets.defs.vectors import CohortConfig
+
+    defs = _defs()
+    warehouse = WarehouseResource(root=str(tmp_path / "wh"))
+    resources = {
+        "warehouse": warehouse,
+        "dicom_sources": DicomSourcesResource(roots=[str(small_cohort.dicom_dir)], workers=2),
+        "outcome_sources": OutcomeSourcesResource(path=str(small_cohort.outcomes_csv)),
+    }
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(
+            list(defs.assets), instance=instance, resources=resources,
+            run_config=dg.RunConfig(ops={"feature_robustness": RobustnessConfig(n_perturbations=3)}),
+        ).success
+        con = duckdb.connect(warehouse.database, read_only=True)
+        lid = con.execute("SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1 LIMIT 1").fetchone()[0]
+        con.close()
+        job = defs.resolve_job_def("cohort_discovery")
+        result = job.execute_in_process(
+            instance=instance, resources=resources,
+            run_config=dg.RunConfig(ops={"find_cohort": CohortConfig(name="first", reference_lesion_id=lid, k=3,
+                                                                      modality=["CT"])}),
+        )
+        assert result.success
+    con = duckdb.connect(warehouse.database, read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM cohort_first").fetchone()[0] == 3
+        assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'cohort'").fetchone()[0] == 1
+    finally:
+        con.close()

@@ -227,6 +227,22 @@ def test_cluster_column_owned_by_clustering(tmp_path: Path) -> None:
     assert clusters[0] is None and clusters[1:] == (np.arange(1, 50) % 3).tolist()
 
 
+def test_update_clusters_rewrites_only_changed_rows(tmp_path: Path) -> None:
+    uri = tmp_path / "lance"
+    base = cohort(60)
+    sync_vectors(uri, base, DIM)
+    ids = base["lesion_id"].to_pylist()
+    rep = V.update_clusters(uri, {i: n % 4 for n, i in enumerate(ids[:40])} | {"ghost": 1})
+    assert (rep.updated, rep.inserted, rep.deleted, rep.unchanged) == (40, 0, 0, 20)
+    got = stored(uri)
+    assert got["cluster"].to_pylist() == [n % 4 for n in range(40)] + [None] * 20
+    np.testing.assert_array_equal(matrix(got), matrix(base))  # vectors untouched
+    again = V.update_clusters(uri, {i: n % 4 for n, i in enumerate(ids[:40])})
+    assert again.version == rep.version and again.updated == 0
+    hits = find_similar(uri, ids[0], k=60, filters={"cluster": [1, 2]})
+    assert hits and {h["cluster"] for h in hits} == {1, 2}
+
+
 def test_dimension_change_rewrites_table(tmp_path: Path) -> None:
     uri = tmp_path / "lance"
     sync_vectors(uri, cohort(40), DIM)
@@ -383,6 +399,10 @@ def test_time_travel_returns_old_neighbours(tmp_path: Path) -> None:
     assert [h["lesion_id"] for h in find_similar(uri, query_id, k=5)] == moved
     assert [h["lesion_id"] for h in find_similar(uri, query_id, k=5, version=v1)] == before
     assert set(before).isdisjoint(moved)
+    with pytest.raises(ValueError, match="version 9999 .* not available"):
+        find_similar(uri, query_id, version=9999)
+    # the DuckDB side can read the old version too
+    assert V.lance_dataset(uri, version=v1).count_rows() == 400
 
 
 # -------------------------------------------------------------------------------------------- ANN policy
@@ -429,7 +449,9 @@ def test_ann_index_dropped_below_threshold(tmp_path: Path) -> None:
 
 
 def test_ivf_pq_params() -> None:
-    assert V.ivf_pq_params(1_000_000, 32) == {"num_partitions": 1000, "target_partition_size": 1000, "num_sub_vectors": 8}
+    assert V.ivf_pq_params(1_000_000, 32) == {
+        "num_partitions": 1000, "target_partition_size": 1000, "num_sub_vectors": 8
+    }
     assert V.ivf_pq_params(5000, 32)["num_partitions"] == 19  # at least 256 rows per partition
     assert V.ivf_pq_params(200_000, 30)["num_sub_vectors"] in (6, 10)
     assert V.ivf_pq_params(100, 7) == {"num_partitions": 1, "target_partition_size": 256, "num_sub_vectors": 1}
