@@ -211,3 +211,40 @@ def test_cohort_discovery_job_writes_the_cohort(small_cohort, tmp_path):
         assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'cohort'").fetchone()[0] == 1
     finally:
         con.close()
+
+
+def test_outcomes_sensor_reads_duckdb_state_and_folder(tmp_path):
+    from imaging_assets.defs.outcomes import outcomes_sensor
+    from imaging_assets.defs.resources import OutcomeSourcesResource
+    from imaging_assets.store.outcomes import load_outcomes
+
+    folder = tmp_path / "outcomes"
+    folder.mkdir()
+    csv = folder / "a.csv"
+    csv.write_text("patient_id,time_months,event,age,sex,stage\nP1,10,1,60,M,II\nP2,5,0,70,F,III\n")
+    warehouse = WarehouseResource(root=str(tmp_path / "wh"))
+    load_outcomes(warehouse.database, folder)
+    resources = {"warehouse": warehouse, "outcome_sources": OutcomeSourcesResource(path=str(folder))}
+    with dg.instance_for_test() as instance:
+        first = outcomes_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+        assert isinstance(first, dg.RunRequest) and first.run_key.startswith("outcomes-")
+        ctx = dg.build_sensor_context(instance=instance, resources=resources)
+        outcomes_sensor(ctx)
+        cursor = ctx.cursor
+        quiet = outcomes_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
+        assert isinstance(quiet, dg.SkipReason)
+        # a new file in the folder wakes it up; loading it changes the DuckDB state: another run key
+        (folder / "b.csv").write_text("patient_id,time_months,event\nP3,7,1\n")
+        woke = outcomes_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
+        assert isinstance(woke, dg.RunRequest)
+        load_outcomes(warehouse.database, folder)
+        after = outcomes_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
+        assert isinstance(after, dg.RunRequest) and after.run_key != woke.run_key
+
+
+def test_automation_reruns_clusters_when_vectors_change():
+    defs = _defs()
+    graph = defs.get_repository_def().asset_graph
+    for key in ("phenotype_clusters", "cluster_outcomes"):
+        assert graph.get(dg.AssetKey(key)).automation_condition is not None
+    assert dg.AssetKey("lesion_vectors") in graph.get(dg.AssetKey("phenotype_clusters")).parent_keys
