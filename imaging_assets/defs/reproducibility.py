@@ -131,7 +131,7 @@ def radiomics_expectations(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     outcomes = validate_features(wide, robust=robust or None, expected_features=expected)
     failed = [o for o in outcomes if not o.success]
     rows = [{"expectation": o.expectation, "column": o.column, "unexpected": o.observed,
-             "lesions": ", ".join(o.failing_lesions[:5])} for o in failed]
+             "lesions": ", ".join(o.failing_lesions[:5]), "detail": o.detail or ""} for o in failed]
     return dg.AssetCheckResult(
         passed=not failed and len(wide) == n_extractable,
         metadata={
@@ -141,7 +141,7 @@ def radiomics_expectations(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "lesions_with_provenance": int(n_extractable),
             "expected_features_per_lesion": int(expected),
             "robust_features_checked_finite": len(robust) if robust else "all",
-            "failures": dg.MetadataValue.md(md_table(rows, ["expectation", "column", "unexpected", "lesions"])),
+            "failures": dg.MetadataValue.md(md_table(rows, ["expectation", "column", "unexpected", "lesions", "detail"])),
             "reason": "bad rows would poison the vectors: blocking",
         },
     )

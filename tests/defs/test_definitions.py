@@ -139,7 +139,14 @@ def test_whole_graph_materializes_with_checks(small_cohort, tmp_path):
         "dicom_sources": DicomSourcesResource(roots=[str(small_cohort.dicom_dir)], workers=2),
         "outcome_sources": OutcomeSourcesResource(path=str(small_cohort.outcomes_csv)),
     }
-    run_config = dg.RunConfig(ops={"feature_robustness": RobustnessConfig(n_perturbations=3)})
+    from imaging_assets.defs.radiomics import LesionConfig, RadiomicsConfig
+
+    # one process per step: a 6-patient cohort is faster without pools (pools are tested elsewhere)
+    run_config = dg.RunConfig(ops={
+        "lesions": LesionConfig(workers=1),
+        "radiomics_features": RadiomicsConfig(workers=1),
+        "feature_robustness": RobustnessConfig(n_perturbations=3, workers=1),
+    })
     with dg.instance_for_test() as instance:
         result = dg.materialize(everything, instance=instance, resources=resources, run_config=run_config)
         assert result.success

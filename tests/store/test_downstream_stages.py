@@ -111,12 +111,17 @@ def test_ge_suite_passes_on_real_features_and_catches_planted_problems(chain):
     victim = bad.loc[0, "lesion_id"]
     bad.loc[0, "original_shape_Sphericity"] = 1.5
     bad.loc[1, chain["robust"]["features"][0]] = np.inf
+    entropy = next(c for c in bad.columns if c.endswith("Entropy"))
+    bad.loc[3, entropy] = -0.5
     bad = pd.concat([bad, bad.iloc[[2]]], ignore_index=True)
     failed = {(o.expectation, o.column): o for o in validate_features(bad, robust=chain["robust"]["features"],
                                                                         expected_features=n) if not o.success}
     assert victim in failed[("expect_column_values_to_be_between", "original_shape_Sphericity")].failing_lesions
-    assert ("expect_column_values_to_not_be_null", chain["robust"]["features"][0]) in failed
+    nonfinite = failed[("expect_column_values_to_be_between", "nonfinite_features")]
+    assert chain["robust"]["features"][0] in nonfinite.detail and bad.loc[1, "lesion_id"] in nonfinite.failing_lesions
     assert ("expect_column_values_to_be_unique", "lesion_id") in failed
+    neg = failed[("expect_column_values_to_be_between", "min_entropy")]
+    assert entropy in neg.detail and bad.loc[3, "lesion_id"] in neg.failing_lesions
 
 
 def test_vectors_are_standardised_idempotent_and_scaler_is_stored(chain):
