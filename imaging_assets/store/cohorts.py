@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from imaging_assets.store import audit
-from imaging_assets.store.warehouse import connect
+from imaging_assets.store.warehouse import connect, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -123,18 +123,15 @@ def discover_cohort(database: str | Path, lance_uri: str, name: str, reference_l
         if "patient_outcomes" in tables and "patient_key" in df.columns:
             select += ", o.time_months, o.event, o.stage"
             joins += " LEFT JOIN patient_outcomes o ON o.patient_key = c.patient_key"
-        con.execute("BEGIN TRANSACTION")
         try:
-            con.execute(f"CREATE OR REPLACE TABLE {table} AS {select} FROM _cohort c{joins} ORDER BY c.rank")
-            fs = fs_version or (df["feature_set_version"].iloc[0] if "feature_set_version" in df and len(df) else None)
-            con.execute("DELETE FROM cohorts WHERE name = ?", [name])
-            con.execute("INSERT INTO cohorts VALUES (?, ?, now()::TIMESTAMP, ?, ?, ?, ?, ?, NULL)",
-                        [name, table, audit.current_user(), json.dumps(query, sort_keys=True), lance_version,
-                         fs, len(df)])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            with transaction(con):
+                con.execute(f"CREATE OR REPLACE TABLE {table} AS {select} FROM _cohort c{joins} ORDER BY c.rank")
+                fs = fs_version or (df["feature_set_version"].iloc[0] if "feature_set_version" in df and len(df)
+                                    else None)
+                con.execute("DELETE FROM cohorts WHERE name = ?", [name])
+                con.execute("INSERT INTO cohorts VALUES (?, ?, now()::TIMESTAMP, ?, ?, ?, ?, ?, NULL)",
+                            [name, table, audit.current_user(), json.dumps(query, sort_keys=True), lance_version,
+                             fs, len(df)])
         finally:
             con.unregister("_cohort")
         last = con.execute("SELECT id FROM audit_log WHERE action = 'cohort' ORDER BY logged_at DESC LIMIT 1").fetchone()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from imaging_assets.store.robustness import current_robust_set, ensure_robustness_schema, feature_matrix
-from imaging_assets.store.warehouse import connect, table_rows
+from imaging_assets.store.warehouse import connect, table_rows, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +96,11 @@ def build_lesion_vectors(database: str | Path, lance_uri: str, exact_threshold: 
         })
     with connect(database) as con:
         con.execute(_SCALER_SQL)
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute("DELETE FROM vector_scalers WHERE feature_set_version = ?", [version])
             con.execute("INSERT INTO vector_scalers VALUES (?, ?, ?, ?, ?, now()::TIMESTAMP)",
                         [version, list(features), [float(x) for x in scaler.mean], [float(x) for x in scaler.std],
                          len(ids)])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     report = sync_vectors(lance_uri, rows, dim=len(features), exact_threshold=exact_threshold)
     return {
         "feature_set_version": version,

@@ -25,7 +25,7 @@ from imaging_assets.dicom.records import (
     LESION_FIELDS,
     PROVENANCE_FIELDS,
 )
-from imaging_assets.store.warehouse import connect, ensure_schema, insert_rows, table_rows
+from imaging_assets.store.warehouse import connect, ensure_schema, insert_rows, table_rows, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +78,10 @@ def rebuild_lesions(
         stale = [r[0] for r in con.execute(
             "SELECT DISTINCT lesion_id FROM radiomics_provenance UNION SELECT lesion_id FROM radiomics_errors"
         ).fetchall() if r[0] not in keep]
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute("DELETE FROM lesions")
             insert_rows(con, "lesions", rows, LESION_FIELDS, {})
             _delete_for(con, _DERIVED, stale)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     problems = [r for r in rows if r["status"] != "ok"]
     return {
         "lesions": len(rows),
@@ -130,16 +125,11 @@ def write_outcomes(con: duckdb.DuckDBPyConnection, outcomes: Sequence[Any], fing
             errs.append({"lesion_id": o.lesion_id, "params_hash": o.params_hash, "source_fingerprint": fp,
                          "message": o.error})
     stamp = {"created_at": "now()::TIMESTAMP"}
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         _delete_for(con, _DERIVED, [o.lesion_id for o in outcomes])
         insert_rows(con, "radiomics_features", feats, FEATURE_FIELDS, {})
         insert_rows(con, "radiomics_provenance", prov, PROVENANCE_FIELDS, stamp)
         insert_rows(con, "radiomics_errors", errs, EXTRACTION_ERROR_FIELDS, stamp)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def refresh_wide_view(con: duckdb.DuckDBPyConnection) -> int:

@@ -65,7 +65,7 @@ import duckdb
 import pyarrow as pa
 
 from imaging_assets.dicom.pseudonym import patient_key
-from imaging_assets.store.warehouse import arrow_table, connect, fetch_dicts
+from imaging_assets.store.warehouse import arrow_table, connect, fetch_dicts, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -389,8 +389,7 @@ def _apply_file(con: duckdb.DuckDBPyConnection, source: str, file_row: dict[str,
                 now: datetime) -> dict[str, int]:
     """Write one file's outcome in one transaction; ``rows`` None means the file failed to parse."""
     counts = {"inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0}
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         if rows is not None:
             stored = con.execute(
                 f"SELECT patient_key, time_months, event, age, sex, stage FROM {OUTCOMES_TABLE} "
@@ -435,10 +434,6 @@ def _apply_file(con: duckdb.DuckDBPyConnection, source: str, file_row: dict[str,
         cols = ", ".join(f'"{c}"' for c in FILE_COLUMNS)
         con.execute(f"INSERT INTO {FILES_TABLE} ({cols}) SELECT {cols} FROM _file")
         con.unregister("_file")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return counts
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from imaging_assets.store.warehouse import connect
+from imaging_assets.store.warehouse import connect, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +87,9 @@ def build_clusters(
     })
     clusters["computed_at"] = pd.Timestamp.now(tz="UTC").tz_localize(None)
     with connect(database) as con:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             _replace(con, "phenotype_clusters", clusters)
             _replace(con, "cluster_profiles", profile)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     png = None
     if png_path is not None:
         png = projection_png(vectors.astype(float), result.labels, Path(png_path),
@@ -132,16 +127,11 @@ def analyse_cluster_outcomes(
     result = analyse_survival(patients, covariates=list(covariates), png_path=png_path)
     rows = result.as_rows()
     with connect(database) as con:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             _replace(con, "cluster_survival", rows["cluster_survival"])
             _replace(con, "cluster_cox", rows["cluster_cox"])
             _replace(con, "cluster_logrank", rows["cluster_logrank"])
             _replace(con, "cluster_patients", patients)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     return {
         "per_cluster": result.per_cluster, "logrank": result.logrank, "cox": result.cox,
         "notes": list(getattr(result, "notes", []) or []) + ([result.cox_note] if result.cox_note else []),

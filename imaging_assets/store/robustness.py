@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from imaging_assets.store.warehouse import connect, ensure_schema, table_rows
+from imaging_assets.store.warehouse import connect, ensure_schema, table_rows, transaction
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -176,8 +176,7 @@ def compute_robustness(
             else:
                 errs.append({**key, "message": o.error})
         with connect(database) as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
+            with transaction(con):
                 ids = pa.table({"lesion_id": [lid for lid, _ in keys], "perturbation": [int(k) for _, k in keys]})
                 con.register("_done", ids)
                 for t in ("perturbation_features", "perturbation_errors"):
@@ -194,10 +193,6 @@ def compute_robustness(
                     con.execute("INSERT INTO perturbation_errors SELECT lesion_id, perturbation, spec_hash, "
                                 "params_hash, source_fingerprint, message FROM _e")
                     con.unregister("_e")
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
         buffer.clear()
 
     for outcome in extract_many(jobs, workers=workers, progress=progress):
@@ -240,8 +235,7 @@ def compute_robustness(
             dist = float(np.linalg.norm(np.subtract(ca, cb))) if ca and cb else None
             pair_rows.append({"lesion_a": la, "lesion_b": lb, "distance_mm": dist})
     with connect(database) as con:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute("DELETE FROM feature_robustness")
             if rows:
                 con.register("_r", pa.Table.from_pylist(rows))
@@ -254,10 +248,6 @@ def compute_robustness(
                     [("lesion_a", pa.string()), ("lesion_b", pa.string()), ("distance_mm", pa.float64())])))
                 con.execute("INSERT INTO test_retest_pairs SELECT * FROM _p")
                 con.unregister("_p")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     perturb_rows = [r for r in rows if r["analysis"] == "perturbation"]
     return {
         "sampled": len(sample),
@@ -337,8 +327,7 @@ def select_robust_set(database: str | Path, threshold: float = 0.75, rho: float 
     previous = prev[0] if prev else None
     changed = version != previous
     with connect(database) as con:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             if not con.execute("SELECT count(*) FROM robust_feature_sets WHERE version = ?", [version]).fetchone()[0]:
                 con.execute("INSERT INTO robust_feature_sets VALUES (?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
                             [version, kept, len(kept), threshold, rho, len(candidates)])
@@ -348,10 +337,6 @@ def select_robust_set(database: str | Path, threshold: float = 0.75, rho: float 
             for d in dropped:
                 con.execute("INSERT INTO robust_feature_pruned VALUES (?, ?, ?)",
                             [d["feature"], d["correlated_with"], float(d["rho"])])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         history = con.execute("SELECT version, activated_at FROM robust_feature_set_history "
                               "ORDER BY activated_at DESC LIMIT 10").fetchall()
     return {

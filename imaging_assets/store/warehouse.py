@@ -103,6 +103,18 @@ def connect(
         con.close()
 
 
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``BEGIN`` ... ``COMMIT``, or ``ROLLBACK`` on any exception (also KeyboardInterrupt): all or nothing."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create the catalog tables when missing (idempotent)."""
     for name, (fields, extra, key) in TABLES.items():
@@ -165,8 +177,7 @@ def apply_crawl(
     removed = sorted(set(removed))
     touched = [r["path"] for r in records] + [q["path"] for q in quarantined]
     now_sql = {"status": "'active'", "updated_at": "now()::TIMESTAMP", "removed_at": "NULL"}
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         if touched:
             paths = pa.table({"path": pa.array(touched, pa.string())})
             con.register("_touched", paths)
@@ -184,10 +195,6 @@ def apply_crawl(
                     "WHERE status = 'active' AND path IN (SELECT path FROM _gone)"
                 )
             con.unregister("_gone")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return {"upserted": len(records), "quarantined": len(quarantined), "removed": len(removed)}
 
 
@@ -195,14 +202,9 @@ def replace_table(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Map
     """Atomically replace the content of a derived table (``imaging_series``, ``segmentations``)."""
     fields, extra, _ = TABLES[table]
     ensure_schema(con)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(f"DELETE FROM {table}")
         insert_rows(con, table, rows, fields, {})
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return len(rows)
 
 
