@@ -189,7 +189,9 @@ def _cmd_similar(args: argparse.Namespace) -> int:
             vector, _ = query_vector(db, args.image, args.mask, segment=args.segment)
         t0 = time.perf_counter()
         rows = search(db, _lance_uri(args), lesion_id=args.lesion_id, vector=vector, k=args.k,
-                      filters=filters, version=args.version)
+                      filters=filters, version=args.version,
+                      extra_params={"image": args.image, "mask": args.mask, "segment": args.segment}
+                      if vector is not None else None)
         ms = (time.perf_counter() - t0) * 1000
     except (ValueError, KeyError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -245,6 +245,20 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
+def printable_path(path: str) -> str:
+    """``path`` itself when it is valid UTF-8; else the same name with undecodable bytes as ``\\xNN``.
+
+    File names are bytes on POSIX; Python decodes undecodable ones with surrogate escapes, which neither
+    Arrow nor DuckDB can store. The escaped form is stable across runs, so such a file is quarantined
+    once, not again on every crawl.
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def crawl(
     roots: Sequence[str | Path] | str | Path,
     known: Mapping[str, tuple[int, int]] | None = None,
@@ -290,11 +304,12 @@ def crawl(
     seen_paths: set[str] = set()
     dir_errors: list[dict] = []
 
-    def on_error(path: str, message: str) -> None:
+    def on_error(raw_path: str, message: str) -> None:
+        path = printable_path(raw_path)
         logger.warning("crawl: %s: %s", path, message)
         seen_paths.add(path)
         try:
-            st = os.lstat(path)
+            st = os.lstat(raw_path)
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
             size, mtime = 0, 0
@@ -314,9 +329,15 @@ def crawl(
         for entry in iter_files(root_list, on_error=on_error):
             path, size, mtime_ns = entry
             result.seen += 1
-            seen_paths.add(path)
-            if known.get(path) == (size, mtime_ns):
-                result.unchanged.append(path)
+            safe = printable_path(path)
+            seen_paths.add(safe)
+            if known.get(safe) == (size, mtime_ns):
+                result.unchanged.append(safe)
+                continue
+            if safe != path:  # the catalog and DuckDB hold UTF-8 text: quarantine under an escaped name
+                result.quarantined.append(quarantine_record(
+                    safe, size, mtime_ns, "unreadable",
+                    "file name is not valid UTF-8 (undecodable bytes shown as \\x..); rename the file to catalog it"))
                 continue
             pending.append(entry)
             if n_workers > 1 and pool is None and len(pending) >= IN_PROCESS_THRESHOLD:

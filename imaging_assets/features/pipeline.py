@@ -144,7 +144,7 @@ def lesion_rows(
         prev_by_seg.setdefault(r["seg_key"], []).append(r)
     rows: list[dict[str, Any]] = []
     todo: list[tuple[dict, dict, LesionOptions]] = []
-    for seg in segmentation_rows:
+    for seg in sorted(segmentation_rows, key=lambda r: r.get("path") or ""):
         series = series_by_key.get(seg.get("linked_series_key") or "")
         if series is None:
             continue
@@ -167,8 +167,20 @@ def lesion_rows(
                 rows.extend(result)
                 if progress:
                     progress(i, len(todo))
-    rows.sort(key=lambda r: r["lesion_id"])
-    return rows, len(todo)
+    return _one_row_per_lesion(rows, {s["seg_key"]: s.get("path") or "" for s in segmentation_rows}), len(todo)
+
+
+def _one_row_per_lesion(rows: list[dict[str, Any]], seg_paths: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Copies of one SEG/RTSTRUCT instance (same SOPInstanceUID, e.g. exported twice) give the same lesion
+    ids: keep one row per lesion, a decodable one first, then the copy with the first path."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: (r["status"] not in ("ok", "series_flagged"), seg_paths.get(r["seg_key"], ""))):
+        if r["lesion_id"] in best:
+            logger.warning("lesion %s: %s is another copy of %s; counted once", r["lesion_id"],
+                           seg_paths.get(r["seg_key"]), seg_paths.get(best[r["lesion_id"]]["seg_key"]))
+            continue
+        best[r["lesion_id"]] = r
+    return sorted(best.values(), key=lambda r: r["lesion_id"])
 
 
 # ------------------------------------------------------------------------------------------- extraction

@@ -41,7 +41,7 @@ def record(database: str | Path, action: str, query: str, params: dict[str, Any]
     with connect(database) as con:
         con.execute(AUDIT_DDL)
         con.execute(
-            "INSERT INTO audit_log VALUES (?, now()::TIMESTAMP, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO audit_log VALUES (?, (now() AT TIME ZONE 'UTC'), ?, ?, ?, ?, ?, ?, ?)",
             [audit_id, user or current_user(), action, query, json.dumps(params or {}, default=str, sort_keys=True),
              json.dumps(table_versions or {}, default=str, sort_keys=True), n_rows, status],
         )

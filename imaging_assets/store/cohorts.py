@@ -67,13 +67,26 @@ def search(database: str | Path, lance_uri: str, lesion_id: str | None = None, v
     """
     from imaging_assets.store.vectors import find_similar, table_version
 
+    import hashlib
+
+    from imaging_assets.store.robustness import current_robust_set
+
     if (lesion_id is None) == (vector is None):
         raise ValueError("give either a lesion_id or a vector")
-    params = {"lesion_id": lesion_id, "k": k, "filters": filters or {}, "version": version, **(extra_params or {})}
-    versions = {"lesion_vectors": version if version is not None else table_version(lance_uri)}
+    params: dict[str, Any] = {"lesion_id": lesion_id, "k": k, "filters": filters or {}, "version": version,
+                              **(extra_params or {})}
+    if vector is not None:
+        vec = np.asarray(vector, np.float32)
+        params["vector_sha1"] = hashlib.sha1(vec.tobytes()).hexdigest()
+        params["vector"] = [round(float(x), 6) for x in vec]
+    # pin the table version first: the audit names exactly the version that was searched
+    pinned = version if version is not None else table_version(lance_uri)
+    with connect(database, read_only=True) as con:
+        fs_version, _ = current_robust_set(con)
+    versions = {"lesion_vectors": pinned, "robust_feature_set": fs_version}
     try:
         rows = find_similar(lance_uri, lesion_id if lesion_id is not None else np.asarray(vector, np.float32),
-                            k=k, filters=filters or None, version=version)
+                            k=k, filters=filters or None, version=pinned)
     except Exception as exc:
         audit.record(database, action, "find_similar", params, versions, 0, status=f"error: {exc}")
         raise
@@ -129,7 +142,7 @@ def discover_cohort(database: str | Path, lance_uri: str, name: str, reference_l
                 fs = fs_version or (df["feature_set_version"].iloc[0] if "feature_set_version" in df and len(df)
                                     else None)
                 con.execute("DELETE FROM cohorts WHERE name = ?", [name])
-                con.execute("INSERT INTO cohorts VALUES (?, ?, now()::TIMESTAMP, ?, ?, ?, ?, ?, NULL)",
+                con.execute("INSERT INTO cohorts VALUES (?, ?, (now() AT TIME ZONE 'UTC'), ?, ?, ?, ?, ?, NULL)",
                             [name, table, audit.current_user(), json.dumps(query, sort_keys=True), lance_version,
                              fs, len(df)])
         finally:

@@ -98,7 +98,7 @@ def build_lesion_vectors(database: str | Path, lance_uri: str, exact_threshold: 
         con.execute(_SCALER_SQL)
         with transaction(con):
             con.execute("DELETE FROM vector_scalers WHERE feature_set_version = ?", [version])
-            con.execute("INSERT INTO vector_scalers VALUES (?, ?, ?, ?, ?, now()::TIMESTAMP)",
+            con.execute("INSERT INTO vector_scalers VALUES (?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'))",
                         [version, list(features), [float(x) for x in scaler.mean], [float(x) for x in scaler.std],
                          len(ids)])
     report = sync_vectors(lance_uri, rows, dim=len(features), exact_threshold=exact_threshold)

@@ -124,7 +124,7 @@ def write_outcomes(con: duckdb.DuckDBPyConnection, outcomes: Sequence[Any], fing
         else:
             errs.append({"lesion_id": o.lesion_id, "params_hash": o.params_hash, "source_fingerprint": fp,
                          "message": o.error})
-    stamp = {"created_at": "now()::TIMESTAMP"}
+    stamp = {"created_at": "(now() AT TIME ZONE 'UTC')"}
     with transaction(con):
         _delete_for(con, _DERIVED, [o.lesion_id for o in outcomes])
         insert_rows(con, "radiomics_features", feats, FEATURE_FIELDS, {})

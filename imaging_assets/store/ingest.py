@@ -7,6 +7,7 @@ dict that the Dagster layer turns into metadata. No Dagster here.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from imaging_assets.store.warehouse import (
     known_files,
     replace_table,
     table_rows,
+    unreadable_paths,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,14 @@ def refresh_catalog(
         logger.warning("DICOM root %s does not exist; nothing crawled there", r)
     with connect(database) as con:
         known = known_files(con)
+        retried = unreadable_paths(con)
     result = crawl(existing, known=known, secret=pseudonym_secret(secret), workers=workers)
+    # unreadable rows are not in `known` (so they are retried); those that vanished are removed here
+    seen = set(result.unchanged) | {r["path"] for r in result.records} | {q["path"] for q in result.quarantined}
+    roots_abs = [os.path.abspath(r) for r in existing]
+    vanished = [p for p in retried if p not in seen
+                and any(p == r or p.startswith(os.path.join(r, "")) for r in roots_abs)]
+    result.removed = sorted(set(result.removed) | set(vanished))
     with connect(database) as con:
         apply_crawl(con, result.records, result.quarantined, result.removed)
         catalogued = con.execute("SELECT count(*) FROM dicom_files WHERE status = 'active'").fetchone()[0]

@@ -90,6 +90,10 @@ def build_clusters(
         with transaction(con):
             _replace(con, "phenotype_clusters", clusters)
             _replace(con, "cluster_profiles", profile)
+    # the Lance table's `cluster` column too, so `similar --filter cluster=...` works at once
+    from imaging_assets.store.vectors import update_clusters
+
+    update_clusters(lance_uri, dict(zip(ids, (int(c) for c in result.labels))))
     png = None
     if png_path is not None:
         png = projection_png(vectors.astype(float), result.labels, Path(png_path),

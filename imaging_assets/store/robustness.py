@@ -240,7 +240,7 @@ def compute_robustness(
             if rows:
                 con.register("_r", pa.Table.from_pylist(rows))
                 con.execute("INSERT INTO feature_robustness SELECT feature, image_type, feature_class, analysis, "
-                            "icc, ci_low, ci_high, n_targets, k_raters, now()::TIMESTAMP FROM _r")
+                            "icc, ci_low, ci_high, n_targets, k_raters, (now() AT TIME ZONE 'UTC') FROM _r")
                 con.unregister("_r")
             con.execute("DELETE FROM test_retest_pairs")
             if pair_rows:
@@ -329,10 +329,10 @@ def select_robust_set(database: str | Path, threshold: float = 0.75, rho: float 
     with connect(database) as con:
         with transaction(con):
             if not con.execute("SELECT count(*) FROM robust_feature_sets WHERE version = ?", [version]).fetchone()[0]:
-                con.execute("INSERT INTO robust_feature_sets VALUES (?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
+                con.execute("INSERT INTO robust_feature_sets VALUES (?, ?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'))",
                             [version, kept, len(kept), threshold, rho, len(candidates)])
             if changed:
-                con.execute("INSERT INTO robust_feature_set_history VALUES (?, now()::TIMESTAMP)", [version])
+                con.execute("INSERT INTO robust_feature_set_history VALUES (?, (now() AT TIME ZONE 'UTC'))", [version])
             con.execute("DELETE FROM robust_feature_pruned")
             for d in dropped:
                 con.execute("INSERT INTO robust_feature_pruned VALUES (?, ?, ?)",

@@ -45,7 +45,7 @@ def check_read_only(sql: str) -> None:
 
 def run_sql(database: str | Path, sql: str, lance_uri: str | None = None, limit: int | None = None) -> Any:
     """Run a read-only query and return a pandas DataFrame; audited (also when refused or failing)."""
-    from imaging_assets.store.vectors import register_duckdb_views, table_version
+    from imaging_assets.store.vectors import VECTOR_TABLE, register_duckdb_views, table_version
 
     versions: dict[str, Any] = {}
     try:
@@ -56,9 +56,11 @@ def run_sql(database: str | Path, sql: str, lance_uri: str | None = None, limit:
     try:
         with connect(database, read_only=True) as con:
             if lance_uri:
-                try:
-                    views = register_duckdb_views(con, lance_uri)
-                    versions = {v: table_version(lance_uri, v) for v in views}
+                try:  # pin the version first, so the audit names exactly what the query read
+                    pinned = {VECTOR_TABLE: table_version(lance_uri, VECTOR_TABLE)}
+                    if pinned[VECTOR_TABLE] is not None:
+                        register_duckdb_views(con, lance_uri, [VECTOR_TABLE], versions=pinned)
+                        versions = pinned
                 except Exception:  # noqa: BLE001 - no Lance tables yet
                     versions = {}
             con.execute("SET enable_external_access = false")

@@ -1236,6 +1236,7 @@ def register_duckdb_views(
     con: duckdb.DuckDBPyConnection,
     uri: str | os.PathLike[str],
     table_names: Sequence[str] = (VECTOR_TABLE,),
+    versions: Mapping[str, int | None] | None = None,
 ) -> list[str]:
     """Make Lance tables queryable from DuckDB SQL as views of the same name.
 
@@ -1243,6 +1244,8 @@ def register_duckdb_views(
     it lazily at query time, pushing projections and filters down, without copying the table (no
     ``lance`` extension needed). The view sees the version current at registration; call again after a
     write to see the new version. The ``vector`` column reads as ``FLOAT[dim]``.
+
+    ``versions`` pins tables to given versions (e.g. the version an audit row records).
 
     Returns
     -------
@@ -1253,6 +1256,6 @@ def register_duckdb_views(
     for name in table_names:
         if not name.replace("_", "").isalnum():
             raise ValueError(f"table name {name!r} is not a plain identifier")
-        con.register(name, lance_dataset(uri, name))
+        con.register(name, lance_dataset(uri, name, (versions or {}).get(name)))
         names.append(name)
     return names

@@ -143,17 +143,33 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mappi
         select = [f'CAST("{c}" AS {t})' for c, t in fields.items()] + list(extra_sql.values())
         con.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(select)} FROM _incoming")
     finally:
-        con.unregister("_incoming")
+        try:
+            con.unregister("_incoming")
+        except duckdb.Error:  # the transaction is already aborted: keep the original error visible
+            pass
 
 
 def known_files(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[int, int]]:
-    """``path -> (size, mtime_ns)`` of every active catalogued or quarantined file."""
+    """``path -> (size, mtime_ns)`` of every active catalogued or quarantined file.
+
+    Files quarantined as ``unreadable`` are left out, so every crawl tries them again: a permission fix
+    (chmod/chown) changes neither size nor mtime. :func:`apply_crawl` leaves their rows untouched while
+    the outcome stays the same.
+    """
     ensure_schema(con)
     rows = con.execute(
         "SELECT path, size, mtime_ns FROM dicom_files WHERE status = 'active' "
-        "UNION ALL SELECT path, size, mtime_ns FROM dicom_quarantine WHERE status = 'active'"
+        "UNION ALL SELECT path, size, mtime_ns FROM dicom_quarantine WHERE status = 'active' "
+        "AND reason <> 'unreadable'"
     ).fetchall()
     return {p: (int(s), int(m)) for p, s, m in rows}
+
+
+def unreadable_paths(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Active quarantine rows with reason ``unreadable`` (retried on every crawl, see :func:`known_files`)."""
+    ensure_schema(con)
+    return [r[0] for r in con.execute(
+        "SELECT path FROM dicom_quarantine WHERE status = 'active' AND reason = 'unreadable'").fetchall()]
 
 
 def apply_crawl(
@@ -175,8 +191,14 @@ def apply_crawl(
     """
     ensure_schema(con)
     removed = sorted(set(removed))
+    if quarantined:  # a quarantine row that would be rewritten identically is left alone (no-op reruns)
+        same = {tuple(r) for r in con.execute(
+            "SELECT path, size, mtime_ns, reason, message FROM dicom_quarantine WHERE status = 'active' "
+            "AND list_contains(?, path)", [[q["path"] for q in quarantined]]).fetchall()}
+        quarantined = [q for q in quarantined
+                       if (q["path"], q["size"], q["mtime_ns"], q["reason"], q["message"]) not in same]
     touched = [r["path"] for r in records] + [q["path"] for q in quarantined]
-    now_sql = {"status": "'active'", "updated_at": "now()::TIMESTAMP", "removed_at": "NULL"}
+    now_sql = {"status": "'active'", "updated_at": "(now() AT TIME ZONE 'UTC')", "removed_at": "NULL"}
     with transaction(con):
         if touched:
             paths = pa.table({"path": pa.array(touched, pa.string())})
@@ -191,7 +213,7 @@ def apply_crawl(
             con.register("_gone", gone)
             for table in ("dicom_files", "dicom_quarantine"):
                 con.execute(
-                    f"UPDATE {table} SET status = 'removed', removed_at = now()::TIMESTAMP "
+                    f"UPDATE {table} SET status = 'removed', removed_at = (now() AT TIME ZONE 'UTC') "
                     "WHERE status = 'active' AND path IN (SELECT path FROM _gone)"
                 )
             con.unregister("_gone")

@@ -1,0 +1,223 @@
+"""Crash safety: SIGKILL the process (group) in the middle of extraction and of a vector-table write, rerun,
+and compare with a clean run.
+
+The chain runs in ``reliability_driver.py chain`` (a subprocess in its own session, with its process pool);
+kill points are chosen from the driver's own output lines, with seeded random delays:
+
+1. inside the write transaction of an extraction batch (the driver stops after inserting the batch's
+   features and before its provenance rows: the worst moment for "no partial lesion");
+2. a random delay after a worker finished a lesion (workers busy, a batch partly buffered);
+3. a random delay just after a batch committed (the next transaction may be running).
+
+The vector-table writes use ``sync_vectors`` directly with 50,000 synthetic rows (big enough to interrupt):
+during the first creation, between the ``merge_insert`` commit and the deletes, and at random moments of a
+re-sync.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import reliability_helpers as rh
+from reliability_driver import vector_set
+from reliability_helpers import DriverProcess
+
+pytestmark = pytest.mark.slow
+
+
+def _features(db: Path) -> dict[tuple, float]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {tuple(r[:4]): r[4] for r in con.execute(
+            "SELECT lesion_id, image_type, feature_class, feature, value FROM radiomics_features").fetchall()}
+    finally:
+        con.close()
+
+
+def _check_extraction_state(db: Path, clean: dict[tuple, float], full: int) -> set[str]:
+    """Whole lesions only: each lesion with features has all of them (the clean values, bit for bit), exactly
+    one provenance row saying so, and no duplicated feature rows. Returns the lesions with features."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        per = dict(con.execute("SELECT lesion_id, count(*) FROM radiomics_features GROUP BY 1").fetchall())
+        dups = con.execute("SELECT count(*) FROM (SELECT lesion_id, image_type, feature_class, feature "
+                           "FROM radiomics_features GROUP BY ALL HAVING count(*) > 1)").fetchone()[0]
+        prov = con.execute("SELECT lesion_id, n_features FROM radiomics_provenance").fetchall()
+        errors = con.execute("SELECT count(*) FROM radiomics_errors").fetchone()[0]
+    finally:
+        con.close()
+    assert dups == 0
+    partial = {lid: n for lid, n in per.items() if n != full}
+    assert not partial, f"lesions with a partial feature set (of {full}): {partial}"
+    assert len(prov) == len({p[0] for p in prov}), "duplicated provenance rows"
+    assert {p[0] for p in prov} == set(per), "provenance rows differ from the lesions with features"
+    assert all(n == full for _, n in prov)
+    assert errors == 0
+    got = _features(db)
+    assert set(got) <= set(clean)
+    assert all(got[k] == clean[k] for k in got), "a feature value differs from the clean run"
+    return set(per)
+
+
+def _flush_bounds(lines: list[str]) -> tuple[int, int]:
+    """(lesions in batches whose commit returned, lesions in batches whose write started)."""
+    begun = {int(p[1]): int(p[2]) for p in (ln.split() for ln in lines) if p[0] == "FLUSH_BEGIN"}
+    ended = {int(p[1]) for p in (ln.split() for ln in lines) if p[0] == "FLUSH_END"}
+    return sum(n for k, n in begun.items() if k in ended), sum(begun.values())
+
+
+def test_kill_during_extraction_then_rerun_equals_clean_run(clean_chain, tmp_path, driver_env):
+    rng = random.Random(20261126)
+    cohort = clean_chain["cohort"]
+    clean = _features(clean_chain["db"])
+    con = duckdb.connect(str(clean_chain["db"]), read_only=True)
+    full = con.execute("SELECT max(n_features) FROM radiomics_provenance").fetchone()[0]
+    n_lesions = con.execute("SELECT count(*) FROM lesions WHERE extractable").fetchone()[0]
+    con.close()
+    assert n_lesions >= 10 and full > 1000
+
+    wh = tmp_path / "wh"
+    db = wh / "warehouse.duckdb"
+    args = ["chain", "--warehouse", wh, "--dicom", cohort.dicom_dir, "--outcomes", cohort.outcomes_csv,
+            "--workers", 2, "--batch-size", 2]
+    plans = [
+        ("inside the write transaction of batch 2", ["--hang-in-flush", 2],
+         lambda ln: ln.startswith("IN_TXN"), 0.0),
+        ("a random delay after the first lesion of this run was extracted", [],
+         lambda ln: ln.startswith("PROGRESS 1 "), rng.uniform(0.0, 0.6)),
+        ("a random delay after the first batch of this run committed", [],
+         lambda ln: ln.startswith("FLUSH_END 1"), rng.uniform(0.0, 0.05)),
+    ]
+    done: set[str] = set()
+    for what, extra, trigger, delay in plans:
+        d = DriverProcess(args + extra, env=driver_env)
+        hit = d.wait_for(trigger, timeout=180)
+        assert hit is not None, f"driver ended before the kill point ({what}):\n{d.output()}"
+        time.sleep(delay)
+        d.kill()
+        assert "STEP feature_robustness" not in d.lines, f"kill ({what}) landed after extraction"
+        low, high = _flush_bounds(d.lines)
+        now = _check_extraction_state(db, clean, full)
+        new = now - done
+        assert now >= done, "lesions committed by an earlier run lost their features"
+        assert low <= len(new) <= high, (what, low, len(new), high)
+        if extra:  # killed inside batch 2: exactly batch 1 is there
+            assert len(new) == low == 2
+        done = now
+    assert 0 < len(done) < n_lesions
+
+    d = DriverProcess(args, env=driver_env)
+    assert d.finish(timeout=300) == 0, d.output()
+    assert "DONE" in d.lines
+    # whole lesions, no duplicates, every extractable lesion once, and everything equals the clean run
+    final = _check_extraction_state(db, clean, full)
+    assert len(final) == n_lesions and set(_features(db)) == set(clean)
+    assert rh.diff_hashes(rh.duckdb_table_hashes(db), clean_chain["duckdb_hashes"]) == {}
+    lance = rh.lance_table_hashes(wh / "lance")
+    assert lance["lesion_vectors"][0] == n_lesions
+    assert rh.diff_hashes(lance, clean_chain["lance_hashes"]) == {}
+
+
+# ------------------------------------------------------------------------------------------------ vectors
+
+N_VECTORS = 50_000
+DIM = 16
+
+
+def _by_id(table) -> dict[str, tuple]:
+    ids = table["lesion_id"].to_pylist()
+    vec = np.asarray(table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(-1, DIM)
+    vol = table["volume_mm3"].to_pylist()
+    return {i: (vec[k].tobytes(), vol[k]) for k, i in enumerate(ids)}
+
+
+def _lance_state(uri: Path):
+    """The current lesion_vectors table as an Arrow table, or None when no version was ever committed."""
+    import lancedb
+
+    db = lancedb.connect(str(uri))
+    names = rh.lance_table_names(uri)
+    if "lesion_vectors" not in names:
+        return None
+    return db.open_table("lesion_vectors").to_arrow()
+
+
+def _assert_rows_from(state, *sources: dict[str, tuple]) -> None:
+    """No duplicated ids and every row equal to that lesion's row in one of ``sources`` (no torn row)."""
+    ids = state["lesion_id"].to_pylist()
+    assert len(ids) == len(set(ids)), "duplicated lesion ids"
+    got = _by_id(state)
+    bad = [i for i, row in got.items() if not any(src.get(i) == row for src in sources)]
+    assert not bad, f"{len(bad)} rows equal to no written version, e.g. {bad[:3]}"
+
+
+def _assert_exactly(uri: Path, expected) -> None:
+    state = _lance_state(uri)
+    assert state is not None and state.num_rows == expected.num_rows
+    assert _by_id(state) == _by_id(expected)
+    s = state.sort_by("lesion_id")
+    e = expected.sort_by("lesion_id")
+    for col in ("lesion_id", "patient_key", "modality", "roi_name", "volume_mm3"):
+        assert s[col].to_pylist() == e[col].to_pylist(), col
+    assert set(s["cluster"].to_pylist()) == {None}
+
+
+def test_kill_during_vector_table_write_then_resync_is_exact(tmp_path, driver_env):
+    from imaging_assets.store.vectors import find_similar
+
+    rng = random.Random(7)
+    uri = tmp_path / "lance"
+    a, b = vector_set("A", N_VECTORS, DIM), vector_set("B", N_VECTORS, DIM)
+    rows_a, rows_b = _by_id(a), _by_id(b)
+    base = ["vectors", "--uri", uri, "--n", N_VECTORS, "--dim", DIM]
+    interrupted = 0
+
+    def kill_after(variant: str, extra: list, trigger, delay: float):
+        nonlocal interrupted
+        d = DriverProcess(base + ["--variant", variant] + extra, env=driver_env)
+        assert d.wait_for(trigger, timeout=120) is not None, d.output()
+        time.sleep(delay)
+        d.kill()
+        if not any(ln.startswith("SYNC_DONE") for ln in d.lines):
+            interrupted += 1
+
+    def complete(variant: str) -> str:
+        d = DriverProcess(base + ["--variant", variant], env=driver_env)
+        assert d.finish(timeout=180) == 0, d.output()
+        return next(ln for ln in d.lines if ln.startswith("SYNC_DONE"))
+
+    # 1. during the very first write (table creation, scalar indexes, optimize)
+    kill_after("A", [], lambda ln: ln == "SYNC_START", rng.uniform(0.2, 1.0))
+    state = _lance_state(uri)
+    if state is not None:
+        _assert_rows_from(state, rows_a)
+    complete("A")
+    _assert_exactly(uri, a)
+
+    # 2. between the merge_insert commit (updates + inserts) and the deletes
+    kill_after("B", ["--hang-before-delete"], lambda ln: ln.startswith("DELETING"), 0.0)
+    state = _lance_state(uri)
+    _assert_rows_from(state, rows_a, rows_b)
+    got = _by_id(state)
+    # the merge is one commit: every new or changed row of B is there, and nothing is deleted yet
+    assert set(got) == set(rows_a) | set(rows_b)
+    assert all(got[i] == row for i, row in rows_b.items())
+    assert all(got[i] == rows_a[i] for i in set(rows_a) - set(rows_b))
+    # 3./4. random moments of the re-syncs that follow (diff, deletes, verification, optimize, indexes)
+    for _ in range(2):
+        kill_after("B", [], lambda ln: ln == "SYNC_START", rng.uniform(0.05, 1.0))
+        _assert_rows_from(_lance_state(uri), rows_a, rows_b)
+    assert interrupted >= 3, f"only {interrupted} of 4 kills interrupted a sync"
+
+    complete("B")
+    _assert_exactly(uri, b)
+    # a second sync finds nothing to do, and search works on the result
+    again = complete("B")
+    assert '"inserted": 0, "updated": 0, "deleted": 0' in again
+    hits = find_similar(str(uri), "V000001", k=5)
+    assert len(hits) == 5 and all(h["lesion_id"] in rows_b and h["lesion_id"] != "V000001" for h in hits)

@@ -1,0 +1,308 @@
+"""PHI and governance.
+
+PHI: after the whole chain (plus a search, a cohort and SQL queries, so the audit and cohort tables exist), no
+column of any DuckDB table or view, and no column of any version of any Lance table, holds a PatientName (or
+one of its ^-parts of >= 4 characters), PatientBirthDate (as stored or as ISO date) or raw PatientID of the
+source files, nor a raw patient id of the outcomes CSV. The scanner is proven on planted leaks.
+
+Governance: every similar-case search, cohort and SQL query leaves exactly one ``audit_log`` row (time, user
+from ``IMAGING_ASSETS_USER``, query text and parameters, table versions, status); the SQL command refuses
+writes, ATTACH, COPY ... TO, INSTALL/LOAD and reading files (API and CLI: exit code 3 refused, 1 DuckDB error).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import reliability_helpers as rh
+
+from imaging_assets.store.cohorts import discover_cohort, search
+from imaging_assets.store.sql import QueryRefused, run_sql
+from imaging_assets.store.vectors import table_version
+
+pytestmark = pytest.mark.slow
+
+USER = "governance-tester"
+
+
+def _q(db: Path, sql: str, params=()) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+def _audit(db: Path) -> list[dict]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'audit_log'").fetchone()[0]:
+            return []
+        cur = con.execute("SELECT * FROM audit_log ORDER BY logged_at, id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+    finally:
+        con.close()
+
+
+def _new_rows(db: Path, before: list[dict]) -> list[dict]:
+    seen = {r["id"] for r in before}
+    return [r for r in _audit(db) if r["id"] not in seen]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _is_recent(stamp: datetime, start: datetime, end: datetime) -> bool:
+    """``stamp`` lies in [start, end] (UTC), or in the same window in local time: whether audit times are UTC
+    is the separate test_audit_time_is_utc_whatever_the_local_time_zone."""
+    offset = datetime.now() - _utcnow()
+    return start <= stamp <= end or start + offset <= stamp <= end + offset
+
+
+def _lesion(db: Path) -> str:
+    return _q(db, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY lesion_id LIMIT 1")[0][0]
+
+
+# ------------------------------------------------------------------------------------------------- PHI
+
+
+@pytest.fixture()
+def needles(clean_chain):
+    cohort = clean_chain["cohort"]
+    found = rh.phi_needles([cohort.dicom_dir], [cohort.outcomes_csv])
+    assert len(found) >= cohort.n_patients * 5  # name, its parts, id, birth date two ways
+    return found
+
+
+def test_no_phi_in_any_duckdb_or_lance_table(chain_copy, needles, monkeypatch):
+    db, lance = chain_copy["db"], chain_copy["lance"]
+    monkeypatch.setenv("IMAGING_ASSETS_USER", USER)
+    lid = _lesion(db)
+    search(db, lance, lesion_id=lid, k=3)
+    discover_cohort(db, lance, "phi_probe", reference_lesion_id=lid, k=4)
+    run_sql(db, "SELECT * FROM lesions JOIN lesion_vectors USING (lesion_id)", lance_uri=lance)
+    tables = {t for (t,) in _q(db, "SELECT table_name FROM information_schema.tables")}
+    assert {"dicom_files", "lesions", "radiomics_features", "clinical_outcomes", "audit_log", "cohorts",
+            "cohort_phi_probe", "phenotype_clusters"} <= tables
+    assert rh.lance_table_names(lance) == ["lesion_vectors"]
+    assert rh.scan_warehouse(chain_copy["wh"], needles) == []
+    assert rh.scan_files(chain_copy["wh"], needles) == []  # nor in the raw bytes of any warehouse file
+
+
+def test_the_scanner_finds_planted_leaks_in_duckdb_and_lance(chain_copy, needles):
+    import lancedb
+    import pyarrow as pa
+
+    db, lance = chain_copy["db"], chain_copy["lance"]
+    cohort = chain_copy["cohort"]
+    import pydicom
+
+    first = next(p for p in sorted(cohort.dicom_dir.rglob("*.dcm")) if p.stat().st_size > 1000)
+    ds = pydicom.dcmread(first, stop_before_pixels=True)
+    name, pid, dob = str(ds.PatientName), str(ds.PatientID), str(ds.PatientBirthDate)
+    part = max(name.split("^"), key=len)
+    iso = f"{dob[:4]}-{dob[4:6]}-{dob[6:]}"
+    assert {name, pid, dob, iso, part} <= needles
+    lid = _lesion(db)
+    with duckdb.connect(str(db)) as con:  # a text column, a list column, a table in another schema
+        con.execute("UPDATE lesions SET reason = ? WHERE lesion_id = ?", [f"seen {part.lower()} today", lid])
+        con.execute("UPDATE imaging_series SET flags = list_append(flags, ?) WHERE rowid = 0", [pid])
+        con.execute("CREATE SCHEMA side")
+        con.execute("CREATE TABLE side.notes AS SELECT CAST(? AS DATE) AS d", [iso])
+    ldb = lancedb.connect(lance)
+    ldb.create_table("notes", pa.table({"who": [f"note on {name}"]}))
+    tbl = ldb.open_table("lesion_vectors")
+    original = tbl.search().where(f"lesion_id = '{lid}'").limit(1).to_arrow()["body_part"][0].as_py()
+    tbl.update(where=f"lesion_id = '{lid}'", values={"body_part": dob})  # leaked in one version ...
+    leaked_version = tbl.version
+    tbl.update(where=f"lesion_id = '{lid}'", values={"body_part": original})  # ... then "fixed"
+    hits = rh.scan_warehouse(chain_copy["wh"], needles)
+    where = {(h[0], h[1]) for h in hits}
+    assert ("lesions", "reason") in where
+    assert ("imaging_series", "flags") in where
+    assert ("side.notes", "d") in where
+    assert any(w.startswith("lance:notes@v") and c == "who" for w, c in where)
+    assert (f"lance:lesion_vectors@v{leaked_version}", "body_part") in where
+    assert not [h for h in hits if h[0].startswith("lance:lesion_vectors") and h[0] != f"lance:lesion_vectors@v{leaked_version}"]
+    assert {h[2] for h in hits} <= {part, pid, iso, name, dob} | {n for n in needles if n.lower() in name.lower()}
+    raw = rh.scan_files(chain_copy["wh"], needles)  # the raw-bytes layer sees the uncompressed Lance leaks
+    assert any("notes.lance" in f for f, _ in raw) and any("lesion_vectors.lance" in f for f, _ in raw)
+
+
+# ------------------------------------------------------------------------------------------ governance
+
+
+def test_every_search_cohort_and_sql_query_leaves_exactly_one_audit_row(chain_copy, monkeypatch):
+    db, lance = chain_copy["db"], chain_copy["lance"]
+    monkeypatch.setenv("IMAGING_ASSETS_USER", USER)
+    lid = _lesion(db)
+    version = table_version(lance)
+    fs_version = _q(db, "SELECT version FROM robust_feature_set_history ORDER BY activated_at DESC LIMIT 1")[0][0]
+    t0 = _utcnow() - timedelta(seconds=2)
+
+    before = _audit(db)
+    rows = search(db, lance, lesion_id=lid, k=3, filters={"modality": ["CT"]})
+    (row,) = _new_rows(db, before)
+    params = json.loads(row["params"])
+    assert (row["action"], row["user"], row["query"], row["status"], row["n_rows"]) == (
+        "search", USER, "find_similar", "ok", len(rows))
+    assert params["lesion_id"] == lid and params["k"] == 3 and params["filters"] == {"modality": ["CT"]}
+    assert json.loads(row["table_versions"]) == {"lesion_vectors": version, "robust_feature_set": fs_version}
+
+    before = _audit(db)
+    out = discover_cohort(db, lance, "audited", reference_lesion_id=lid, k=4)
+    (row,) = _new_rows(db, before)
+    assert (row["action"], row["user"], row["status"], row["n_rows"]) == ("cohort", USER, "ok", out["rows"])
+    assert json.loads(row["params"])["name"] == "audited"
+    assert json.loads(row["table_versions"]) == {"lesion_vectors": version, "robust_feature_set": fs_version}
+    assert _q(db, "SELECT audit_id, \"user\" FROM cohorts WHERE name = 'audited'") == [(row["id"], USER)]
+
+    before = _audit(db)
+    sql = "SELECT roi_name, count(*) AS n FROM lesion_vectors GROUP BY 1 ORDER BY 1"
+    df = run_sql(db, sql, lance_uri=lance)
+    (row,) = _new_rows(db, before)
+    assert (row["action"], row["user"], row["query"], row["status"], row["n_rows"]) == ("sql", USER, sql, "ok", len(df))
+    assert json.loads(row["table_versions"]) == {"lesion_vectors": version}
+
+    before = _audit(db)  # a failing search is audited too, once
+    with pytest.raises(KeyError):
+        search(db, lance, lesion_id="no-such-lesion", k=3)
+    (row,) = _new_rows(db, before)
+    assert row["action"] == "search" and row["status"].startswith("error")
+
+    stamps = [r["logged_at"] for r in _audit(db)[-4:]]
+    assert all(_is_recent(s, t0, _utcnow() + timedelta(seconds=2)) for s in stamps), stamps
+
+
+def test_a_search_by_vector_records_what_was_asked(chain_copy, monkeypatch):
+    db, lance = chain_copy["db"], chain_copy["lance"]
+    monkeypatch.setenv("IMAGING_ASSETS_USER", USER)
+    dim = rh.lance_rows(lance, "lesion_vectors")[0]["vector"].__len__()
+    before = _audit(db)
+    search(db, lance, vector=np.full(dim, 0.25, np.float32), k=3)
+    (row,) = _new_rows(db, before)
+    params = json.loads(row["params"])
+    assert any(v not in (None, {}, 3) for k, v in params.items() if k not in ("k", "filters", "version")), params
+
+
+REFUSED = [
+    "DELETE FROM lesions",
+    "UPDATE lesions SET roi_name = 'x'",
+    "INSERT INTO audit_log (id) VALUES ('forged')",
+    "DROP TABLE lesions",
+    "CREATE TABLE x AS SELECT 1",
+    "CREATE TEMP TABLE t AS SELECT 1",
+    "ATTACH '{tmp}/other.duckdb' AS other",
+    "DETACH warehouse",
+    "COPY lesions TO '{tmp}/leak.csv'",
+    "COPY (SELECT * FROM lesions) TO '{tmp}/leak.parquet' (FORMAT parquet)",
+    "EXPORT DATABASE '{tmp}/export'",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET enable_external_access = true",
+    "SET lock_configuration = false",
+    "PRAGMA enable_profiling",
+    "CALL pragma_version()",
+    "CHECKPOINT",
+    "VACUUM",
+    "SELECT 1; DROP TABLE lesions",
+    "SELECT 1; ATTACH '{tmp}/other.duckdb'",
+]
+DB_ERRORS = [  # parsed as reads, stopped by the read-only, no-external-access connection
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM read_parquet('{tmp}/*.parquet')",
+    "SELECT * FROM glob('/etc/*')",
+    "SELECT * FROM read_csv('{wh}/anything.csv')",
+    "EXPLAIN ANALYZE COPY (SELECT * FROM lesions) TO '{tmp}/leak.csv'",
+    "EXPLAIN ANALYZE DELETE FROM lesions",
+    "SELECT * FROM query('COPY lesions TO ''{tmp}/leak.csv''')",
+    "SELECT * FROM duckdb_secrets()",
+]
+
+
+@pytest.mark.parametrize("template", REFUSED + DB_ERRORS)
+def test_sql_refuses_writes_and_file_access(chain_copy, template, tmp_path, monkeypatch):
+    db, lance = chain_copy["db"], chain_copy["lance"]
+    monkeypatch.setenv("IMAGING_ASSETS_USER", USER)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sql = template.format(tmp=outside, wh=chain_copy["wh"])
+    n_lesions = _q(db, "SELECT count(*) FROM lesions")[0][0]
+    before = _audit(db)
+    expected = QueryRefused if template in REFUSED else duckdb.Error
+    with pytest.raises(expected):
+        run_sql(db, sql, lance_uri=lance)
+    (row,) = _new_rows(db, before)
+    assert row["action"] == "sql" and row["query"] == sql and row["user"] == USER
+    assert row["status"].startswith("refused" if template in REFUSED else "error")
+    assert _q(db, "SELECT count(*) FROM lesions")[0][0] == n_lesions
+    assert list(outside.iterdir()) == []  # nothing written, attached or exported
+
+
+def _cli(args, env, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "imaging_assets.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=180, cwd=cwd)
+
+
+def test_cli_sql_and_similar_exit_codes_and_audit(chain_copy, tmp_path, driver_env):
+    """Eight CLI calls at once (so audit writes contend for the DuckDB lock), one user each."""
+    wh, db = chain_copy["wh"], chain_copy["db"]
+    lid = _lesion(db)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cases = [
+        (["sql", "SELECT count(*) AS n FROM lesion_vectors", "--json"], 0, "ok"),
+        (["sql", "DELETE FROM lesions"], 3, "refused"),
+        (["sql", f"ATTACH '{outside}/x.duckdb' AS x"], 3, "refused"),
+        (["sql", f"COPY lesions TO '{outside}/leak.csv'"], 3, "refused"),
+        (["sql", "INSTALL httpfs"], 3, "refused"),
+        (["sql", "LOAD httpfs"], 3, "refused"),
+        (["sql", "SELECT * FROM read_csv('/etc/passwd')"], 1, "error"),
+        (["similar", lid, "-k", 3, "--json"], 0, "ok"),
+    ]
+    t0 = _utcnow() - timedelta(seconds=2)
+    procs = []
+    for i, (args, _, _) in enumerate(cases):
+        env = {**driver_env, "IMAGING_ASSETS_USER": f"cli-{i}"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "imaging_assets.cli", *map(str, args), "--warehouse",
+                                       str(wh)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=240) for p in procs]
+    t1 = _utcnow() + timedelta(seconds=2)
+    audit = _audit(db)
+    for i, ((args, code, status), p, (out, err)) in enumerate(zip(cases, procs, results)):
+        assert p.returncode == code, (args, p.returncode, err[-1500:])
+        rows = [r for r in audit if r["user"] == f"cli-{i}"]
+        assert len(rows) == 1, (args, rows)
+        assert rows[0]["status"].startswith(status), (args, rows[0]["status"])
+        assert rows[0]["action"] == ("search" if args[0] == "similar" else "sql")
+        if args[0] == "sql":
+            assert rows[0]["query"] == args[1]
+        else:
+            assert json.loads(rows[0]["params"])["lesion_id"] == lid and len(json.loads(out)) == 3
+        assert _is_recent(rows[0]["logged_at"], t0, t1)
+        if code == 3:
+            assert err.startswith("refused:")
+    assert json.loads(results[0][0]) == [{"n": _q(db, "SELECT count(*) FROM lesions WHERE extractable")[0][0]}]
+    assert list(outside.iterdir()) == []
+
+
+def test_audit_time_is_utc_whatever_the_local_time_zone(chain_copy, driver_env):
+    if not Path("/usr/share/zoneinfo/America/New_York").exists():
+        pytest.skip("no tz database")
+    t0 = _utcnow() - timedelta(seconds=2)
+    env = {**driver_env, "IMAGING_ASSETS_USER": "tz-user", "TZ": "America/New_York"}
+    res = _cli(["sql", "SELECT 1 AS one", "--warehouse", chain_copy["wh"], "--json"], env)
+    assert res.returncode == 0, res.stderr
+    t1 = _utcnow() + timedelta(seconds=2)
+    (stamp,) = [r["logged_at"] for r in _audit(chain_copy["db"]) if r["user"] == "tz-user"]
+    assert t0 <= stamp <= t1, (t0, stamp, t1)
