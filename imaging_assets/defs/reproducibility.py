@@ -90,9 +90,12 @@ def robust_feature_set(context: dg.AssetExecutionContext, config: RobustSetConfi
     near-duplicates (|Spearman| >= rho keeps the feature with the higher ICC bound). A change of the
     set gets a new version in `robust_feature_sets` / `robust_feature_set_history` (with its date).
     """
-    from imaging_assets.store.robustness import select_robust_set
+    from imaging_assets.store.robustness import robust_set_plot_png, select_robust_set
 
     s = select_robust_set(warehouse.database, threshold=config.icc_threshold, rho=config.spearman_rho)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = png_markdown(robust_set_plot_png(warehouse.database, s["features"], Path(tmp) / "classes.png"),
+                            "robust features per class")
     context.log.info(f"robust set {s['version']}: {len(s['features'])} features "
                      f"({'changed' if s['changed'] else 'unchanged'}; {s['n_candidates']} before pruning)")
     return dg.MaterializeResult(metadata={
@@ -103,6 +106,7 @@ def robust_feature_set(context: dg.AssetExecutionContext, config: RobustSetConfi
         "candidates_before_pruning": s["n_candidates"],
         "pruned_duplicates": len(s["pruned"]),
         "features": dg.MetadataValue.md(md_table([{"feature": f} for f in s["features"]], ["feature"], 100)),
+        "by_feature_class": dg.MetadataValue.md(plot),
         "history": dg.MetadataValue.md(md_table(s["history"], ["version", "activated_at"])),
         "elapsed_s": s["elapsed_s"],
     })
@@ -144,6 +148,25 @@ def radiomics_expectations(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "failures": dg.MetadataValue.md(md_table(rows, ["expectation", "column", "unexpected", "lesions", "detail"])),
             "reason": "bad rows would poison the vectors: blocking",
         },
+    )
+
+
+@dg.asset_check(asset=radiomics_features, pool="duckdb_writer", blocking=True,
+                description="No lesion of a series flagged by geometry QC has features.")
+def flagged_series_excluded(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    """Lesions with features whose series failed geometry QC (must be none)."""
+    with warehouse.get_connection(read_only=True) as con:
+        rows = con.execute(
+            "SELECT p.lesion_id, s.series_instance_uid, s.flags FROM radiomics_provenance p "
+            "JOIN lesions l USING (lesion_id) JOIN imaging_series s USING (series_key) WHERE NOT s.usable "
+            "ORDER BY 1").fetchall()
+        flagged = con.execute("SELECT count(*) FROM imaging_series WHERE NOT usable").fetchone()[0]
+    return dg.AssetCheckResult(
+        passed=not rows,
+        metadata={"observed_lesions_from_flagged_series": len(rows), "flagged_series": int(flagged),
+                  "threshold": 0, "reason": "a series with gaps, tilt or duplicates gives wrong textures",
+                  "offenders": dg.MetadataValue.md(md_table(
+                      [{"lesion_id": a, "series": b, "flags": c} for a, b, c in rows], ["lesion_id", "series", "flags"]))},
     )
 
 

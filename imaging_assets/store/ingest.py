@@ -25,7 +25,7 @@ from imaging_assets.store.warehouse import (
     known_files,
     replace_table,
     table_rows,
-    unreadable_paths,
+    unreadable_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ def refresh_catalog(
         logger.warning("DICOM root %s does not exist; nothing crawled there", r)
     with connect(database) as con:
         known = known_files(con)
-        retried = unreadable_paths(con)
+        retried = unreadable_rows(con)
+        before = _catalog_summary(con)
     result = crawl(existing, known=known, secret=pseudonym_secret(secret), workers=workers)
     # unreadable rows are not in `known` (so they are retried); those that vanished are removed here
     seen = set(result.unchanged) | {r["path"] for r in result.records} | {q["path"] for q in result.quarantined}
@@ -65,20 +66,15 @@ def refresh_catalog(
     vanished = [p for p in retried if p not in seen
                 and any(p == r or p.startswith(os.path.join(r, "")) for r in roots_abs)]
     result.removed = sorted(set(result.removed) | set(vanished))
-    with connect(database) as con:
-        apply_crawl(con, result.records, result.quarantined, result.removed)
-        catalogued = con.execute("SELECT count(*) FROM dicom_files WHERE status = 'active'").fetchone()[0]
-        by_reason = dict(
-            con.execute(
-                "SELECT reason, count(*) FROM dicom_quarantine WHERE status = 'active' "
-                "GROUP BY reason ORDER BY count(*) DESC, reason"
-            ).fetchall()
-        )
-        by_kind = dict(
-            con.execute(
-                "SELECT kind, count(*) FROM dicom_files WHERE status = 'active' GROUP BY kind ORDER BY kind"
-            ).fetchall()
-        )
+    changed_quarantine = [q for q in result.quarantined
+                          if retried.get(q["path"]) != (q["size"], q["mtime_ns"], q["reason"], q["message"])]
+    if result.records or changed_quarantine or result.removed:
+        with connect(database) as con:
+            apply_crawl(con, result.records, changed_quarantine, result.removed)
+            by_kind, by_reason = _catalog_summary(con)
+    else:  # nothing to write: no second connection, the counts are those read before the crawl
+        by_kind, by_reason = before
+    catalogued = sum(by_kind.values())
     return {
         "seen": result.seen,
         "read": result.read,
@@ -91,6 +87,16 @@ def refresh_catalog(
         "missing_roots": missing,
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
+
+
+def _catalog_summary(con: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """Active catalog rows by kind, active quarantine rows by reason."""
+    by_kind = dict(con.execute(
+        "SELECT kind, count(*) FROM dicom_files WHERE status = 'active' GROUP BY kind ORDER BY kind").fetchall())
+    by_reason = dict(con.execute(
+        "SELECT reason, count(*) FROM dicom_quarantine WHERE status = 'active' "
+        "GROUP BY reason ORDER BY count(*) DESC, reason").fetchall())
+    return by_kind, by_reason
 
 
 def rebuild_series(database: str | Path) -> dict[str, Any]:

@@ -295,6 +295,37 @@ def icc_plot_png(rows: Sequence[dict[str, Any]], path: Path, threshold: float = 
     return path
 
 
+def robust_set_plot_png(database: str | Path, features: Sequence[str], path: Path) -> Path | None:
+    """Bars per feature class: features extracted vs robust ones in the active set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with connect(database, read_only=True) as con:
+        totals = dict(con.execute("SELECT feature_class, count(DISTINCT feature) FROM feature_robustness "
+                                  "GROUP BY 1 ORDER BY 1").fetchall())
+    if not totals:
+        return None
+    kept: dict[str, int] = {}
+    for f in features:
+        kept[_split(f)[1]] = kept.get(_split(f)[1], 0) + 1
+    classes = sorted(totals)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    x = np.arange(len(classes))
+    ax.bar(x - 0.2, [totals[c] for c in classes], 0.4, label="extracted", color="lightgray")
+    ax.bar(x + 0.2, [kept.get(c, 0) for c in classes], 0.4, label="robust set", color="tab:green")
+    ax.set_xticks(x, classes)
+    ax.set_ylabel("features")
+    ax.set_title(f"Robust set by feature class ({len(features)} of {sum(totals.values())})")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def select_robust_set(database: str | Path, threshold: float = 0.75, rho: float = 0.95) -> dict[str, Any]:
     """Robust features (ICC lower bound >= threshold in perturbation and, where present, test-retest),
     pruned of near-duplicates (|Spearman| >= rho); a new version is recorded when the set changes.

@@ -117,7 +117,11 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create the catalog tables when missing (idempotent)."""
+    present = {r[0] for r in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
     for name, (fields, extra, key) in TABLES.items():
+        if name in present:
+            continue
         cols = [f'"{c}" {t}' for c, t in {**fields, **extra}.items()]
         cols.append("PRIMARY KEY (" + ", ".join(f'"{k}"' for k in key) + ")")
         con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(cols)})")
@@ -157,19 +161,21 @@ def known_files(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[int, int]]:
     the outcome stays the same.
     """
     ensure_schema(con)
-    rows = con.execute(
+    cols = con.execute(
         "SELECT path, size, mtime_ns FROM dicom_files WHERE status = 'active' "
         "UNION ALL SELECT path, size, mtime_ns FROM dicom_quarantine WHERE status = 'active' "
         "AND reason <> 'unreadable'"
-    ).fetchall()
-    return {p: (int(s), int(m)) for p, s, m in rows}
+    ).fetchnumpy()
+    return dict(zip(cols["path"].tolist(), zip(cols["size"].tolist(), cols["mtime_ns"].tolist())))
 
 
-def unreadable_paths(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Active quarantine rows with reason ``unreadable`` (retried on every crawl, see :func:`known_files`)."""
+def unreadable_rows(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[int, int, str, str]]:
+    """``path -> (size, mtime_ns, reason, message)`` of active quarantine rows with reason ``unreadable``
+    (retried on every crawl, see :func:`known_files`)."""
     ensure_schema(con)
-    return [r[0] for r in con.execute(
-        "SELECT path FROM dicom_quarantine WHERE status = 'active' AND reason = 'unreadable'").fetchall()]
+    return {r[0]: (int(r[1]), int(r[2]), r[3], r[4]) for r in con.execute(
+        "SELECT path, size, mtime_ns, reason, message FROM dicom_quarantine WHERE status = 'active' "
+        "AND reason = 'unreadable'").fetchall()}
 
 
 def apply_crawl(
@@ -189,8 +195,10 @@ def apply_crawl(
     dict
         Counts: ``upserted``, ``quarantined``, ``removed``.
     """
-    ensure_schema(con)
     removed = sorted(set(removed))
+    if not (records or quarantined or removed):
+        return {"upserted": 0, "quarantined": 0, "removed": 0}
+    ensure_schema(con)
     if quarantined:  # a quarantine row that would be rewritten identically is left alone (no-op reruns)
         same = {tuple(r) for r in con.execute(
             "SELECT path, size, mtime_ns, reason, message FROM dicom_quarantine WHERE status = 'active' "

@@ -255,3 +255,35 @@ def test_automation_reruns_clusters_when_vectors_change():
     for key in ("phenotype_clusters", "cluster_outcomes"):
         assert graph.get(dg.AssetKey(key)).automation_condition is not None
     assert dg.AssetKey("lesion_vectors") in graph.get(dg.AssetKey("phenotype_clusters")).parent_keys
+
+
+@pytest.mark.slow
+def test_blocking_expectations_stop_the_downstream_assets(small_cohort, tmp_path):
+    """A planted NaN in the feature table fails the GX check, and nothing downstream materializes."""
+    from imaging_assets.defs import discovery, radiomics, reproducibility
+    from imaging_assets.defs.radiomics import LesionConfig, RadiomicsConfig
+
+    resources = {
+        "warehouse": WarehouseResource(root=str(tmp_path / "wh")),
+        "dicom_sources": DicomSourcesResource(roots=[str(small_cohort.dicom_dir)], workers=2),
+    }
+    upstream = [discovery.dicom_files, discovery.imaging_series, discovery.segmentations, radiomics.lesions,
+                radiomics.radiomics_features]
+    config = dg.RunConfig(ops={"lesions": LesionConfig(workers=1), "radiomics_features": RadiomicsConfig(workers=1)})
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(upstream, instance=instance, resources=resources, run_config=config).success
+        con = duckdb.connect(resources["warehouse"].database)
+        con.execute("UPDATE radiomics_features SET value = 'NaN'::DOUBLE WHERE rowid = (SELECT min(rowid) "
+                    "FROM radiomics_features WHERE feature = 'Mean')")
+        con.close()
+        result = dg.materialize(
+            [radiomics.radiomics_features, reproducibility.radiomics_expectations,
+             reproducibility.feature_robustness, reproducibility.robust_feature_set],
+            instance=instance, resources=resources, raise_on_error=False,
+            run_config=dg.RunConfig(ops={"radiomics_features": RadiomicsConfig(workers=1)}),
+        )
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        assert not checks["radiomics_expectations"].passed
+        done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert "feature_robustness" not in done and "robust_feature_set" not in done
+        assert not result.success

@@ -313,7 +313,10 @@ def test_icc_over_synthetic_cohort_through_extraction() -> None:
     assert v["original_firstorder_Kurtosis"] < v["original_firstorder_Mean"]
     rows = icc_table((x, names))
     robust_set = select_robust(rows, None, 0.75)
+    # the planted unstable feature (Minimum: set by the noise of a few voxels) is excluded, a stable shape
+    # feature is kept
     assert "original_firstorder_Mean" in robust_set and "original_firstorder_Minimum" not in robust_set
+    assert "original_shape_VoxelVolume" in robust_set
 
 
 # ------------------------------------------------------------------------------------------- sampling

@@ -194,3 +194,18 @@ def test_clusters_and_survival_tables(chain):
     assert sum(r["patients"] for r in s["per_cluster"]) == s["n_patients"]
     assert _q(db, "SELECT count(*) FROM cluster_logrank")[0][0] == 1
     assert s["png"] is not None and s["png"].stat().st_size > 1000
+
+
+def test_same_seed_gives_the_same_iccs(chain, tmp_path):
+    """Determinism: the cache emptied, the same spec re-extracts identical perturbations and ICCs."""
+    import shutil
+
+    db = tmp_path / "warehouse.duckdb"
+    shutil.copyfile(chain["db"], db)
+    before = _q(db, "SELECT feature, analysis, icc, ci_low, ci_high FROM feature_robustness ORDER BY 1, 2")
+    with connect(db) as con:
+        con.execute("DELETE FROM perturbation_features")
+    again = compute_robustness(db, spec=SPEC, max_lesions=40, workers=2)
+    assert again["extracted"] == chain["robustness"]["extracted"]
+    after = _q(db, "SELECT feature, analysis, icc, ci_low, ci_high FROM feature_robustness ORDER BY 1, 2")
+    assert after == before
