@@ -194,11 +194,18 @@ def new_dicom_sensor(context: dg.SensorEvaluationContext, dicom_sources: DicomSo
     )
 
 
-nightly_ingest_schedule = dg.ScheduleDefinition(
-    name="nightly_ingest_schedule",
-    job=ingest_job,
+refresh_job = dg.define_asset_job(
+    "refresh_job",
+    selection=dg.AssetSelection.all(),
+    description="The whole chain: discovery, lesions, features, robustness, vectors, clusters, outcomes "
+    "(every stage is incremental: unchanged inputs are not read or extracted again).",
+)
+
+nightly_refresh_schedule = dg.ScheduleDefinition(
+    name="nightly_refresh_schedule",
+    job=refresh_job,
     cron_schedule="0 2 * * *",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Re-scans the catalog every night at 02:00 (incremental: unchanged files are not read). "
-    "Off by default; turn it on in Automation for a production archive.",
+    description="Refreshes the whole chain every night at 02:00 (incremental: only new or changed studies "
+    "are read and extracted). Off by default; turn it on in Automation for a production archive.",
 )

@@ -21,7 +21,8 @@ def test_definitions_load_with_expected_graph():
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
     assert {"dicom_files", "imaging_series", "segmentations", "lesions", "radiomics_features"} <= keys
     assert repo.get_sensor_def("new_dicom_sensor") is not None
-    assert repo.get_schedule_def("nightly_ingest_schedule") is not None
+    schedule = repo.get_schedule_def("nightly_refresh_schedule")
+    assert schedule.job_name == "refresh_job" and schedule.cron_schedule == "0 2 * * *"
     job = defs.resolve_job_def("ingest_job")
     assert job is not None
     graph = repo.asset_graph
