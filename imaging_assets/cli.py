@@ -143,9 +143,10 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     except duckdb.Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.json:
+    fmt = "json" if args.json else "csv" if args.csv else args.format
+    if fmt == "json":
         sys.stdout.write(df.to_json(orient="records", date_format="iso", default_handler=str) + "\n")
-    elif args.csv:
+    elif fmt == "csv":
         df.to_csv(sys.stdout, index=False)
     else:
         import pandas as pd
@@ -181,7 +182,7 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         print(f"error: no warehouse at {db}; run `make demo` first", file=sys.stderr)
         return 2
     try:
-        filters = _parse_filters(args.filter)
+        filters = _parse_filters((args.filter or []) + ([f"modality={args.modality}"] if args.modality else []))
         vector = None
         if args.lesion_id is None:
             if not (args.image and args.mask):
@@ -278,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("query", help="a SELECT query, e.g. \"SELECT * FROM lesions LIMIT 5\"")
     q.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
     fmt = q.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="rows as a JSON array")
-    fmt.add_argument("--csv", action="store_true", help="rows as CSV")
+    fmt.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                     help="table (default), csv, or json (a list of row objects)")
+    fmt.add_argument("--json", action="store_true", help="same as --format json")
+    fmt.add_argument("--csv", action="store_true", help="same as --format csv")
     q.add_argument("--max-rows", type=int, default=50, help="rows shown in the table view")
     q.add_argument("--vectors", action="store_true", help="show vector columns too")
     q.set_defaults(func=_cmd_sql)
@@ -290,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--mask", help="... and its mask (SEG, RTSTRUCT, NIfTI, NRRD)")
     f.add_argument("--segment", help="segment / ROI name in the mask")
     f.add_argument("-k", type=int, default=10, help="number of neighbours (default 10)")
-    f.add_argument("--filter", action="append", metavar="COL=VALUE",
+    f.add_argument("--filter", "--where", action="append", metavar="COL=VALUE", dest="filter",
                    help="modality=CT,MR | roi_name=GTV | body_part=CHEST | cluster=0,2 | "
                         "study_date=2020-01-01..2022-12-31 | volume_mm3=500..5000 (repeatable)")
+    f.add_argument("--modality", help="shorthand for --where modality=VALUE[,VALUE]")
     f.add_argument("--version", type=int, help="search an older lesion_vectors table version")
     f.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
     f.add_argument("--json", action="store_true", help="print JSON")
