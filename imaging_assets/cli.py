@@ -174,7 +174,7 @@ def _parse_filters(items: list[str]) -> dict:
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
-    from imaging_assets.store.cohorts import query_vector, search
+    from imaging_assets.store.cohorts import find_similar, query_vector
     from imaging_assets.store.warehouse import duckdb_path
 
     db = duckdb_path(args.warehouse)
@@ -189,24 +189,23 @@ def _cmd_similar(args: argparse.Namespace) -> int:
                 raise ValueError("give a lesion id, or --image and --mask of a new lesion")
             vector, _ = query_vector(db, args.image, args.mask, segment=args.segment)
         t0 = time.perf_counter()
-        rows = search(db, _lance_uri(args), lesion_id=args.lesion_id, vector=vector, k=args.k,
-                      filters=filters, version=args.version,
-                      extra_params={"image": args.image, "mask": args.mask, "segment": args.segment}
-                      if vector is not None else None)
+        df = find_similar(lesion_id=args.lesion_id, vector=vector, k=args.k, where=filters,
+                          exclude_same_patient=not args.include_same_patient, warehouse=args.warehouse,
+                          lance_uri=_lance_uri(args), version=args.version)
         ms = (time.perf_counter() - t0) * 1000
     except (ValueError, KeyError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for r in rows:
-        r.pop("vector", None)
+    rows = df.to_dicts()
     if args.json:
         json.dump(rows, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
         return 0
     print(f"{len(rows)} similar lesions ({ms:.0f} ms including audit)")
-    for i, r in enumerate(rows, 1):
-        print(f"{i:3d}  {r['lesion_id']}  d={r['_distance']:.3f}  {r.get('patient_key')}  {r.get('modality')}  "
-              f"{r.get('roi_name')}  {r.get('volume_mm3') or 0:.0f} mm3  {r.get('study_date')}  cluster={r.get('cluster')}")
+    for r in rows:
+        print(f"{r['rank']:3d}  {r['lesion_id']}  d={r['distance']:.3f}  {r['patient_key']}  {r['modality']}  "
+              f"{r['roi_name']} ({r['raw_label']}, segment {r['segment_number']})  {r['volume_mm3'] or 0:.0f} mm3  "
+              f"{r['study_date']}  cluster={r['cluster']}")
     return 0
 
 
@@ -298,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "study_date=2020-01-01..2022-12-31 | volume_mm3=500..5000 (repeatable)")
     f.add_argument("--modality", help="shorthand for --where modality=VALUE[,VALUE]")
     f.add_argument("--version", type=int, help="search an older lesion_vectors table version")
+    f.add_argument("--include-same-patient", action="store_true",
+                   help="keep the query lesion's patient (the lesion itself then comes first)")
     f.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
     f.add_argument("--json", action="store_true", help="print JSON")
     f.set_defaults(func=_cmd_similar)

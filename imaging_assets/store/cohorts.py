@@ -60,7 +60,8 @@ def query_vector(database: str | Path, image: str | Path, mask: str | Path, labe
 
 def search(database: str | Path, lance_uri: str, lesion_id: str | None = None, vector: np.ndarray | None = None,
            k: int = 10, filters: dict[str, Any] | None = None, version: int | None = None,
-           action: str = "search", extra_params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+           action: str = "search", extra_params: dict[str, Any] | None = None,
+           exclude_self: bool = True) -> list[dict[str, Any]]:
     """k most similar lesions (L2 on standardised robust features), audited.
 
     Exactly one of ``lesion_id`` / ``vector`` is given; ``version`` searches an older table version.
@@ -86,12 +87,87 @@ def search(database: str | Path, lance_uri: str, lesion_id: str | None = None, v
     versions = {"lesion_vectors": pinned, "robust_feature_set": fs_version}
     try:
         rows = find_similar(lance_uri, lesion_id if lesion_id is not None else np.asarray(vector, np.float32),
-                            k=k, filters=filters or None, version=pinned)
+                            k=k, filters=filters or None, version=pinned, exclude_self=exclude_self)
     except Exception as exc:
         audit.record(database, action, "find_similar", params, versions, 0, status=f"error: {exc}")
         raise
     audit.record(database, action, "find_similar", params, versions, len(rows))
     return rows
+
+
+def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None, k: int = 10,
+                 where: dict[str, Any] | None = None, exclude_same_patient: bool = True,
+                 warehouse: str | Path | None = None, lance_uri: str | None = None,
+                 version: int | None = None):
+    """The lesions most similar to a lesion (or a vector), as a polars DataFrame ranked by distance.
+
+    Parameters
+    ----------
+    lesion_id, vector
+        The query: a lesion of the warehouse, or a standardised vector (see :func:`query_vector`).
+    k
+        Number of rows returned.
+    where
+        Structured filters ``{column: value | [values] | (low, high)}`` on modality, body_part, roi_name,
+        patient_key, cluster, study_date, volume_mm3; values are quoted by the vector store, never
+        spliced into a filter string.
+    exclude_same_patient
+        Leave out the query lesion's patient (its other lesions and retest scans). With False, the query
+        lesion itself comes first (distance 0).
+    warehouse, lance_uri
+        Default: the configured warehouse (``IMAGING_ASSETS_WAREHOUSE``) and its ``lance`` folder.
+
+    Returns
+    -------
+    polars.DataFrame
+        rank, lesion_id, distance, patient_key, series_instance_uid, segment_number, raw_label, roi_name,
+        modality, body_part, volume_mm3, study_date, cluster. The query is audited once.
+    """
+    import polars as pl
+
+    from imaging_assets import settings
+    from imaging_assets.store.warehouse import duckdb_path
+
+    root = Path(warehouse) if warehouse else settings.warehouse_dir()
+    database = duckdb_path(root)
+    lance_uri = lance_uri or str(root / "lance")
+    patient = None
+    if lesion_id is not None and exclude_same_patient:
+        with connect(database, read_only=True) as con:
+            row = con.execute("SELECT patient_key FROM lesions WHERE lesion_id = ?", [lesion_id]).fetchone()
+        if row is None:
+            raise KeyError(f"lesion {lesion_id!r} is not in {database}")
+        patient = row[0]
+    extra = 0
+    if patient is not None:
+        with connect(database, read_only=True) as con:
+            extra = con.execute("SELECT count(*) FROM lesions WHERE patient_key = ?", [patient]).fetchone()[0]
+    rows = search(database, lance_uri, lesion_id=lesion_id, vector=vector, k=k + extra, filters=where,
+                  version=version, exclude_self=exclude_same_patient,
+                  extra_params={"k_requested": k, "exclude_same_patient": exclude_same_patient})
+    if patient is not None:
+        rows = [r for r in rows if r.get("patient_key") != patient]
+    rows = rows[:k]
+    ids = [r["lesion_id"] for r in rows]
+    with connect(database, read_only=True) as con:
+        meta = {r[0]: r[1:] for r in con.execute(
+            "SELECT lesion_id, segment_number, raw_label FROM lesions WHERE list_contains(?, lesion_id)",
+            [ids]).fetchall()}
+    return pl.DataFrame({
+        "rank": list(range(1, len(rows) + 1)),
+        "lesion_id": ids,
+        "distance": [float(r["_distance"]) for r in rows],
+        "patient_key": [r.get("patient_key") for r in rows],
+        "series_instance_uid": [r.get("series_instance_uid") for r in rows],
+        "segment_number": [meta.get(i, (None, None))[0] for i in ids],
+        "raw_label": [meta.get(i, (None, None))[1] for i in ids],
+        "roi_name": [r.get("roi_name") for r in rows],
+        "modality": [r.get("modality") for r in rows],
+        "body_part": [r.get("body_part") for r in rows],
+        "volume_mm3": [r.get("volume_mm3") for r in rows],
+        "study_date": [r.get("study_date") for r in rows],
+        "cluster": [r.get("cluster") for r in rows],
+    }, schema_overrides={"segment_number": pl.Int32, "cluster": pl.Int32})
 
 
 def discover_cohort(database: str | Path, lance_uri: str, name: str, reference_lesion_id: str | None = None,

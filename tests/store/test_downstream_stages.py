@@ -209,3 +209,22 @@ def test_same_seed_gives_the_same_iccs(chain, tmp_path):
     assert again["extracted"] == chain["robustness"]["extracted"]
     after = _q(db, "SELECT feature, analysis, icc, ci_low, ci_high FROM feature_robustness ORDER BY 1, 2")
     assert after == before
+
+
+def test_find_similar_returns_a_ranked_polars_frame_without_the_same_patient(chain):
+    import polars as pl
+
+    from imaging_assets.store.cohorts import find_similar
+
+    db, lance = chain["db"], chain["lance"]
+    lid, patient = _q(db, "SELECT lesion_id, patient_key FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0]
+    df = find_similar(lid, k=3, warehouse=db.parent, lance_uri=lance)
+    assert isinstance(df, pl.DataFrame) and df.height == 3
+    assert {"lesion_id", "distance", "patient_key", "series_instance_uid", "segment_number", "raw_label",
+            "modality", "volume_mm3"} <= set(df.columns)
+    assert patient not in df["patient_key"].to_list()
+    assert df["distance"].to_list() == sorted(df["distance"].to_list()) and df["rank"].to_list() == [1, 2, 3]
+    mine = find_similar(lid, k=2, exclude_same_patient=False, warehouse=db.parent, lance_uri=lance)
+    assert mine["lesion_id"][0] == lid and mine["distance"][0] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(KeyError):
+        find_similar("no-such-lesion", warehouse=db.parent, lance_uri=lance)
