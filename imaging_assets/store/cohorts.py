@@ -131,17 +131,17 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
     root = Path(warehouse) if warehouse else settings.warehouse_dir()
     database = duckdb_path(root)
     lance_uri = lance_uri or str(root / "lance")
-    patient = None
+    from imaging_assets.store.vectors import lance_dataset, sql_string
+
+    patient, extra = None, 0
     if lesion_id is not None and exclude_same_patient:
-        with connect(database, read_only=True) as con:
-            row = con.execute("SELECT patient_key FROM lesions WHERE lesion_id = ?", [lesion_id]).fetchone()
-        if row is None:
-            raise KeyError(f"lesion {lesion_id!r} is not in {database}")
-        patient = row[0]
-    extra = 0
-    if patient is not None:
-        with connect(database, read_only=True) as con:
-            extra = con.execute("SELECT count(*) FROM lesions WHERE patient_key = ?", [patient]).fetchone()[0]
+        ds = lance_dataset(lance_uri, version=version)
+        row = ds.to_table(columns=["patient_key"], filter=f"lesion_id = {sql_string(lesion_id)}").to_pylist()
+        if not row:
+            raise KeyError(f"lesion {lesion_id!r} is not in the vector table at {lance_uri}")
+        patient = row[0]["patient_key"]
+        if patient is not None:  # fetch enough rows to still return k after dropping the patient's own
+            extra = ds.count_rows(filter=f"patient_key = {sql_string(patient)}")
     rows = search(database, lance_uri, lesion_id=lesion_id, vector=vector, k=k + extra, filters=where,
                   version=version, exclude_self=exclude_same_patient,
                   extra_params={"k_requested": k, "exclude_same_patient": exclude_same_patient})

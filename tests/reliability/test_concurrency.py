@@ -122,7 +122,9 @@ def test_search_and_sql_while_vectors_are_rewritten_and_duckdb_is_written(clean_
             if len(cli) % 2 == 0:
                 cli.append(("sql", _cli(["sql", sql, "--warehouse", wh, "--json"], cli_env)))
             else:
-                cli.append(("similar", _cli(["similar", "C0007", "-k", K, "--warehouse", wh, "--json"], cli_env)))
+                # the synthetic vectors share patients: keep them, the query comes first at distance 0
+                cli.append(("similar", _cli(["similar", "C0007", "-k", int(K) + 1, "--include-same-patient",
+                                             "--warehouse", wh, "--json"], cli_env)))
         stop.touch()
         codes = {name: p.finish(timeout=240) for name, p in procs.items()}
     finally:
@@ -169,7 +171,8 @@ def test_search_and_sql_while_vectors_are_rewritten_and_duckdb_is_written(clean_
         if kind == "sql":
             assert _sql_consistent(states, rows[0]["n"], rows[0]["d"], rows[0]["s"]), rows
         else:
-            assert versions.any_version([r["lesion_id"] for r in rows], [r["_distance"] for r in rows],
+            assert rows[0]["lesion_id"] == "C0007" and rows[0]["distance"] == 0.0, rows[0]
+            assert versions.any_version([r["lesion_id"] for r in rows[1:]], [r["distance"] for r in rows[1:]],
                                         by_id="C0007"), rows
 
     # one audit row per audited call, all ok, none lost under lock contention
