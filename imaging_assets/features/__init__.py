@@ -1,10 +1,17 @@
 """features domain package (no Dagster imports).
 
+* :mod:`~imaging_assets.features.volumes` -- a series row as a SimpleITK image in patient space;
+* :mod:`~imaging_assets.features.lesions` -- SEG / RTSTRUCT / NIfTI / NRRD segments as lesion masks on the
+  series grid, ROI-name harmonisation, stable lesion ids;
 * :mod:`~imaging_assets.features.params` -- pyradiomics YAML presets per modality (``data/params``), their
   hash, and the crop margin each filter needs;
 * :mod:`~imaging_assets.features.extract` -- per-lesion pyradiomics extraction on the lesion's
-  neighbourhood (same values as stock pyradiomics on the whole image) and the process-pool batch runner
-  (``extract_lesion``, ``extract_many``, ``ExtractionJob``, ``ExtractionOutcome``, ``stock_extract``).
+  neighbourhood (same values as stock pyradiomics on the whole image) and the process-pool batch runner;
+* :mod:`~imaging_assets.features.pipeline` -- lesion rows and extraction jobs for the assets and the
+  ``extract`` command (one code path);
+* :mod:`~imaging_assets.features.perturb`, :mod:`~imaging_assets.features.icc`,
+  :mod:`~imaging_assets.features.robust` -- perturbation chain, vectorised ICC, robust-set selection;
+* :mod:`~imaging_assets.features.quality` -- the Great Expectations suite of the feature table.
 
 Submodules are imported explicitly (SimpleITK and pyradiomics load only when extraction is used).
 """
