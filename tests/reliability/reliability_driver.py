@@ -10,7 +10,7 @@ Modes (``python reliability_driver.py MODE --help``):
 ``vectors``        ``sync_vectors`` a synthetic set (``A`` or ``B``, see :func:`vector_set`); prints
                    ``SYNC_START`` and ``SYNC_DONE <json>``; ``--hang-before-delete`` stops after the
                    ``merge_insert`` commit, before the deletes, after printing ``DELETING``.
-``vector-writer``  alternate two vector sets (600 rows with an IVF_PQ index / 200 rows without) until a
+``vector-writer``  alternate two vector sets (600 rows with an ANN index / 200 rows without) until a
                    stop file appears; logs each sync as a JSON line.
 ``reader``         loop similar-case searches (audited), pinned-version ``find_similar`` and ``run_sql``
                    until a stop file appears; logs every answer and every error as JSON lines.
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DIM_CONCURRENT = 16
 CONCURRENT_SETS = {"big": (600, 11), "small": (200, 12)}  # rows, seed
-CONCURRENT_THRESHOLD = 300  # >= 300 rows: IVF_PQ index; < 240 rows: dropped
+CONCURRENT_THRESHOLD = 300  # >= 300 rows: ANN index; < 240 rows: dropped
 
 
 def say(*parts: object) -> None:

@@ -4,7 +4,7 @@ ANN index rebuilt, and while another process makes short write transactions on t
 Processes (all ``reliability_driver.py``):
 
 * ``vector-writer`` alternates two vector sets with ``sync_vectors``: 600 rows (>= the 300-row threshold: an
-  IVF_PQ index is trained) and 200 rows with other vectors for the same first 200 ids (< 240 rows: the index
+  ANN index is trained) and 200 rows with other vectors for the same first 200 ids (< 240 rows: the index
   is dropped), so rows are updated, deleted, inserted and the index rebuilt on every cycle;
 * ``duckdb-writer`` makes short write transactions (own table + audit rows) on the DuckDB file in a loop;
 * ``reader`` loops audited searches (by vector, by lesion id), ``find_similar`` pinned to the version it just
@@ -93,7 +93,7 @@ def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def test_search_and_sql_while_vectors_are_rewritten_and_duckdb_is_written(clean_chain, tmp_path, driver_env):
-    from imaging_assets.store.vectors import sync_vectors
+    from imaging_assets.store.vectors import DEFAULT_INDEX_TYPE, sync_vectors
 
     wh = tmp_path / "wh"
     wh.mkdir()
@@ -101,7 +101,7 @@ def test_search_and_sql_while_vectors_are_rewritten_and_duckdb_is_written(clean_
     shutil.copyfile(clean_chain["db"], db)
     uri = wh / "lance"
     first = sync_vectors(uri, concurrent_set("big"), dim=DIM_CONCURRENT, exact_threshold=CONCURRENT_THRESHOLD)
-    assert first.index == "IVF_PQ"
+    assert first.index == DEFAULT_INDEX_TYPE
     stop = tmp_path / "stop"
     logs = {name: tmp_path / f"{name}.jsonl" for name in ("writer", "reader", "duckdb")}
 
@@ -136,7 +136,7 @@ def test_search_and_sql_while_vectors_are_rewritten_and_duckdb_is_written(clean_
 
     writes = [json.loads(line) for line in logs["writer"].read_text().splitlines()]
     assert len(writes) >= 6
-    assert {w["index"] for w in writes} == {"IVF_PQ", "none"} and sum(w["rebuilt_index"] for w in writes) >= 3
+    assert {w["index"] for w in writes} == {DEFAULT_INDEX_TYPE, "none"} and sum(w["rebuilt_index"] for w in writes) >= 3
     records = [json.loads(line) for line in logs["reader"].read_text().splitlines()]
     errors = [r for r in records if r["kind"] == "error"]
     assert not errors, "\n".join(r["traceback"] for r in errors[:3])

@@ -409,7 +409,7 @@ def test_time_travel_returns_old_neighbours(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index_type", ["IVF_PQ", "IVF_HNSW_SQ"])
+@pytest.mark.parametrize("index_type", ["IVF_SQ", "IVF_PQ", "IVF_HNSW_SQ"])
 def test_ann_index_above_threshold_recall(tmp_path: Path, index_type: str) -> None:
     uri = tmp_path / "lance"
     dim = 32
@@ -439,8 +439,8 @@ def test_ann_index_above_threshold_recall(tmp_path: Path, index_type: str) -> No
 def test_ann_index_dropped_below_threshold(tmp_path: Path) -> None:
     uri = tmp_path / "lance"
     table = cohort(1200, seed=8)
-    assert sync_vectors(uri, table, DIM, exact_threshold=1000).index == "IVF_PQ"
-    assert sync_vectors(uri, table.slice(0, 900), DIM, exact_threshold=1000).index == "IVF_PQ"  # hysteresis
+    assert sync_vectors(uri, table, DIM, exact_threshold=1000).index == V.DEFAULT_INDEX_TYPE
+    assert sync_vectors(uri, table.slice(0, 900), DIM, exact_threshold=1000).index == V.DEFAULT_INDEX_TYPE  # hysteresis
     rep = sync_vectors(uri, table.slice(0, 500), DIM, exact_threshold=1000)
     assert rep.index == "none" and rep.rows == 500
     q = matrix(table)[0]
@@ -461,13 +461,13 @@ def test_ann_index_keeps_partitions_and_merges_segments(tmp_path: Path) -> None:
     """optimize() after writes keeps the IVF layout; delta segments are folded beyond a few."""
     uri = tmp_path / "lance"
     table = cohort(6000, seed=12)
-    sync_vectors(uri, table, DIM, exact_threshold=3000)
+    sync_vectors(uri, table, DIM, exact_threshold=3000, index_type="IVF_PQ")
     tbl = V.open_db(uri).open_table(VECTOR_TABLE)
     parts0, segs0 = V._ann_layout(tbl, V.ANN_INDEX_NAME)
     assert parts0 == V.ivf_pq_params(6000, DIM)["num_partitions"] and segs0 == 1
     for step in range(6):
         table = pa.concat_tables([table, cohort(20, seed=30 + step, start=100_000 + 100 * step)])
-        rep = sync_vectors(uri, table, DIM, exact_threshold=3000)
+        rep = sync_vectors(uri, table, DIM, exact_threshold=3000, index_type="IVF_PQ")
         assert rep.inserted == 20 and not rep.rebuilt_index
         parts, segs = V._ann_layout(V.open_db(uri).open_table(VECTOR_TABLE), V.ANN_INDEX_NAME)
         assert parts is not None and parts >= parts0 - 2 and segs <= V._MAX_ANN_SEGMENTS + 1
