@@ -1207,6 +1207,8 @@ def _vector_index_type(ds: Any, key: tuple[str, str]) -> str:
         for idx in ds.describe_indices():
             if list(idx.field_names) == [VECTOR_COLUMN]:
                 found = _INDEX_TYPE_NAMES.get(str(idx.index_type), str(idx.index_type))
+        if len(_VECTOR_INDEX_TYPES) > 4096:  # one entry per table version searched: keep it bounded
+            _VECTOR_INDEX_TYPES.clear()
         _VECTOR_INDEX_TYPES[vkey] = found
     return found
 
