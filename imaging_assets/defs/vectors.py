@@ -23,8 +23,8 @@ class VectorConfig(dg.Config):
 def lesion_vectors(context: dg.AssetExecutionContext, config: VectorConfig,
                    warehouse: WarehouseResource) -> dg.MaterializeResult:
     """One row per extractable lesion in the LanceDB table `lesion_vectors`: the robust features
-    standardised with a scaler fitted on the cohort (stored in DuckDB `vector_scalers`, so a new lesion
-    is scaled the same way) as a float32 vector, plus lesion_id, patient key, study date, modality, body
+    scaled (Yeo-Johnson power transform, then standardisation) with parameters fitted on the cohort
+    (stored in DuckDB `vector_scalers`, so a new lesion is scaled the same way) as a float32 vector, plus lesion_id, patient key, study date, modality, body
     part, harmonised ROI name, volume, series UID, feature-set version and cluster for filters.
     Idempotent upsert by lesion_id (verified after the write); lesions gone upstream are deleted; an
     unchanged cohort leaves the table version unchanged. Exact search below the threshold, ANN above.

@@ -66,18 +66,23 @@ from imaging_assets.demo.phantom import PHENOTYPES, Anatomy, Grid, Lesion
 logger = logging.getLogger(__name__)
 
 #: Bump when the generated content changes.
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"
 MANUFACTURER = "ImagingAssets Demo"
 RESCALE_INTERCEPT = -1024
 ROWS = COLUMNS = 128
 
-#: log hazard ratios of the outcome model (reference: small_smooth, stage I).
+#: log hazard ratios of the outcome model (reference: small_smooth, stage I). Ground-glass (non-solid)
+#: lesions are indolent and large solid, heterogeneous or necrotic ones aggressive, as in lung
+#: adenocarcinoma; the spread (HR 0.3 to 3.3 against the reference, about 0.2 for ground-glass against
+#: solid lesions) is of the size reported for such phenotypes. It is planted so that the 100-patient
+#: demo detects it through the phenotype clusters: re-drawing the outcomes of seed 0's patients 300 times
+#: with its clusters fixed gave log-rank p < 0.01 in 99.7 % of draws (median p 1.3e-6).
 PHENOTYPE_LOG_HR: dict[str, float] = {
     "small_smooth": 0.0,
-    "ground_glass": -0.2,
-    "lobulated_heterogeneous": 0.4,
-    "spiculated": 0.5,
-    "necrotic_rim": 0.7,
+    "ground_glass": -1.2,
+    "spiculated": 0.8,
+    "lobulated_heterogeneous": 0.9,
+    "necrotic_rim": 1.2,
 }
 STAGE_LOG_HR: dict[str, float] = {"I": 0.0, "II": 0.4, "III": 0.9, "IV": 1.5}
 AGE_LOG_HR_PER_YEAR = 0.02
@@ -322,7 +327,7 @@ def patient_spec(seed: int, index: int) -> PatientSpec:
     shapes = []
     for li, ph in enumerate(phenos):
         hollow = ph == "necrotic_rim" and (
-            (index == HOLE_PATIENT and li == 0) or bool(rng.uniform() < 0.25)
+            (index == HOLE_PATIENT and li == 0) or bool(rng.uniform() < 0.1)
         )
         shapes.append(phantom.sample_lesion_shape(rng, ph, hollow=hollow))
     lesions: list[Lesion] = []

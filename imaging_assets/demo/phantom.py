@@ -10,13 +10,14 @@ Lesion phenotypes (:data:`PHENOTYPES`):
 ``small_smooth``
     small (3-6 mm) near-spherical, homogeneous soft-tissue nodule.
 ``necrotic_rim``
-    7-11 mm, enhancing rim (70-130 HU) around a low-density core. The core is fluid (0-25 HU, part of
-    the lesion mask) or, for "hollow" (cavitating) lesions, air (-950..-850 HU) and *excluded* from the
-    mask, so the mask is a closed shell whose mid slices are rings (RTSTRUCT outer + inner contour).
+    7-11 mm, enhancing rim (90-150 HU) around a low-density core (55-75 % of the radius). The core is
+    fluid (0-25 HU, part of the lesion mask) or, for "hollow" (cavitating, 10 %) lesions, air
+    (-950..-850 HU) and *excluded* from the mask, so the mask is a closed shell whose mid slices are rings
+    (RTSTRUCT outer + inner contour).
 ``lobulated_heterogeneous``
-    7-11 mm, lobulated outline (broad bumps and dents), strongly heterogeneous texture.
+    large (9-13 mm), lobulated outline (broad bumps and dents), strongly heterogeneous texture (10-50 HU).
 ``spiculated``
-    4-7 mm core with 8-16 narrow spikes reaching 0.6-1.2 core radii further out.
+    5-8 mm core with 8-16 spikes (3-5 mm wide at the base) reaching 0.8-1.4 core radii further out.
 ``ground_glass``
     5-10 mm, low density (-700..-450 HU) heterogeneous opacity, always inside a lung.
 
@@ -395,13 +396,13 @@ def sample_lesion_shape(
         hu_base, hu_sd = rng.uniform(5.0, 60.0), rng.uniform(3.0, 10.0)
         tex = _texture(rng, rng.uniform(4.0, 8.0))
     elif phenotype == "lobulated_heterogeneous":
-        r = rng.uniform(7.0, 11.0)
+        r = rng.uniform(9.0, 13.0)
         axes = r * rng.uniform(0.8, 1.2, 3)
         n = int(rng.integers(4, 8))
         dirs = _unit_vectors(rng, n)
         w = rng.uniform(0.12, 0.3, n) * np.where(rng.uniform(size=n) < 0.7, 1.0, -0.6)
         k = rng.uniform(3.0, 6.0, n)
-        hu_base, hu_sd = rng.uniform(15.0, 60.0), rng.uniform(25.0, 45.0)
+        hu_base, hu_sd = rng.uniform(10.0, 50.0), rng.uniform(25.0, 45.0)
         tex = _texture(rng, rng.uniform(3.0, 6.0))
     elif phenotype == "necrotic_rim":
         r = rng.uniform(7.0, 11.0)
@@ -410,17 +411,17 @@ def sample_lesion_shape(
         dirs = _unit_vectors(rng, n)
         w = rng.uniform(0.02, 0.06, n)
         k = rng.uniform(2.0, 4.0, n)
-        hu_base, hu_sd = rng.uniform(70.0, 130.0), rng.uniform(8.0, 15.0)
-        core_frac = float(rng.uniform(0.45, 0.65))
+        hu_base, hu_sd = rng.uniform(90.0, 150.0), rng.uniform(8.0, 15.0)
+        core_frac = float(rng.uniform(0.55, 0.75))
         hu_core = float(rng.uniform(-950.0, -850.0) if hollow else rng.uniform(0.0, 25.0))
         tex = _texture(rng, rng.uniform(3.0, 6.0))
     elif phenotype == "spiculated":
-        r = rng.uniform(4.0, 7.0)
+        r = rng.uniform(5.0, 8.0)
         axes = r * rng.uniform(0.85, 1.15, 3)
         n = int(rng.integers(8, 17))
         dirs = _unit_vectors(rng, n)
-        w = rng.uniform(0.6, 1.2, n)
-        k = rng.uniform(60.0, 150.0, n)
+        w = rng.uniform(0.8, 1.4, n)
+        k = rng.uniform(30.0, 80.0, n)
         hu_base, hu_sd = rng.uniform(20.0, 70.0), rng.uniform(8.0, 18.0)
         tex = _texture(rng, rng.uniform(3.0, 6.0))
     elif phenotype == "ground_glass":

@@ -11,7 +11,9 @@
   ``extract`` command (one code path);
 * :mod:`~imaging_assets.features.perturb`, :mod:`~imaging_assets.features.icc`,
   :mod:`~imaging_assets.features.robust` -- perturbation chain, vectorised ICC, robust-set selection;
-* :mod:`~imaging_assets.features.quality` -- the Great Expectations suite of the feature table.
+* :mod:`~imaging_assets.features.quality` -- the Great Expectations suite of the feature table;
+* :mod:`~imaging_assets.features.scaling` -- the fitted, stored scaling (Yeo-Johnson + standardisation)
+  that turns robust features into lesion vectors.
 
 Submodules are imported explicitly (SimpleITK and pyradiomics load only when extraction is used).
 """

@@ -1,7 +1,8 @@
 """Build the ``lesion_vectors`` Lance table from the robust feature set (no Dagster here).
 
 Each extractable lesion becomes one float32 vector: its robust features (the active
-``robust_feature_sets`` version, in sorted name order) standardised with a scaler fitted on the cohort.
+``robust_feature_sets`` version, in sorted name order) scaled by a
+:class:`~imaging_assets.features.scaling.Scaler` (Yeo-Johnson, then standardisation) fitted on the cohort.
 The scaler is stored in DuckDB (``vector_scalers``, keyed by feature-set version) so a new lesion — e.g.
 the reference of a cohort query extracted from a new image — is scaled exactly the same way.
 """
@@ -22,7 +23,15 @@ logger = logging.getLogger(__name__)
 
 _SCALER_SQL = """CREATE TABLE IF NOT EXISTS vector_scalers (
     feature_set_version VARCHAR PRIMARY KEY, feature_names VARCHAR[], mean DOUBLE[], std DOUBLE[],
-    n_lesions INTEGER, fitted_at TIMESTAMP)"""
+    n_lesions INTEGER, fitted_at TIMESTAMP, center DOUBLE[], scale DOUBLE[], lambdas DOUBLE[])"""
+#: Columns added after the first release; a warehouse made before gets them (NULL: refit on next run).
+_SCALER_ADDED = ("center", "scale", "lambdas")
+
+
+def _ensure_scaler_table(con: Any) -> None:
+    con.execute(_SCALER_SQL)
+    for column in _SCALER_ADDED:
+        con.execute(f"ALTER TABLE vector_scalers ADD COLUMN IF NOT EXISTS {column} DOUBLE[]")
 
 
 class NoRobustSetError(RuntimeError):
@@ -30,20 +39,24 @@ class NoRobustSetError(RuntimeError):
 
 
 def load_scaler(con: Any, version: str | None = None):
-    """The stored :class:`~imaging_assets.store.vectors.Scaler` of a feature-set version (default: the
-    active one), or None."""
+    """The stored :class:`~imaging_assets.features.scaling.Scaler` of a feature-set version (default: the
+    active one), or None (none stored, or one stored before the power transform existed: the vectors
+    must be rebuilt by materializing ``lesion_vectors``)."""
+    from imaging_assets.features.scaling import Scaler
     from imaging_assets.store.robustness import _has_table
-    from imaging_assets.store.vectors import Scaler
 
     if not _has_table(con, "vector_scalers"):
         return None
     if version is None:
         version, _ = current_robust_set(con)
-    row = con.execute("SELECT feature_names, mean, std FROM vector_scalers WHERE feature_set_version = ?",
-                      [version]).fetchone()
-    if row is None:
+    columns = {r[0] for r in con.execute("DESCRIBE vector_scalers").fetchall()}
+    if not set(_SCALER_ADDED) <= columns:
         return None
-    return Scaler(list(row[0]), np.asarray(row[1], dtype=float), np.asarray(row[2], dtype=float))
+    row = con.execute("SELECT feature_names, center, scale, lambdas, mean, std FROM vector_scalers "
+                      "WHERE feature_set_version = ?", [version]).fetchone()
+    if row is None or any(v is None for v in row):
+        return None
+    return Scaler(list(row[0]), *(np.asarray(v, dtype=float) for v in row[1:]))
 
 
 def build_lesion_vectors(database: str | Path, lance_uri: str, exact_threshold: int = 100_000) -> dict[str, Any]:
@@ -60,12 +73,13 @@ def build_lesion_vectors(database: str | Path, lance_uri: str, exact_threshold: 
     NoRobustSetError
         When ``robust_feature_set`` has not produced a set yet, or the set is empty.
     """
-    from imaging_assets.store.vectors import fit_scaler, sync_vectors
+    from imaging_assets.features.scaling import fit_scaler
+    from imaging_assets.store.vectors import sync_vectors
 
     t0 = time.perf_counter()
     with connect(database) as con:
         ensure_robustness_schema(con)
-        con.execute(_SCALER_SQL)
+        _ensure_scaler_table(con)
         version, features = current_robust_set(con)
         if not version or not features:
             raise NoRobustSetError("no robust feature set yet (or it is empty): materialize robust_feature_set "
@@ -95,12 +109,15 @@ def build_lesion_vectors(database: str | Path, lance_uri: str, exact_threshold: 
             "cluster": clusters.get(lid),
         })
     with connect(database) as con:
-        con.execute(_SCALER_SQL)
+        _ensure_scaler_table(con)
+        stored = scaler.to_dict()
         with transaction(con):
             con.execute("DELETE FROM vector_scalers WHERE feature_set_version = ?", [version])
-            con.execute("INSERT INTO vector_scalers VALUES (?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'))",
-                        [version, list(features), [float(x) for x in scaler.mean], [float(x) for x in scaler.std],
-                         len(ids)])
+            con.execute(
+                "INSERT INTO vector_scalers (feature_set_version, feature_names, mean, std, n_lesions, fitted_at, "
+                "center, scale, lambdas) VALUES (?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'), ?, ?, ?)",
+                [version, list(features), stored["mean"], stored["std"], len(ids),
+                 stored["center"], stored["scale"], stored["lambdas"]])
     report = sync_vectors(lance_uri, rows, dim=len(features), exact_threshold=exact_threshold)
     return {
         "feature_set_version": version,

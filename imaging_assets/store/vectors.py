@@ -1,9 +1,10 @@
 """The LanceDB vector store of lesions and the similar-case search over it.
 
 One row per lesion in the table :data:`VECTOR_TABLE` (``lesion_vectors``): the reproducible ("robust")
-radiomics features, standardised with a :class:`Scaler` fitted on the cohort and stored beside the table
-(so a new lesion is scaled exactly like the cohort), as a ``fixed_size_list<float32>[dim]`` column
-``vector``, plus the metadata columns :data:`METADATA_COLUMNS` used for filters and display.
+radiomics features, scaled by a :class:`~imaging_assets.features.scaling.Scaler` fitted on the cohort
+and stored in DuckDB (so a new lesion is scaled exactly like the cohort), as a
+``fixed_size_list<float32>[dim]`` column ``vector``, plus the metadata columns :data:`METADATA_COLUMNS`
+used for filters and display.
 
 Writes (:func:`sync_vectors`)
     The new cohort is compared with the current table content *before* anything is written: row by row,
@@ -163,111 +164,6 @@ _MAX_ANN_SEGMENTS = 4  # merge the ANN index's delta segments beyond this many
 
 class VectorStoreIntegrityError(RuntimeError):
     """The vector table does not hold what was written, even after the delete+add fallback."""
-
-
-# ------------------------------------------------------------------------------------------------ scaler
-
-
-@dataclass
-class Scaler:
-    """Standardisation fitted on the cohort: ``(x - mean) / std`` per feature.
-
-    Attributes
-    ----------
-    feature_names
-        Feature order of the vector (the robust feature set).
-    mean, std
-        Per-feature mean and population standard deviation (``ddof=0``) of the cohort.
-    """
-
-    feature_names: list[str]
-    mean: np.ndarray
-    std: np.ndarray
-
-    def __post_init__(self) -> None:
-        self.feature_names = [str(n) for n in self.feature_names]
-        self.mean = np.asarray(self.mean, dtype=np.float64).reshape(-1)
-        self.std = np.asarray(self.std, dtype=np.float64).reshape(-1)
-        p = len(self.feature_names)
-        if self.mean.shape != (p,) or self.std.shape != (p,):
-            raise ValueError(
-                f"Scaler: {p} feature names but mean has shape {self.mean.shape} and std {self.std.shape}"
-            )
-
-    @property
-    def dim(self) -> int:
-        """Vector dimension (number of features)."""
-        return len(self.feature_names)
-
-    def transform(self, values: np.ndarray) -> np.ndarray:
-        """Standardise feature values into float32 vectors.
-
-        Parameters
-        ----------
-        values
-            ``(n, dim)`` or ``(dim,)`` array in :attr:`feature_names` order.
-
-        Returns
-        -------
-        numpy.ndarray
-            float32 array of the same shape. A feature with ``std`` 0 (or not finite) is divided by 1.
-            Missing values (NaN, ±inf) become 0 after scaling, i.e. the cohort mean: a missing feature
-            neither attracts nor repels neighbours.
-        """
-        x = np.asarray(values, dtype=np.float64)
-        if x.shape[-1:] != (self.dim,) or x.ndim not in (1, 2):
-            raise ValueError(f"Scaler.transform: expected shape (n, {self.dim}) or ({self.dim},), got {x.shape}")
-        std = np.where(np.isfinite(self.std) & (self.std > 0), self.std, 1.0)
-        mean = np.where(np.isfinite(self.mean), self.mean, 0.0)
-        z = (x - mean) / std
-        z[~np.isfinite(z)] = 0.0
-        return z.astype(np.float32)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form (lists of floats) for storage beside the table or in asset metadata."""
-        return {
-            "feature_names": list(self.feature_names),
-            "mean": [float(v) for v in self.mean],
-            "std": [float(v) for v in self.std],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Scaler:
-        """Inverse of :meth:`to_dict`."""
-        missing = {"feature_names", "mean", "std"} - set(data)
-        if missing:
-            raise ValueError(f"Scaler.from_dict: missing keys {sorted(missing)}")
-        return cls(list(data["feature_names"]), np.asarray(data["mean"], float), np.asarray(data["std"], float))
-
-
-def fit_scaler(values: np.ndarray, feature_names: list[str]) -> Scaler:
-    """Fit a :class:`Scaler` on the cohort, ignoring missing values.
-
-    Parameters
-    ----------
-    values
-        ``(n, p)`` feature matrix (NaN = missing).
-    feature_names
-        The ``p`` feature names, in column order.
-
-    Returns
-    -------
-    Scaler
-        NaN-aware mean and standard deviation (``ddof=0``). A feature with no finite value gets mean 0;
-        a constant or all-missing feature gets std 1 (so it scales to 0 rather than to inf).
-    """
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] != len(feature_names):
-        raise ValueError(f"fit_scaler: values shape {x.shape} does not match {len(feature_names)} feature names")
-    x = np.where(np.isfinite(x), x, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        counts = np.sum(~np.isnan(x), axis=0)
-        sums = np.nansum(x, axis=0)
-        mean = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
-        sq = np.nansum((x - mean) ** 2, axis=0)
-        std = np.sqrt(np.where(counts > 0, sq / np.maximum(counts, 1), 1.0))
-    std = np.where(std > 0, std, 1.0)
-    return Scaler(list(feature_names), mean, std)
 
 
 # ------------------------------------------------------------------------------------------------ schema
@@ -1241,7 +1137,8 @@ def find_similar(
         Where the table lives (:func:`open_db`).
     query
         A ``lesion_id`` (its stored vector is the query; with ``exclude_self`` the lesion itself is left
-        out) or a standardised vector (:meth:`Scaler.transform` of raw features).
+        out) or a scaled vector (:meth:`~imaging_assets.features.scaling.Scaler.transform` of raw
+        features).
     k
         Number of neighbours.
     where

@@ -1,4 +1,4 @@
-"""LanceDB vector store: scaler, idempotent sync with the merge_insert guard, search, ANN policy, DuckDB."""
+"""LanceDB vector store: idempotent sync with the merge_insert guard, search, ANN policy, DuckDB."""
 
 from __future__ import annotations
 
@@ -15,11 +15,9 @@ from imaging_assets.store import vectors as V
 from imaging_assets.store.vectors import (
     METADATA_COLUMNS,
     VECTOR_TABLE,
-    Scaler,
     VectorStoreIntegrityError,
     filters_to_where,
     find_similar,
-    fit_scaler,
     register_duckdb_views,
     sync_vectors,
     table_version,
@@ -74,34 +72,7 @@ def brute_force(table: pa.Table, q: np.ndarray, k: int, mask: np.ndarray | None 
     return ids[order].tolist(), d[order]
 
 
-# ------------------------------------------------------------------------------------------------ scaler
-
-
-def test_scaler_round_trip_and_transform() -> None:
-    rng = np.random.default_rng(1)
-    x = rng.normal(5, 3, size=(200, 4))
-    sc = fit_scaler(x, ["a", "b", "c", "d"])
-    np.testing.assert_allclose(sc.mean, x.mean(axis=0))
-    np.testing.assert_allclose(sc.std, x.std(axis=0, ddof=0))
-    z = sc.transform(x)
-    assert z.dtype == np.float32 and z.shape == x.shape
-    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-5)
-    back = Scaler.from_dict(sc.to_dict())
-    assert back.feature_names == sc.feature_names
-    np.testing.assert_array_equal(back.transform(x), z)
-    assert sc.transform(x[0]).shape == (4,)
-    with pytest.raises(ValueError, match="expected shape"):
-        sc.transform(x[:, :3])
-
-
-def test_scaler_nan_and_constant_features() -> None:
-    x = np.array([[1.0, 7.0, np.nan], [3.0, 7.0, np.nan], [np.nan, 7.0, np.nan]])
-    sc = fit_scaler(x, ["f", "const", "missing"])
-    assert sc.mean[0] == pytest.approx(2.0) and sc.std[0] == pytest.approx(1.0)  # NaN ignored, ddof=0
-    assert sc.std[1] == 1.0 and sc.mean[2] == 0.0 and sc.std[2] == 1.0
-    z = sc.transform(np.array([[np.nan, 7.0, 5.0], [3.0, np.inf, np.nan]]))
-    np.testing.assert_array_equal(z, np.array([[0.0, 0.0, 5.0], [1.0, 0.0, 0.0]], np.float32))
-    assert np.all(np.isfinite(z))
+# ------------------------------------------------------------------------------------------------ schema
 
 
 def test_vector_schema() -> None:
