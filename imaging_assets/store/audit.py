@@ -35,14 +35,21 @@ def record(database: str | Path, action: str, query: str, params: dict[str, Any]
            table_versions: dict[str, Any] | None = None, n_rows: int | None = None, status: str = "ok",
            user: str | None = None) -> str:
     """Append one audit row (its own short write transaction) and return its id."""
+    with connect(database) as con:
+        return record_on(con, action, query, params, table_versions, n_rows, status, user)
+
+
+def record_on(con: Any, action: str, query: str, params: dict[str, Any] | None = None,
+              table_versions: dict[str, Any] | None = None, n_rows: int | None = None, status: str = "ok",
+              user: str | None = None) -> str:
+    """:func:`record` on an open read-write connection (one statement: committed on its own)."""
     import uuid
 
     audit_id = uuid.uuid4().hex
-    with connect(database) as con:
-        con.execute(AUDIT_DDL)
-        con.execute(
-            "INSERT INTO audit_log VALUES (?, (now() AT TIME ZONE 'UTC'), ?, ?, ?, ?, ?, ?, ?)",
-            [audit_id, user or current_user(), action, query, json.dumps(params or {}, default=str, sort_keys=True),
-             json.dumps(table_versions or {}, default=str, sort_keys=True), n_rows, status],
-        )
+    con.execute(AUDIT_DDL)
+    con.execute(
+        "INSERT INTO audit_log VALUES (?, (now() AT TIME ZONE 'UTC'), ?, ?, ?, ?, ?, ?, ?)",
+        [audit_id, user or current_user(), action, query, json.dumps(params or {}, default=str, sort_keys=True),
+         json.dumps(table_versions or {}, default=str, sort_keys=True), n_rows, status],
+    )
     return audit_id

@@ -62,15 +62,27 @@ def search(database: str | Path, lance_uri: str, lesion_id: str | None = None, v
            k: int = 10, filters: dict[str, Any] | None = None, version: int | None = None,
            action: str = "search", extra_params: dict[str, Any] | None = None,
            exclude_self: bool = True) -> list[dict[str, Any]]:
-    """k most similar lesions (L2 on standardised robust features), audited.
+    """k most similar lesions (L2 on the scaled robust features), audited.
 
     Exactly one of ``lesion_id`` / ``vector`` is given; ``version`` searches an older table version.
     """
-    from imaging_assets.store.vectors import find_similar, table_version
+    with connect(database) as con:
+        return _search_on(con, lance_uri, lesion_id, vector, k, filters, version, action, extra_params,
+                          exclude_self)
 
+
+def _search_on(con: Any, lance_uri: str, lesion_id: str | None, vector: np.ndarray | None, k: int,
+               filters: dict[str, Any] | None, version: int | None, action: str,
+               extra_params: dict[str, Any] | None, exclude_self: bool) -> list[dict[str, Any]]:
+    """:func:`search` on one open read-write DuckDB connection (robust-set version, then the audit row).
+
+    One connection per search: opening a DuckDB file costs ~10 ms, the Lance search itself ~3 ms. The
+    write lock is held for the search's few milliseconds only.
+    """
     import hashlib
 
     from imaging_assets.store.robustness import current_robust_set
+    from imaging_assets.store.vectors import find_similar, table_version
 
     if (lesion_id is None) == (vector is None):
         raise ValueError("give either a lesion_id or a vector")
@@ -82,16 +94,15 @@ def search(database: str | Path, lance_uri: str, lesion_id: str | None = None, v
         params["vector"] = [round(float(x), 6) for x in vec]
     # pin the table version first: the audit names exactly the version that was searched
     pinned = version if version is not None else table_version(lance_uri)
-    with connect(database, read_only=True) as con:
-        fs_version, _ = current_robust_set(con)
+    fs_version, _ = current_robust_set(con)
     versions = {"lesion_vectors": pinned, "robust_feature_set": fs_version}
     try:
         rows = find_similar(lance_uri, lesion_id if lesion_id is not None else np.asarray(vector, np.float32),
                             k=k, filters=filters or None, version=pinned, exclude_self=exclude_self)
     except Exception as exc:
-        audit.record(database, action, "find_similar", params, versions, 0, status=f"error: {exc}")
+        audit.record_on(con, action, "find_similar", params, versions, 0, status=f"error: {exc}")
         raise
-    audit.record(database, action, "find_similar", params, versions, len(rows))
+    audit.record_on(con, action, "find_similar", params, versions, len(rows))
     return rows
 
 
@@ -142,14 +153,13 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
         patient = row[0]["patient_key"]
         if patient is not None:  # fetch enough rows to still return k after dropping the patient's own
             extra = ds.count_rows(filter=f"patient_key = {sql_string(patient)}")
-    rows = search(database, lance_uri, lesion_id=lesion_id, vector=vector, k=k + extra, filters=where,
-                  version=version, exclude_self=exclude_same_patient,
-                  extra_params={"k_requested": k, "exclude_same_patient": exclude_same_patient})
-    if patient is not None:
-        rows = [r for r in rows if r.get("patient_key") != patient]
-    rows = rows[:k]
-    ids = [r["lesion_id"] for r in rows]
-    with connect(database, read_only=True) as con:
+    with connect(database) as con:  # one connection: robust-set version, audit row, lesion metadata
+        rows = _search_on(con, lance_uri, lesion_id, vector, k + extra, where, version, "search",
+                          {"k_requested": k, "exclude_same_patient": exclude_same_patient}, exclude_same_patient)
+        if patient is not None:
+            rows = [r for r in rows if r.get("patient_key") != patient]
+        rows = rows[:k]
+        ids = [r["lesion_id"] for r in rows]
         meta = {r[0]: r[1:] for r in con.execute(
             "SELECT lesion_id, segment_number, raw_label FROM lesions WHERE list_contains(?, lesion_id)",
             [ids]).fetchall()}
