@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/search.py [--cases radiomics,hard,deep] [--rows N] [--queries 200]
         [--warmup 100] [--index-type IVF_SQ|IVF_PQ|IVF_HNSW_SQ] [--sweep 5:1,10:None,10:2] [--quick] [--keep DIR]
+        [--exact-sizes 10000,100000]
 
 Three data sets, each printed with, measured in the same run:
 
@@ -20,6 +21,8 @@ Three data sets, each printed with, measured in the same run:
   queries (unfiltered), which is several times slower;
 * recall@10 of ``find_similar`` against that exact search (same filter);
 * a sweep of ``nprobes`` / ``refine_factor`` (unfiltered and filtered);
+* for ``radiomics``: exact search (no ANN index, a flat scan) at 10k, 100k and all rows: the measurement
+  behind the index policy's ``exact_threshold``;
 * a final line per case: each target PASS/FAIL, computed from the figures above.
 
 Data (standardised like the stored vectors; queries are stored vectors plus N(0, 0.05²) noise):
@@ -38,8 +41,8 @@ Targets (from the issue, checked on every case, set for ``radiomics``): recall@1
 and p99 <= 10 ms unfiltered; recall@10 >= 0.95 with the filter; >= 10x faster than numpy brute force
 (p50 ratio, unfiltered, against both numpy forms; the filtered ratio is printed beside it).
 
-``--quick``: 100,000 / 100,000 / 20,000 rows, 60 queries after 20 warm-up ones (the ANN index is then built
-from 20,000 rows instead of the policy's 100,000).
+``--quick``: 100,000 / 100,000 / 20,000 rows, 60 queries after 20 warm-up ones. The ANN index is always
+built, whatever the row count (the timings are those of the index).
 """
 
 from __future__ import annotations
@@ -208,8 +211,32 @@ def ids_of(hits: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ one case
+def exact_search_latency(case: Case, uri: Path, table, dim: int, sizes: list[int], queries: np.ndarray,
+                         warmup: np.ndarray, root: Path, n_timed: int = 30) -> None:
+    """p50 / p99 of ``find_similar`` without an ANN index (exact: a flat scan) at each table size.
+
+    This is what the index policy's ``exact_threshold`` (default 100,000 rows) is set from: below it a flat
+    scan is still a few milliseconds and exact, above it the scan grows linearly past interactive latency.
+    The full-size table is the one just written; smaller sizes are its first rows, written apart.
+    """
+    cells = []
+    for size in sizes:
+        sub = uri if size == len(table) else root / f"{case.name}-exact-{size}"
+        if sub != uri:
+            V.sync_vectors(sub, table.slice(0, size), dim, exact_threshold=size + 1)
+        lat, _ = timed(lambda q, u=sub: ids_of(V.find_similar(u, q, k=K)), queries[:n_timed], warmup[:3])
+        p50, p99 = pct(lat)
+        cells.append(f"{size:,} rows {p50:.1f} / {p99:.1f} ms")
+        if sub != uri:
+            V._DATASETS.clear()
+            shutil.rmtree(sub, ignore_errors=True)
+    print(f"exact search (no ANN index, flat scan), p50 / p99 over {min(n_timed, len(queries))} queries: "
+          + ";  ".join(cells) + f"  -> policy: exact below {V.default_exact_threshold(dim):,} rows at dim {dim}")
+
+
 def run_case(case: Case, rows: int, n_queries: int, n_warm: int, index_type: str,
-             sweep: list[tuple[int, int | None]], root: Path, seed: int) -> dict[str, float]:
+             sweep: list[tuple[int, int | None]], root: Path, seed: int,
+             exact_sizes: list[int] | None = None) -> dict[str, float]:
     n, dim = rows, case.dim
     print(f"\n=== {case.name}: {n:,} x {dim} "
           f"({'isotropic' if case.latent is None else f'{case.latent}-d latent'} 64-cluster mixture)")
@@ -227,10 +254,12 @@ def run_case(case: Case, rows: int, n_queries: int, n_warm: int, index_type: str
     t0 = time.perf_counter()
     V.sync_vectors(uri, table, dim, exact_threshold=n + 1)  # write + verification + scalar indexes, no ANN yet
     t_write = time.perf_counter() - t0
+    if exact_sizes:
+        exact_search_latency(case, uri, table, dim, [m for m in exact_sizes if m < n] + [n], queries, warmup, root)
     del table
     gc.collect()
     tbl = V.open_db(uri).open_table(V.VECTOR_TABLE)
-    threshold = min(100_000, n)  # the policy's threshold (lower in --quick runs, so an index is built)
+    threshold = min(V.default_exact_threshold(dim), n)  # the policy's threshold (an index is always built here)
     t0 = time.perf_counter()
     built, _ = V._maintain_indexes(tbl, n, dim, threshold, index_type, {})
     t_index = time.perf_counter() - t0
@@ -311,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small tables and 60 queries")
     ap.add_argument("--keep", type=Path, help="write the tables under this folder (not removed)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exact-sizes", default="10000,100000",
+                    help="for the radiomics case: also time exact search (no ANN index) on this many first rows "
+                         "(and on the full table): where the index policy's exact_threshold comes from ('' to skip)")
     args = ap.parse_args(argv)
 
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -323,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in (s for s in args.sweep.split(",") if s):
         npb, rf = item.split(":")
         sweep.append((int(npb), None if rf == "None" else int(rf)))
+    exact_sizes = [int(v) for v in args.exact_sizes.split(",") if v.strip()]
     import lance
     import lancedb
 
@@ -335,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             case = CASES[name]
             rows = args.rows or (case.quick_rows if args.quick else case.rows)
-            results[name] = run_case(case, rows, queries, warm, args.index_type, sweep, root, args.seed)
+            exact = exact_sizes if name == "radiomics" else None
+            results[name] = run_case(case, rows, queries, warm, args.index_type, sweep, root, args.seed, exact)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

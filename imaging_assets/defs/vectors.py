@@ -14,8 +14,10 @@ OWNERS = ["team:imaging"]
 class VectorConfig(dg.Config):
     """Index policy."""
 
-    exact_threshold: int = Field(default=100_000, description="Below this many rows searches are exact "
-                                 "(flat); above, an ANN index (IVF_PQ with refine) is built after writes.")
+    exact_threshold: int | None = Field(
+        default=None, description="Below this many rows searches are exact (flat); from it on, an ANN index "
+        "(IVF_SQ with exact re-ranking) is kept up to date after writes. Default: 3,500,000 / vector dimension "
+        "rows, clipped to [5,000, 100,000] (a flat scan stays near 10 ms).")
 
 
 @dg.asset(deps=[robust_feature_set, "radiomics_features"], group_name=GROUP, kinds={"python", "lancedb"},
@@ -24,8 +26,9 @@ def lesion_vectors(context: dg.AssetExecutionContext, config: VectorConfig,
                    warehouse: WarehouseResource) -> dg.MaterializeResult:
     """One row per extractable lesion in the LanceDB table `lesion_vectors`: the robust features
     scaled (Yeo-Johnson power transform, then standardisation) with parameters fitted on the cohort
-    (stored in DuckDB `vector_scalers`, so a new lesion is scaled the same way) as a float32 vector, plus lesion_id, patient key, study date, modality, body
-    part, harmonised ROI name, volume, series UID, feature-set version and cluster for filters.
+    (stored in DuckDB `vector_scalers`, so a new lesion is scaled the same way) as a float32 vector,
+    plus lesion_id, patient key, study date, modality, body part, harmonised ROI name, volume, series
+    UID, feature-set version and cluster for filters.
     Idempotent upsert by lesion_id (verified after the write); lesions gone upstream are deleted; an
     unchanged cohort leaves the table version unchanged. Exact search below the threshold, ANN above.
     Read it from DuckDB SQL with `imaging-assets sql` (registered as the view `lesion_vectors`).

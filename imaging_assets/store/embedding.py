@@ -59,7 +59,8 @@ def load_scaler(con: Any, version: str | None = None):
     return Scaler(list(row[0]), *(np.asarray(v, dtype=float) for v in row[1:]))
 
 
-def build_lesion_vectors(database: str | Path, lance_uri: str, exact_threshold: int = 100_000) -> dict[str, Any]:
+def build_lesion_vectors(database: str | Path, lance_uri: str,
+                         exact_threshold: int | None = None) -> dict[str, Any]:
     """Standardise the robust features of every extractable lesion and sync them into LanceDB.
 
     Returns

@@ -419,6 +419,21 @@ def test_ann_index_dropped_below_threshold(tmp_path: Path) -> None:
     assert [h["lesion_id"] for h in find_similar(uri, q, k=5)] == ids
 
 
+def test_default_exact_threshold_follows_the_dimension(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a flat scan costs rows x dim: the threshold keeps that product near EXACT_SCAN_BUDGET
+    assert V.default_exact_threshold(128) == V.EXACT_SCAN_BUDGET // 128 == 27_343
+    assert V.default_exact_threshold(8) == 100_000 and V.default_exact_threshold(4096) == 5_000
+    assert V.default_exact_threshold(256) < V.default_exact_threshold(128)
+    # sync_vectors without a threshold asks it (here made small): below it exact search, from it on ANN
+    asked: list[int] = []
+    monkeypatch.setattr(V, "default_exact_threshold", lambda dim: asked.append(dim) or 1000)
+    uri = tmp_path / "lance"
+    table = cohort(1200, seed=9)
+    assert sync_vectors(uri, table.slice(0, 700), DIM).index == "none"
+    assert sync_vectors(uri, table, DIM).index == V.DEFAULT_INDEX_TYPE
+    assert asked == [DIM, DIM]
+
+
 def test_ivf_pq_params() -> None:
     assert V.ivf_pq_params(1_000_000, 32) == {
         "num_partitions": 1000, "target_partition_size": 1000, "num_sub_vectors": 8
