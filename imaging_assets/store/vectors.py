@@ -34,10 +34,10 @@ The ``cluster`` column
 
 Index policy (see ``benchmarks/search.py`` for the measurements behind it)
     * Below ``exact_threshold`` rows no vector index: exact (flat) search. The default,
-      :func:`default_exact_threshold`, keeps a flat scan near 10 ms: it is linear in rows x dimensions
-      (measured ~2.8 ms per million float32 values on 2 cores: 3.1 ms at 10k x 128, 36 ms at 100k x 128),
-      so the threshold is :data:`EXACT_SCAN_BUDGET` / ``dim`` rows, clipped to [5,000, 100,000] (27,343
-      rows at 128 dimensions).
+      :func:`default_exact_threshold`, keeps a flat scan under ~10 ms: it is linear in rows x dimensions
+      (measured on 2 cores: 2.8-3.1 ms at 10k x 128, 14-36 ms at 100k x 128, 314 ms at 1M x 128), so the
+      threshold is :data:`EXACT_SCAN_BUDGET` / ``dim`` rows, clipped to [5,000, 100,000] (27,343 rows at
+      128 dimensions).
     * At or above it an ANN index, ``IVF_SQ`` by default: IVF with :data:`IVF_PARTITION_SIZE` (4096) rows
       per partition and 8-bit scalar quantization of every dimension. At 1M x 128 radiomics-shaped
       vectors it builds in ~5-10 s on 2 cores (IVF_PQ: 31-36 s) and, probing 10 partitions and re-ranking
