@@ -2,11 +2,13 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/extraction.py [--pool-lesions 20] [--workers 2] [--skip-native]
+    .venv/bin/python benchmarks/extraction.py [--pool-lesions 20] [--workers 2] [--skip-native] [--cases DIR]
 
 Printed, in one run:
 
-(1) per lesion (lung1, lung2, brain1 from ``../shared/data/pyradiomics-cases`` and a demo lesion), with the
+(1) per lesion (lung1, lung2, brain1: pyradiomics' test cases ``<case>_image.nrrd`` / ``<case>_label.nrrd``
+    in ``--cases DIR``, default the environment variable ``IMAGING_ASSETS_PYRADIOMICS_CASES``; skipped
+    with a message when absent; and a demo lesion), with the
     modality preset (CT for lung and demo, MR for brain): stock ``RadiomicsFeatureExtractor.execute`` on the
     whole image (seconds), ``features.extract.extract_lesion`` (seconds), the ratio (target >= 10) and the
     max relative difference over all features (target <= 1e-4; absolute floor 1e-6 x the largest value of
@@ -26,6 +28,7 @@ CT with 20 mm lesions.
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 import tempfile
@@ -44,7 +47,10 @@ from imaging_assets.features.extract import (
 )
 from imaging_assets.features.params import load_params
 
-CASES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pyradiomics-cases"
+def default_cases_dir() -> Path | None:
+    """``IMAGING_ASSETS_PYRADIOMICS_CASES`` (pyradiomics' test cases: its wheel does not ship them)."""
+    env = os.environ.get("IMAGING_ASSETS_PYRADIOMICS_CASES")
+    return Path(env) if env else None
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool-lesions", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-native", action="store_true", help="only the presets, no native-grid rows")
+    ap.add_argument("--cases", type=Path, default=default_cases_dir(),
+                    help="folder with lung1/lung2/brain1 <case>_image.nrrd and <case>_label.nrrd")
     args = ap.parse_args(argv)
     logging.getLogger("radiomics").setLevel(logging.ERROR)
 
@@ -159,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for case, preset in (("lung1", "ct"), ("lung2", "ct"), ("brain1", "mr")):
-        img, lab = CASES_DIR / f"{case}_image.nrrd", CASES_DIR / f"{case}_label.nrrd"
-        if img.is_file() and lab.is_file():
+        img, lab = (Path(args.cases or ".") / f"{case}_{kind}.nrrd" for kind in ("image", "label"))
+        if args.cases and img.is_file() and lab.is_file():
             rows.append((case, sitk.ReadImage(str(img)), sitk.ReadImage(str(lab)), 1, preset))
         else:
-            print(f"(skipping {case}: not in {CASES_DIR})")
+            print(f"(skipping {case}: no {img.name} and {lab.name} in {args.cases}; pass --cases DIR)")
     rows.append((f"demo-label{demo_label}", demo_image, demo_mask, demo_label, "ct"))
 
     print("== (1) per lesion: stock pyradiomics on the whole image vs project extraction")
