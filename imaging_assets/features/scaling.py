@@ -33,25 +33,17 @@ LAMBDA_BOUND = 3.0
 
 
 def yeo_johnson(u: np.ndarray, lam: np.ndarray) -> np.ndarray:
-    """The Yeo-Johnson transform, per column ``j`` with ``lam[j]``; NaN stays NaN."""
+    """:func:`scipy.stats.yeojohnson` per feature: column ``j`` of ``u`` (one row if 1-D) with ``lam[j]``."""
+    from scipy import stats
+
     u = np.asarray(u, dtype=np.float64)
-    lam = np.broadcast_to(np.asarray(lam, dtype=np.float64), u.shape[-1:])
-    out = np.empty_like(u)
-    pos = u >= 0
+    rows = np.atleast_2d(u)
+    lam = np.broadcast_to(np.asarray(lam, dtype=np.float64), rows.shape[1:])
+    out = np.empty_like(rows)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        lam_b = np.broadcast_to(lam, u.shape)
-        # u >= 0: ((u + 1)^lam - 1) / lam, log1p(u) at lam = 0
-        near0 = np.abs(lam_b) < 1e-12
-        a = np.where(near0, np.log1p(np.where(pos, u, 0.0)),
-                     (np.power(np.where(pos, u, 0.0) + 1.0, lam_b) - 1.0) / np.where(near0, 1.0, lam_b))
-        # u < 0: -((1 - u)^(2 - lam) - 1) / (2 - lam), -log1p(-u) at lam = 2
-        near2 = np.abs(lam_b - 2.0) < 1e-12
-        neg_u = np.where(pos, 0.0, -u)
-        b = np.where(near2, -np.log1p(neg_u),
-                     -(np.power(neg_u + 1.0, 2.0 - lam_b) - 1.0) / np.where(near2, 1.0, 2.0 - lam_b))
-    out = np.where(pos, a, b)
-    out[np.isnan(u)] = np.nan
-    return out
+        for j in range(rows.shape[1]):
+            out[:, j] = stats.yeojohnson(rows[:, j], lam[j])  # NaN stays NaN
+    return out.reshape(u.shape)
 
 
 @dataclass

@@ -9,11 +9,14 @@ from scipy import stats
 from imaging_assets.features.scaling import Scaler, fit_scaler, yeo_johnson
 
 
-@pytest.mark.parametrize("lam", [-1.5, 0.0, 0.4, 1.0, 2.0, 2.8])
-def test_yeo_johnson_equals_scipy(lam):
-    u = np.random.default_rng(3).normal(0, 4, 200)
-    np.testing.assert_allclose(yeo_johnson(u[:, None], [lam])[:, 0], stats.yeojohnson(u, lam), rtol=1e-10)
-    assert np.isnan(yeo_johnson(np.array([[np.nan]]), [lam])[0, 0])
+@pytest.mark.parametrize("lam", [-1.5, 0.0, 0.4, 2.0, 2.8])
+def test_yeo_johnson_applies_each_feature_its_own_lambda(lam):
+    u = np.random.default_rng(3).normal(0, 4, (200, 2))
+    y = yeo_johnson(u, [lam, 1.0])
+    np.testing.assert_allclose(y[:, 0], stats.yeojohnson(u[:, 0], lam), rtol=1e-12)
+    np.testing.assert_allclose(y[:, 1], u[:, 1], rtol=1e-12)  # lambda 1 is the identity
+    np.testing.assert_allclose(yeo_johnson(u[0], [lam, 1.0]), y[0], rtol=1e-12)  # one row, 1-D
+    assert np.isnan(yeo_johnson(np.array([[np.nan, 1.0]]), [lam, 1.0])[0, 0])
 
 
 def test_scaler_round_trip_and_transform():
