@@ -31,6 +31,11 @@ the image, taken with SimpleITK ``RegionOfInterest`` (physical origin, spacing a
 Shape features use the unpadded bounding box and are identical; the only differences left are the IIR
 filters' tails (and the B-spline prefilter's), far below the features' precision.
 
+The feature classes are pyradiomics' own with four hot spots vectorised
+(:mod:`imaging_assets.features.fastclasses`: binning, feature-name enumeration, the GLCM sum/difference
+distributions, the cluster features); they change values only in the last bits (relative < 1e-12) and
+take 30-45 % off a small lesion's time.
+
 Batches
 -------
 :func:`extract_many` runs :class:`ExtractionJob` s in a process pool sized to the machine. A job carries a
@@ -102,12 +107,15 @@ _EXTRACTORS: dict[str, Any] = {}
 
 
 def _extractor(params: Mapping[str, Any], phash: str) -> Any:
-    """A pyradiomics extractor for ``params`` (cached per params hash; never mutated by callers)."""
+    """A :class:`~imaging_assets.features.fastclasses.FastFeatureExtractor` for ``params``.
+
+    Cached per params hash; never mutated by callers.
+    """
     ex = _EXTRACTORS.get(phash)
     if ex is None:
-        from radiomics.featureextractor import RadiomicsFeatureExtractor
+        from imaging_assets.features.fastclasses import FastFeatureExtractor
 
-        ex = RadiomicsFeatureExtractor(copy.deepcopy(dict(params)))
+        ex = FastFeatureExtractor(copy.deepcopy(dict(params)))
         if len(_EXTRACTORS) >= 16:
             _EXTRACTORS.pop(next(iter(_EXTRACTORS)))
         _EXTRACTORS[phash] = ex
@@ -335,7 +343,8 @@ def extract_lesion(
         ``None`` for ``data/params/default.yaml``.
     crop : bool
         Crop to the bounding box plus the filters' margin first (see the module docstring for why this
-        gives the stock values). ``False`` runs stock pyradiomics on the whole image.
+        gives the stock values). ``False`` runs pyradiomics on the whole image (with the
+        :mod:`~imaging_assets.features.fastclasses` feature classes, as the crop does).
 
     Returns
     -------
