@@ -116,6 +116,9 @@ def _extractor(params: Mapping[str, Any], phash: str) -> Any:
         from imaging_assets.features.fastclasses import FastFeatureExtractor
 
         ex = FastFeatureExtractor(copy.deepcopy(dict(params)))
+        # pyradiomics' diagnostics (hashes and statistics of the crop) cost ~3 % and nothing reads them:
+        # provenance is content_hash() of the region, the params hash and the versions.
+        ex.settings["additionalInfo"] = False
         if len(_EXTRACTORS) >= 16:
             _EXTRACTORS.pop(next(iter(_EXTRACTORS)))
         _EXTRACTORS[phash] = ex
@@ -129,16 +132,9 @@ def _execute(extractor: Any, image: sitk.Image, mask: sitk.Image, label: int) ->
         return extractor.execute(image, mask, label=int(label))
 
 
-def _split(result: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    """pyradiomics' ordered result -> (features as float, diagnostics_* entries)."""
-    features: dict[str, float] = {}
-    diagnostics: dict[str, Any] = {}
-    for key, value in result.items():
-        if key.startswith("diagnostics_"):
-            diagnostics[key] = value
-        else:
-            features[key] = float(value)
-    return features, diagnostics
+def _features(result: Mapping[str, Any]) -> dict[str, float]:
+    """pyradiomics' ordered result -> features as float (``diagnostics_*`` entries dropped)."""
+    return {key: float(value) for key, value in result.items() if not key.startswith("diagnostics_")}
 
 
 def _label_map(mask: sitk.Image, settings: Mapping[str, Any]) -> sitk.Image:
@@ -231,8 +227,6 @@ class LesionExtraction:
     ----------
     features : dict of str to float
         pyradiomics features keyed by pyradiomics' names (``original_firstorder_Mean``, ...).
-    diagnostics : dict
-        pyradiomics' ``diagnostics_*`` entries (of the cropped run: sizes and hashes refer to the crop).
     params_hash : str
         :func:`~imaging_assets.features.params.params_hash` of the parameters used.
     image_hash, mask_hash : str
@@ -244,7 +238,6 @@ class LesionExtraction:
     """
 
     features: dict[str, float]
-    diagnostics: dict[str, Any]
     params_hash: str
     image_hash: str
     mask_hash: str
@@ -260,7 +253,7 @@ def extract_lesion_detailed(
     params: ParamsLike = None,
     crop: bool = True,
 ) -> LesionExtraction:
-    """:func:`extract_lesion` with diagnostics, content hashes and the crop region.
+    """:func:`extract_lesion` with the params hash, content hashes and the crop region.
 
     Parameters and exceptions as for :func:`extract_lesion`.
     """
@@ -293,10 +286,9 @@ def extract_lesion_detailed(
     if margin is None:
         if crop:
             logger.info("enabled filters need the whole image: extracting without crop")
-        result = _execute(base, image, mask, label)
-        features, diagnostics = _split(result)
-        return LesionExtraction(features, diagnostics, phash, content_hash(image), content_hash(mask),
-                                (0,) * len(size), size, False)
+        features = _features(_execute(base, image, mask, label))
+        return LesionExtraction(features, phash, content_hash(image), content_hash(mask), (0,) * len(size), size,
+                                False)
 
     index, extent = _crop_region(lo, hi, margin, size, wavelet_reach_voxels(p))
     whole = tuple(extent) == size
@@ -315,10 +307,8 @@ def extract_lesion_detailed(
         run_settings["resampledPixelSpacing"] = None
     runner = copy.copy(base)
     runner.settings = run_settings
-    result = _execute(runner, image_c, mask_c, label)
-    features, diagnostics = _split(result)
-    return LesionExtraction(features, diagnostics, phash, image_hash, mask_hash, tuple(index), tuple(extent),
-                            not whole)
+    features = _features(_execute(runner, image_c, mask_c, label))
+    return LesionExtraction(features, phash, image_hash, mask_hash, tuple(index), tuple(extent), not whole)
 
 
 def extract_lesion(
@@ -350,8 +340,8 @@ def extract_lesion(
     -------
     dict of str to float
         Features keyed by pyradiomics' own names (``original_shape_Elongation``,
-        ``log-sigma-1-0-mm-3D_glcm_Idm``, ``wavelet-LLH_firstorder_Mean``, ...); ``diagnostics_*`` dropped
-        (see :func:`extract_lesion_detailed`).
+        ``log-sigma-1-0-mm-3D_glcm_Idm``, ``wavelet-LLH_firstorder_Mean``, ...); no ``diagnostics_*`` entries
+        (provenance: :func:`extract_lesion_detailed`).
 
     Raises
     ------
@@ -372,7 +362,7 @@ def stock_extract(image: sitk.Image, mask: sitk.Image, label: int = 1, params: P
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
     extractor = RadiomicsFeatureExtractor(resolve_params(params))
-    return _split(_execute(extractor, image, mask, label))[0]
+    return _features(_execute(extractor, image, mask, label))
 
 
 def max_relative_difference(
