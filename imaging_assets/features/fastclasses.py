@@ -28,7 +28,6 @@ stock extractor and the stock classes are left untouched (nothing is patched glo
 from __future__ import annotations
 
 import collections
-import logging
 from functools import cache
 from typing import Any
 
@@ -36,8 +35,6 @@ import numpy as np
 from radiomics import getFeatureClasses
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 from radiomics.glcm import RadiomicsGLCM
-
-logger = logging.getLogger(__name__)
 
 
 def fixed_width_bin_edges(values: np.ndarray, bin_width: float) -> np.ndarray | list[float] | None:

@@ -260,7 +260,8 @@ def open_db(uri: str | os.PathLike[str]) -> lancedb.DBConnection:
         return con
 
 
-def _table_names(db: Any) -> list[str]:
+def table_names(db: Any) -> list[str]:
+    """Every table of a LanceDB connection (``list_tables`` is paginated)."""
     names: list[str] = []
     token = None
     while True:
@@ -276,7 +277,7 @@ def _open_table(uri: str | os.PathLike[str], table_name: str) -> lancedb.table.T
     try:
         return db.open_table(table_name)
     except (FileNotFoundError, ValueError) as exc:
-        if table_name in _table_names(db):
+        if table_name in table_names(db):
             raise
         logger.debug("no table %s at %s: %s", table_name, _uri_str(uri), exc)
         return None

@@ -6,14 +6,13 @@ themselves; the tolerance is 1e-12 relative (with the same near-zero floor as ``
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from radiomics import getFeatureClasses, imageoperations
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
+from imaging_assets.features.extract import max_relative_difference
 from imaging_assets.features.fastclasses import (
     FastFeatureExtractor,
     FastGLCM,
@@ -31,22 +30,10 @@ def _features(result: dict) -> dict[str, float]:
 
 
 def assert_close(stock: dict[str, float], fast: dict[str, float]) -> None:
+    """Same keys, and the extraction module's relative-difference rule (near-zero floor included) <= TOL."""
     assert stock.keys() == fast.keys()
-    scale: dict[str, float] = {}
-    for key, a in stock.items():
-        if math.isfinite(a):
-            group = key.rsplit("_", 1)[0]
-            scale[group] = max(scale.get(group, 1.0), abs(a))
-    bad = []
-    for key, a in stock.items():
-        b = fast[key]
-        if math.isnan(a) or math.isnan(b):
-            if not (math.isnan(a) and math.isnan(b)):
-                bad.append((key, a, b))
-            continue
-        if abs(a - b) > TOL * max(abs(a), 1e-6 * scale[key.rsplit("_", 1)[0]]):
-            bad.append((key, a, b))
-    assert not bad, f"{len(bad)} features differ: {bad[:5]}"
+    worst, where = max_relative_difference(stock, fast)
+    assert worst <= TOL, f"{where}: stock {stock[where]} vs fast {fast[where]}"
 
 
 def volume(seed: int, flat_lesion: bool = False, gaps: bool = False) -> tuple[sitk.Image, sitk.Image]:

@@ -133,15 +133,9 @@ def lance_table_names(lance_uri: str | Path) -> list[str]:
 
     if not Path(lance_uri).exists():
         return []
-    db = lancedb.connect(str(lance_uri))
-    names: list[str] = []
-    token = None
-    while True:
-        resp = db.list_tables(page_token=token)
-        names.extend(resp.tables)
-        token = getattr(resp, "page_token", None)
-        if not token:
-            return sorted(names)
+    from imaging_assets.store.vectors import table_names
+
+    return sorted(table_names(lancedb.connect(str(lance_uri))))  # a fresh connection, not the store's cached one
 
 
 def lance_table_hashes(lance_uri: str | Path) -> dict[str, tuple[int, str]]:
