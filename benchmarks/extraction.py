@@ -12,20 +12,20 @@ Printed, in one run:
     with a message when absent; ``lung1-1.25mm``: lung1 reconstructed at 1.25 mm slices, 512x512x189, the
     size of a routine thin-slice chest CT; and a demo lesion), with the modality preset (CT for lung and
     demo, MR for brain):
-    stock ``RadiomicsFeatureExtractor.execute`` on the whole image (seconds), ``features.extract.extract_lesion``
-    (seconds: the crop plus :mod:`imaging_assets.features.fastclasses`), the ratio (target >= 10), the *floor* and *ceiling*, and the max relative difference over
-    all features (target <= 1e-4; absolute floor 1e-6 x the largest value of the same image type +
-    feature class). The floor is the time the project's extraction spends in the computations that both
-    paths run on the same box (pyradiomics' C texture matrices and shape, the resampling, the LoG and
-    wavelet filters, see :func:`pyradiomics_kernel_timer`); ceiling = stock / floor is the largest ratio
-    any extraction that keeps pyradiomics' algorithms could reach on that lesion. Rows ``native``: the
-    same filters without resampling, where stock pyradiomics filters the whole image (with resampling it
-    already filters only the resampled box, so what the crop saves there is the whole-image B-spline
-    resampling and mask scans);
+    stock ``RadiomicsFeatureExtractor.execute`` on the whole image (seconds),
+    ``features.extract.extract_lesion`` (seconds: the crop plus :mod:`imaging_assets.features.fastclasses`),
+    the ratio (target >= 10), the *floor* and *ceiling*, and the max relative difference over all features
+    (target <= 1e-4; absolute floor 1e-6 x the largest value of the same image type + feature class). The
+    floor is the time the project's extraction spends in the computations that both paths run on the same
+    box (pyradiomics' C texture matrices and shape, the resampling, the LoG and wavelet filters, see
+    :func:`pyradiomics_kernel_timer`); ceiling = stock / floor is the largest ratio any extraction that
+    keeps pyradiomics' algorithms could reach on that lesion. Rows ``native``: the same filters without
+    resampling, where stock pyradiomics filters the whole image (with resampling it already filters only
+    the resampled box, so what the crop saves there is the whole-image B-spline resampling and mask scans);
 (2) the demo lesion's extraction time with every preset;
-(3) the process pool: the first ``--pool-lesions`` demo lesions (read from NRRD files by the workers) with ``workers=1`` vs
-    ``workers=N`` (default 2), each the best of two runs, wall time including the pool's start-up, and the
-    speed-up (target >= 1.7).
+(3) the process pool: the first ``--pool-lesions`` demo lesions (read from NRRD files by the workers)
+    with ``workers=1`` vs ``workers=N`` (default 2), each the best of two runs, wall time including the
+    pool's start-up, and the speed-up (target >= 1.7).
 
 Stock timings exclude building the extractor (done once beforehand); the project's timings are the best
 of two calls after a warm-up (its extractor is cached per params hash). The demo lesions come from
@@ -214,7 +214,7 @@ def time_floor(image: sitk.Image, mask: sitk.Image, label: int, params: dict) ->
 def thin_slice(image: sitk.Image, mask: sitk.Image, slice_mm: float = 1.25) -> tuple[sitk.Image, sitk.Image]:
     """The same volume reconstructed at ``slice_mm`` slices (linear image, nearest-neighbour mask).
 
-    Clinical chest CT is read at 1-1.25 mm: lung1 (48 slices of 5 mm) becomes 512x512x192, the size of a
+    Clinical chest CT is read at 1-1.25 mm: lung1 (48 slices of 5 mm) becomes 512x512x189, the size of a
     routine thin-slice study, to show how the ratio grows with the image while the lesion stays the same.
     """
     sx, sy, sz = image.GetSpacing()
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-native", action="store_true", help="only the presets, no native-grid rows")
     ap.add_argument("--skip-thin-slice", action="store_true",
-                    help="no lung1-1.25mm row (lung1 reconstructed at 1.25 mm slices: 512x512x192)")
+                    help="no lung1-1.25mm row (lung1 reconstructed at 1.25 mm slices: 512x512x189)")
     ap.add_argument("--cases", type=Path, default=default_cases_dir(),
                     help="folder with lung1/lung2/brain1 <case>_image.nrrd and <case>_label.nrrd")
     args = ap.parse_args(argv)
