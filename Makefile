@@ -1,6 +1,6 @@
 # imaging_assets — every target sets itself up from a fresh clone (virtualenv, install, demo data).
 # `make demo`  generate the demo cohort if missing and materialize every asset on it
-# `make test`  run the whole test suite
+# `make test`  lint (ruff) and run the whole test suite
 # `make dev`   the Dagster UI (http://127.0.0.1:3000) with a persistent DAGSTER_HOME under the repo
 
 SHELL := /bin/bash
@@ -51,6 +51,7 @@ demo: $(STAMP) $(DAGSTER_HOME_DIR)/dagster.yaml
 	$(BIN)/imaging-assets summary
 
 test: $(STAMP)
+	$(BIN)/ruff check imaging_assets tests benchmarks
 	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -9,7 +9,7 @@ Without ``--tree`` it writes (once, then reuses) a tree of ``--files`` small CT 
 cache is warmed first so the three measurements read the same cached bytes. Printed:
 
 (a) naive single-process ``pydicom.dcmread(stop_before_pixels=True)`` loop,
-(b) the project's full crawl into an empty warehouse (``store.ingest.refresh_catalog``: parallel header
+(b) the project's full crawl into an empty warehouse (``stages.discovery.refresh_catalog``: parallel header
     reads, quarantine, DuckDB write),
 (c) the project's re-scan of the unchanged tree (same call again),
 and the ratios a/b (target >= 2 on 2 cores) and b/c (target >= 20).
@@ -29,8 +29,8 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 
-from imaging_assets.store import ingest
-from imaging_assets.store.warehouse import duckdb_path
+from imaging_assets.stages import discovery
+from imaging_assets.store.warehouse import Warehouse
 
 SLICES_PER_SERIES = 50
 
@@ -99,19 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(a) naive dcmread(stop_before_pixels=True) loop, 1 process: {naive:8.2f} s  "
           f"({len(paths) / naive:,.0f} files/s, {n_ok} read)")
 
-    with tempfile.TemporaryDirectory() as wh:
-        db = duckdb_path(wh)
+    with tempfile.TemporaryDirectory() as tmp:
+        wh = Warehouse(Path(tmp))
         t0 = time.perf_counter()
-        full = ingest.refresh_catalog(db, [tree], workers=args.workers)
+        full = discovery.refresh_catalog(wh, [tree], workers=args.workers)
         crawl_s = time.perf_counter() - t0
         print(f"(b) project full crawl (parallel headers + quarantine + DuckDB): {crawl_s:8.2f} s  "
-              f"({full['seen'] / crawl_s:,.0f} files/s, {full['catalogued']} catalogued, "
-              f"{full['quarantined']} quarantined)")
+              f"({full.seen / crawl_s:,.0f} files/s, {full.catalogued} catalogued, "
+              f"{full.quarantined} quarantined)")
         t0 = time.perf_counter()
-        again = ingest.refresh_catalog(db, [tree], workers=args.workers)
+        again = discovery.refresh_catalog(wh, [tree], workers=args.workers)
         rescan_s = time.perf_counter() - t0
         print(f"(c) project re-scan of the unchanged tree:                    {rescan_s:8.2f} s  "
-              f"({again['read']} files read, {again['unchanged']} unchanged)")
+              f"({again.read} files read, {again.unchanged} unchanged)")
     print(f"ratio a/b (full crawl vs naive, target >= 2):   {naive / crawl_s:6.2f}x")
     print(f"ratio b/c (re-scan vs full crawl, target >= 20): {crawl_s / rescan_s:6.2f}x")
     return 0

@@ -36,8 +36,8 @@ CT with 20 mm lesions.
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -53,9 +53,11 @@ from imaging_assets.features.extract import (
     FileLesionLoader,
     extract_lesion,
     extract_many,
+    extraction_image,
     max_relative_difference,
 )
 from imaging_assets.features.params import load_params
+
 
 def default_cases_dir() -> Path | None:
     """``IMAGING_ASSETS_PYRADIOMICS_CASES`` (pyradiomics' test cases: its wheel does not ship them)."""
@@ -181,9 +183,12 @@ def pyradiomics_kernel_timer() -> Iterator[dict[str, float]]:
 
 
 def time_stock(image: sitk.Image, mask: sitk.Image, label: int, params: dict) -> tuple[float, dict[str, float]]:
+    """Stock pyradiomics on the whole image, fed the float32 image every extraction sees (the project's one
+    pixel type for every source, :func:`extraction_image`), so the comparison holds like inputs."""
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
     extractor = RadiomicsFeatureExtractor(params)
+    image = extraction_image(image)  # the cast is not timed: both sides get it
     t0 = time.perf_counter()
     result = extractor.execute(image, mask, label=label)
     elapsed = time.perf_counter() - t0

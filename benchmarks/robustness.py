@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 from imaging_assets.features.perturb import PerturbationSpec
-from imaging_assets.store import ingest
-from imaging_assets.store.features import extract_features, rebuild_lesions
-from imaging_assets.store.robustness import compute_robustness
-from imaging_assets.store.warehouse import duckdb_path
+from imaging_assets.stages import ChainSettings, run_chain
+from imaging_assets.stages.radiomics import extract_features
+from imaging_assets.stages.reproducibility import compute_robustness
+from imaging_assets.store.warehouse import Warehouse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,24 +40,21 @@ def main(argv: list[str] | None = None) -> int:
             from imaging_assets.demo.generator import generate_cohort
 
             demo = generate_cohort(Path(tmp) / "demo", n_patients=args.patients, seed=0).out_dir
-        db = duckdb_path(Path(tmp) / "wh")
-        ingest.refresh_catalog(db, [demo / "dicom"])
-        ingest.rebuild_series(db)
-        ingest.rebuild_segmentations(db)
-        rebuild_lesions(db)
+        wh = Warehouse(Path(tmp) / "wh")
+        run_chain(wh, ChainSettings(dicom_roots=[demo / "dicom"]), until="lesions")
         t0 = time.perf_counter()
-        ext = extract_features(db)
+        ext = extract_features(wh)
         t_ext = time.perf_counter() - t0
         spec = PerturbationSpec(n_perturbations=args.perturbations)
         t0 = time.perf_counter()
-        rob = compute_robustness(db, spec=spec, max_lesions=args.max_lesions)
+        rob = compute_robustness(wh, spec=spec, max_lesions=args.max_lesions)
         t_rob = time.perf_counter() - t0
-    n = rob["extracted"] + rob["failed"]
-    print(f"cores: {os.cpu_count()}; cohort: {ext['extractable']} extractable lesions")
-    print(f"radiomics_features (all {ext['extracted']} lesions):            {t_ext:7.1f} s "
-          f"({t_ext / max(ext['extracted'], 1):.3f} s per lesion)")
-    print(f"feature_robustness ({rob['sampled']} lesions x {spec.n_perturbations} perturbations = {n} extractions,"
-          f" {rob['pairs']} test-retest pairs): {t_rob:7.1f} s ({t_rob / max(n, 1):.3f} s per perturbed extraction)")
+    n = rob.extracted + rob.failed
+    print(f"cores: {os.cpu_count()}; cohort: {ext.extractable} extractable lesions")
+    print(f"radiomics_features (all {ext.extracted} lesions):            {t_ext:7.1f} s "
+          f"({t_ext / max(ext.extracted, 1):.3f} s per lesion)")
+    print(f"feature_robustness ({rob.sampled} lesions x {spec.n_perturbations} perturbations = {n} extractions,"
+          f" {rob.pairs} test-retest pairs): {t_rob:7.1f} s ({t_rob / max(n, 1):.3f} s per perturbed extraction)")
     print(f"ratio robustness / extraction: {t_rob / t_ext:.2f}x (target < 4x)")
     return 0
 

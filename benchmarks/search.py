@@ -1,4 +1,4 @@
-"""Similar-case search benchmark: ``find_similar`` with the project's index policy against numpy brute force.
+"""Similar-case search benchmark: ``nearest`` with the project's index policy against numpy brute force.
 
 Usage::
 
@@ -9,17 +9,17 @@ Usage::
 Three data sets, each printed with, measured in the same run:
 
 * the write (``sync_vectors``: table, read-back verification, scalar indexes) and the **ANN index build**
-  (the policy of :mod:`imaging_assets.store.vectors`, timed on its own);
+  (the policy of :mod:`imaging_assets.store.lance.index`, timed on its own);
 * p50 / p99 latency of single queries (after ``--warmup`` queries for other lesions, as in a process that
-  has been serving searches: Lance loads each probed IVF partition on first use) through the public
-  ``find_similar`` (the default
+  has been serving searches: Lance loads each probed IVF partition on first use) through the store's
+  ``nearest`` (the default
   knobs of the policy), unfiltered, with a ~10 % filter ``modality = CT`` and a 22-month ``study_date``
   range passed as structured ``filters=``, and with a ~8 % filter on two categorical columns only;
 * the same queries by numpy brute force over the in-memory float32 matrix (``|x|² - 2 x·q`` with the norms
   precomputed: one BLAS matrix-vector product; the filter evaluated on in-memory metadata arrays inside the
-  timed call), and the ratio numpy / ``find_similar``; also the textbook ``((x - q) ** 2).sum(1)`` on 50
+  timed call), and the ratio numpy / ``nearest``; also the textbook ``((x - q) ** 2).sum(1)`` on 50
   queries (unfiltered), which is several times slower;
-* recall@10 of ``find_similar`` against that exact search (same filter);
+* recall@10 of ``nearest`` against that exact search (same filter);
 * a sweep of ``nprobes`` / ``refine_factor`` (unfiltered and filtered);
 * for ``radiomics``: exact search (no ANN index, a flat scan) at 10k, 100k and all rows: the measurement
   behind the index policy's ``exact_threshold``;
@@ -61,7 +61,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from imaging_assets.store import vectors as V
+from imaging_assets.store import lance as V
+from imaging_assets.store.lance import connection as lance_connection
+from imaging_assets.store.lance import index as lance_index
+from imaging_assets.store.lance import search as lance_search
 
 EPOCH = dt.date(2014, 1, 1)
 MODALITIES = np.array(["CT", "MR", "PT"])
@@ -213,7 +216,7 @@ def ids_of(hits: list[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ one case
 def exact_search_latency(case: Case, uri: Path, table, dim: int, sizes: list[int], queries: np.ndarray,
                          warmup: np.ndarray, root: Path, n_timed: int = 30) -> None:
-    """p50 / p99 of ``find_similar`` without an ANN index (exact: a flat scan) at each table size.
+    """p50 / p99 of ``nearest`` without an ANN index (exact: a flat scan) at each table size.
 
     This is what the index policy's ``exact_threshold`` (default 100,000 rows) is set from: below it a flat
     scan is still a few milliseconds and exact, above it the scan grows linearly past interactive latency.
@@ -224,11 +227,11 @@ def exact_search_latency(case: Case, uri: Path, table, dim: int, sizes: list[int
         sub = uri if size == len(table) else root / f"{case.name}-exact-{size}"
         if sub != uri:
             V.sync_vectors(sub, table.slice(0, size), dim, exact_threshold=size + 1)
-        lat, _ = timed(lambda q, u=sub: ids_of(V.find_similar(u, q, k=K)), queries[:n_timed], warmup[:3])
+        lat, _ = timed(lambda q, u=sub: ids_of(V.nearest(u, q, k=K)), queries[:n_timed], warmup[:3])
         p50, p99 = pct(lat)
         cells.append(f"{size:,} rows {p50:.1f} / {p99:.1f} ms")
         if sub != uri:
-            V._DATASETS.clear()
+            lance_search._DATASETS.clear()
             shutil.rmtree(sub, ignore_errors=True)
     print(f"exact search (no ANN index, flat scan), p50 / p99 over {min(n_timed, len(queries))} queries: "
           + ";  ".join(cells) + f"  -> policy: exact below {V.default_exact_threshold(dim):,} rows at dim {dim}")
@@ -261,9 +264,9 @@ def run_case(case: Case, rows: int, n_queries: int, n_warm: int, index_type: str
     tbl = V.open_db(uri).open_table(V.VECTOR_TABLE)
     threshold = min(V.default_exact_threshold(dim), n)  # the policy's threshold (an index is always built here)
     t0 = time.perf_counter()
-    built, _ = V._maintain_indexes(tbl, n, dim, threshold, index_type, {})
+    built, _ = lance_index._maintain_indexes(tbl, n, dim, threshold, index_type, {})
     t_index = time.perf_counter() - t0
-    parts, _ = V._ann_layout(tbl, V.ANN_INDEX_NAME)
+    parts, _ = lance_index._ann_layout(tbl, V.ANN_INDEX_NAME)
     params = {"IVF_SQ": V.ivf_sq_params, "IVF_PQ": V.ivf_pq_params, "IVF_HNSW_SQ": V.ivf_hnsw_sq_params}[built](n, dim)
     print(f"write (sync_vectors, verify, scalar indexes) {t_write:.1f} s;  index build {built} {t_index:.1f} s  "
           f"({parts} partitions, {params});  search defaults nprobes {V.DEFAULT_NPROBES.get(built)}, "
@@ -273,13 +276,13 @@ def run_case(case: Case, rows: int, n_queries: int, n_warm: int, index_type: str
     out: dict[str, float] = {"build_s": t_index}
     print(f"single queries: {n_queries} timed after {n_warm} warm-up queries (other lesions), ms p50 / p99; "
           f"recall@{K} vs numpy exact")
-    print(f"  {'filter':<12}{'rows':>8}  {'find_similar':>15}{'numpy':>17}{'numpy/find_similar':>20}{'recall':>8}")
+    print(f"  {'filter':<12}{'rows':>8}  {'nearest':>15}{'numpy':>17}{'numpy/nearest':>20}{'recall':>8}")
     truths: dict[str, list[list[str]]] = {}
     for fname, (filters, mask_fn) in [("none", (None, None)), *FILTERS.items()]:
         share = float(mask_fn(meta).mean()) if mask_fn else 1.0
         lat_np, res_np = timed(lambda q, mf=mask_fn: npy.knn(q, K, mf), queries, warmup[:10])
         truth = truths[fname] = [ids[r].tolist() for r in res_np]
-        lat_fs, res_fs = timed(lambda q, f=filters: ids_of(V.find_similar(uri, q, k=K, filters=f)), queries, warmup)
+        lat_fs, res_fs = timed(lambda q, f=filters: ids_of(V.nearest(uri, q, k=K, filters=f)), queries, warmup)
         (p50, p99), (n50, n99) = pct(lat_fs), pct(lat_np)
         rec = recall(res_fs, truth)
         print(f"  {fname:<12}{share:>8.1%}  {p50:7.2f} /{p99:6.2f}{n50:9.2f} /{n99:6.2f}"
@@ -291,18 +294,18 @@ def run_case(case: Case, rows: int, n_queries: int, n_warm: int, index_type: str
     naive50, naive99 = pct(lat_naive)
     out["naive_ratio"] = naive50 / out["none_p50"]
     print(f"  numpy naive ((x - q)**2).sum(1), unfiltered, {nq} queries: {naive50:.1f} / {naive99:.1f} ms  "
-          f"-> {out['naive_ratio']:.1f}x find_similar p50")
+          f"-> {out['naive_ratio']:.1f}x nearest p50")
 
     if sweep and built != "none":
         sq = queries[: min(len(queries), 100)]
-        print(f"  sweep (find_similar, {len(sq)} queries): nprobes/refine -> p50 / p99 ms, recall@{K}  "
+        print(f"  sweep (nearest, {len(sq)} queries): nprobes/refine -> p50 / p99 ms, recall@{K}  "
               f"[unfiltered | {MAIN_FILTER}]")
         for npb, rf in sweep:
             cells = []
             for fname in ("none", MAIN_FILTER):
                 filters = None if fname == "none" else FILTERS[fname][0]
-                lat, res = timed(lambda q, f=filters: ids_of(V.find_similar(uri, q, k=K, filters=f, nprobes=npb,
-                                                                            refine_factor=rf)), sq, warmup[:20])
+                lat, res = timed(lambda q, f=filters, npb=npb, rf=rf: ids_of(V.nearest(
+                    uri, q, k=K, filters=f, nprobes=npb, refine_factor=rf)), sq, warmup[:20])
                 cells.append(f"{pct(lat)[0]:6.2f} /{pct(lat)[1]:6.2f}  {recall(res, truths[fname][: len(sq)]):.3f}")
             print(f"    nprobes {npb:>3} refine {str(rf):>4}:  {cells[0]}   |  {cells[1]}")
 
@@ -318,10 +321,10 @@ def run_case(case: Case, rows: int, n_queries: int, n_warm: int, index_type: str
     print(f"targets {case.name}: {verdict}   (filtered speed-up {out[f'{MAIN_FILTER}_ratio']:.1f}x, "
           f"filtered p50 {out[f'{MAIN_FILTER}_p50']:.2f} ms, info)")
     out["passed"] = float(all(ok for _, ok in checks))
-    del npy, x
+    npy = x = None  # free the brute-force copy before the next size (rebinding keeps the names defined)
     gc.collect()
-    V._DATASETS.clear()
-    V._CONNECTIONS.clear()
+    lance_search._DATASETS.clear()
+    lance_connection._CONNECTIONS.clear()
     shutil.rmtree(uri, ignore_errors=True)
     return out
 

@@ -119,24 +119,28 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lance_uri(args: argparse.Namespace) -> str:
-    import os
+def _warehouse(args: argparse.Namespace):
+    """The warehouse named by ``--warehouse`` (Lance URI from the settings), or None after printing why."""
+    from imaging_assets.store.warehouse import Warehouse
 
-    return os.environ.get("IMAGING_ASSETS_LANCE_URI") or str(Path(args.warehouse) / "lance")
+    wh = Warehouse.from_settings(root=args.warehouse)
+    if not wh.duckdb_path.exists():
+        print(f"error: no warehouse at {wh.duckdb_path}; run `make demo` first", file=sys.stderr)
+        return None
+    return wh
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from imaging_assets.store.sql import QueryRefused, run_sql
-    from imaging_assets.store.warehouse import duckdb_path
+    from imaging_assets.errors import QueryRefused
+    from imaging_assets.store.sql import run_sql
 
-    db = duckdb_path(args.warehouse)
-    if not db.exists():
-        print(f"error: no warehouse at {db}; run `make demo` first", file=sys.stderr)
+    wh = _warehouse(args)
+    if wh is None:
         return 2
     try:
-        df = run_sql(db, args.query, lance_uri=_lance_uri(args))
+        df = run_sql(wh, args.query)
     except QueryRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 3
@@ -174,12 +178,10 @@ def _parse_filters(items: list[str]) -> dict:
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
-    from imaging_assets.store.cohorts import find_similar, query_vector
-    from imaging_assets.store.warehouse import duckdb_path
+    from imaging_assets.stages.cohorts import find_similar, query_vector
 
-    db = duckdb_path(args.warehouse)
-    if not db.exists():
-        print(f"error: no warehouse at {db}; run `make demo` first", file=sys.stderr)
+    wh = _warehouse(args)
+    if wh is None:
         return 2
     try:
         filters = _parse_filters((args.filter or []) + ([f"modality={args.modality}"] if args.modality else []))
@@ -187,11 +189,11 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         if args.lesion_id is None:
             if not (args.image and args.mask):
                 raise ValueError("give a lesion id, or --image and --mask of a new lesion")
-            vector, _ = query_vector(db, args.image, args.mask, segment=args.segment)
+            vector, _ = query_vector(wh, args.image, args.mask, segment=args.segment)
         t0 = time.perf_counter()
         df = find_similar(lesion_id=args.lesion_id, vector=vector, k=args.k, where=filters,
-                          exclude_same_patient=not args.include_same_patient, warehouse=args.warehouse,
-                          lance_uri=_lance_uri(args), version=args.version)
+                          exclude_same_patient=not args.include_same_patient, warehouse=wh,
+                          version=args.version)
         ms = (time.perf_counter() - t0) * 1000
     except (ValueError, KeyError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -210,35 +212,21 @@ def _cmd_similar(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from imaging_assets.store.warehouse import connect, duckdb_path
+    from imaging_assets.stages.discovery import warehouse_summary
 
-    db = duckdb_path(args.warehouse)
-    if not db.exists():
-        print(f"error: no warehouse at {db}; run `make demo` first", file=sys.stderr)
+    wh = _warehouse(args)
+    if wh is None:
         return 2
-    with connect(db, read_only=True) as con:
-        tables = [r[0] for r in con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
-        ).fetchall()]
-        print(f"warehouse {db}")
-        for t in tables:
-            n = con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
-            print(f"  {t:28s} {n:>8d} rows")
-        if "dicom_quarantine" in tables:
-            for reason, n in con.execute(
-                "SELECT reason, count(*) FROM dicom_quarantine WHERE status = 'active' GROUP BY 1 ORDER BY 2 DESC"
-            ).fetchall():
-                print(f"    quarantined {reason}: {n}")
-        if "imaging_series" in tables:
-            for flag, n in con.execute(
-                "SELECT f, count(*) FROM (SELECT unnest(flags) AS f FROM imaging_series) GROUP BY 1 ORDER BY 2 DESC"
-            ).fetchall():
-                print(f"    series flagged {flag}: {n}")
-        if "segmentations" in tables:
-            for rule, n in con.execute(
-                "SELECT coalesce(link_rule, 'unlinked'), count(*) FROM segmentations GROUP BY 1 ORDER BY 2 DESC"
-            ).fetchall():
-                print(f"    segmentations {rule}: {n}")
+    summary = warehouse_summary(wh)
+    print(f"warehouse {wh.duckdb_path}")
+    for table, n in summary.rows_by_table.items():
+        print(f"  {table:28s} {n:>8d} rows")
+    for reason, n in summary.quarantine_by_reason.items():
+        print(f"    quarantined {reason}: {n}")
+    for flag, n in summary.series_flags.items():
+        print(f"    series flagged {flag}: {n}")
+    for rule, n in summary.link_rules.items():
+        print(f"    segmentations {rule}: {n}")
     return 0
 
 

@@ -1,10 +1,16 @@
 """Default locations, all overridable from the environment (no Dagster here).
 
+This is the only module that reads the path variables; everything else asks it (the warehouse through
+:meth:`imaging_assets.store.warehouse.Warehouse.from_settings`, the Dagster resources through their
+defaults, the CLI through both).
+
 =================================  =============================================  ==========================
 setting                            environment variable                            default
 =================================  =============================================  ==========================
 data folder                        ``IMAGING_ASSETS_DATA``                         ``<repo>/data``
 warehouse (DuckDB file + Lance)    ``IMAGING_ASSETS_WAREHOUSE``                    ``<data>/warehouse``
+Lance vector tables (folder / URI) ``IMAGING_ASSETS_LANCE_URI``                    ``<warehouse>/lance``
+outcome files (file or folder)     ``IMAGING_ASSETS_OUTCOMES``                     ``<demo>/outcomes.csv``
 DICOM roots (``os.pathsep`` list)  ``IMAGING_ASSETS_DICOM_ROOTS``                  ``<data>/demo/dicom``
 NIfTI/NRRD manifests (list)        ``IMAGING_ASSETS_MANIFESTS``                    none
 pseudonymisation secret            ``IMAGING_ASSETS_PSEUDONYM_KEY``                dev default + warning
@@ -32,6 +38,21 @@ def demo_dir() -> Path:
 def warehouse_dir() -> Path:
     """Root of the warehouse: ``warehouse.duckdb`` and the Lance tables live below it."""
     return Path(os.environ.get("IMAGING_ASSETS_WAREHOUSE", data_dir() / "warehouse"))
+
+
+def lance_uri(warehouse: str | Path | None = None) -> str:
+    """LanceDB URI of the vector tables: ``IMAGING_ASSETS_LANCE_URI`` (a folder or ``s3://...``), else
+    ``<warehouse>/lance``."""
+    env = os.environ.get("IMAGING_ASSETS_LANCE_URI")
+    if env:
+        return env
+    return str(Path(warehouse if warehouse is not None else warehouse_dir()) / "lance")
+
+
+def outcomes_source() -> Path:
+    """Outcome files: ``IMAGING_ASSETS_OUTCOMES`` (a file or folder) or the demo cohort's ``outcomes.csv``."""
+    env = os.environ.get("IMAGING_ASSETS_OUTCOMES")
+    return Path(env) if env else demo_dir() / "outcomes.csv"
 
 
 def _path_list(var: str) -> list[str]:

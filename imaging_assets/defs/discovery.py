@@ -6,7 +6,7 @@ import dagster as dg
 
 from imaging_assets.defs.metadata import md_table
 from imaging_assets.defs.resources import DicomSourcesResource, WarehouseResource
-from imaging_assets.store import ingest
+from imaging_assets.stages import discovery
 
 GROUP = "ingest"
 OWNERS = ["team:imaging"]
@@ -28,30 +28,30 @@ def dicom_files(
     tags, unsupported SOP class, undecodable pixels) go to `dicom_quarantine` with a reason.
     Patient ids are pseudonymised (keyed HMAC) on read: no raw identifier is stored.
     """
-    summary = ingest.refresh_catalog(
-        warehouse.database,
+    r = discovery.refresh_catalog(
+        warehouse.get_warehouse(),
         dicom_sources.roots,
         secret=dicom_sources.pseudonym_key,
         workers=dicom_sources.worker_count(),
     )
     context.log.info(
-        f"catalog: {summary['seen']} files seen, {summary['read']} read, {summary['unchanged']} unchanged, "
-        f"{summary['removed']} removed, {summary['quarantined']} quarantined in {summary['elapsed_s']} s"
+        f"catalog: {r.seen} files seen, {r.read} read, {r.unchanged} unchanged, "
+        f"{r.removed} removed, {r.quarantined} quarantined in {r.elapsed_s} s"
     )
-    reasons = [{"reason": k, "files": v} for k, v in summary["quarantine_by_reason"].items()]
+    reasons = [{"reason": k, "files": v} for k, v in r.quarantine_by_reason.items()]
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": summary["catalogued"],
-            "files_seen": summary["seen"],
-            "files_read": summary["read"],
-            "files_unchanged": summary["unchanged"],
-            "files_removed": summary["removed"],
-            "catalogued_by_kind": dg.MetadataValue.json(summary["catalogued_by_kind"]),
-            "quarantined": summary["quarantined"],
+            "dagster/row_count": r.catalogued,
+            "files_seen": r.seen,
+            "files_read": r.read,
+            "files_unchanged": r.unchanged,
+            "files_removed": r.removed,
+            "catalogued_by_kind": dg.MetadataValue.json(r.catalogued_by_kind),
+            "quarantined": r.quarantined,
             "quarantine_by_reason": dg.MetadataValue.md(md_table(reasons, ["reason", "files"])),
             "roots": dg.MetadataValue.json(list(dicom_sources.roots)),
-            "missing_roots": dg.MetadataValue.json(summary["missing_roots"]),
-            "elapsed_s": summary["elapsed_s"],
+            "missing_roots": dg.MetadataValue.json(r.missing_roots),
+            "elapsed_s": r.elapsed_s,
         }
     )
 
@@ -71,18 +71,18 @@ def imaging_series(context: dg.AssetExecutionContext, warehouse: WarehouseResour
     gantry tilt, too few slices, inconsistent spacing/size) are stored with reasons; flagged series stay
     in the table with `usable = false` and are excluded from extraction.
     """
-    summary = ingest.rebuild_series(warehouse.database)
-    context.log.info(f"{summary['series']} series, {summary['flagged']} flagged: {summary['flag_counts']}")
+    r = discovery.rebuild_series(warehouse.get_warehouse())
+    context.log.info(f"{r.series} series, {r.flagged} flagged: {r.flag_counts}")
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": summary["series"],
-            "usable": summary["usable"],
-            "flagged": summary["flagged"],
-            "flag_counts": dg.MetadataValue.json(summary["flag_counts"]),
+            "dagster/row_count": r.series,
+            "usable": r.usable,
+            "flagged": r.flagged,
+            "flag_counts": dg.MetadataValue.json(r.flag_counts),
             "flagged_series": dg.MetadataValue.md(
-                md_table(summary["flagged_series"], ["series_instance_uid", "n_slices", "flags", "details"])
+                md_table(r.flagged_series, ["series_instance_uid", "n_slices", "flags", "details"])
             ),
-            "elapsed_s": summary["elapsed_s"],
+            "elapsed_s": r.elapsed_s,
         }
     )
 
@@ -101,21 +101,19 @@ def segmentations(
     (DuckDB table `segmentations`), with the rule that linked it: referenced series, or frame of
     reference + spatial extent when the referenced series is absent. Unlinkable ones keep a reason.
     """
-    summary = ingest.rebuild_segmentations(
-        warehouse.database, dicom_sources.manifests, secret=dicom_sources.pseudonym_key
+    r = discovery.rebuild_segmentations(
+        warehouse.get_warehouse(), dicom_sources.manifests, secret=dicom_sources.pseudonym_key
     )
-    context.log.info(f"{summary['segmentations']} segmentations, by rule {summary['by_rule']}")
+    context.log.info(f"{r.segmentations} segmentations, by rule {r.by_rule}")
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": summary["segmentations"],
-            "linked": summary["linked"],
-            "unlinked": summary["unlinked"],
-            "by_rule": dg.MetadataValue.json(summary["by_rule"]),
-            "by_kind": dg.MetadataValue.json(summary["by_kind"]),
-            "unlinked_segmentations": dg.MetadataValue.md(
-                md_table(summary["unlinked_rows"], ["path", "reason"])
-            ),
-            "elapsed_s": summary["elapsed_s"],
+            "dagster/row_count": r.segmentations,
+            "linked": r.linked,
+            "unlinked": r.unlinked,
+            "by_rule": dg.MetadataValue.json(r.by_rule),
+            "by_kind": dg.MetadataValue.json(r.by_kind),
+            "unlinked_segmentations": dg.MetadataValue.md(md_table(r.unlinked_rows, ["path", "reason"])),
+            "elapsed_s": r.elapsed_s,
         }
     )
 
@@ -124,19 +122,14 @@ def segmentations(
                 "excluded from extraction). Warns when any series is flagged.")
 def series_geometry(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Series with geometry flags, with the flags and reasons in metadata."""
-    with warehouse.get_connection(read_only=True) as con:
-        rows = con.execute(
-            "SELECT series_instance_uid, n_slices, flags, flag_details FROM imaging_series "
-            "WHERE NOT usable ORDER BY series_instance_uid"
-        ).fetchall()
-        total = con.execute("SELECT count(*) FROM imaging_series").fetchone()[0]
-    flagged = [{"series_instance_uid": r[0], "n_slices": r[1], "flags": r[2], "details": r[3]} for r in rows]
+    report = discovery.geometry_report(warehouse.get_warehouse())
+    flagged = report.flagged
     return dg.AssetCheckResult(
         passed=not flagged,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
             "observed_flagged": len(flagged),
-            "series": int(total),
+            "series": report.series,
             "threshold": 0,
             "reason": "flagged series are kept but not extracted; fix or re-export them",
             "flagged_series": dg.MetadataValue.md(md_table(flagged, ["series_instance_uid", "n_slices", "flags", "details"])),
@@ -147,18 +140,14 @@ def series_geometry(warehouse: WarehouseResource) -> dg.AssetCheckResult:
 @dg.asset_check(asset=segmentations, pool="duckdb_writer", description="Every segmentation links to an image series.")
 def segmentations_linked(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Unlinked segmentations and their reasons."""
-    with warehouse.get_connection(read_only=True) as con:
-        rows = con.execute(
-            "SELECT path, unlinked_reason FROM segmentations WHERE linked_series_key IS NULL ORDER BY path"
-        ).fetchall()
-        total = con.execute("SELECT count(*) FROM segmentations").fetchone()[0]
-    unlinked = [{"path": p, "reason": r} for p, r in rows]
+    report = discovery.link_report(warehouse.get_warehouse())
+    unlinked = report.unlinked
     return dg.AssetCheckResult(
         passed=not unlinked,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
             "observed_unlinked": len(unlinked),
-            "segmentations": int(total),
+            "segmentations": report.segmentations,
             "threshold": 0,
             "reason": "an unlinked segmentation yields no lesions",
             "unlinked": dg.MetadataValue.md(md_table(unlinked, ["path", "reason"])),
@@ -183,7 +172,7 @@ ingest_job = dg.define_asset_job(
 )
 def new_dicom_sensor(context: dg.SensorEvaluationContext, dicom_sources: DicomSourcesResource):
     """Run `ingest_job` when the fingerprint of the DICOM roots changes."""
-    fp = ingest.roots_fingerprint(dicom_sources.roots)
+    fp = discovery.roots_fingerprint(dicom_sources.roots)
     previous = json.loads(context.cursor) if context.cursor else {}
     if previous.get("digest") == fp["digest"]:
         return dg.SkipReason(f"no change under {len(dicom_sources.roots)} root(s): {fp['files']} files")

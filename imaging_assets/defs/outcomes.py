@@ -30,23 +30,21 @@ def clinical_outcomes(context: dg.AssetExecutionContext, warehouse: WarehouseRes
     validation (time >= 0, event in {0, 1}, age, sex, stage) go to `outcome_rejects` with the reason;
     an unchanged file is skipped, a changed one is upserted in one transaction.
     """
-    from imaging_assets.store.outcomes import load_outcomes
+    from imaging_assets.stages import outcomes
 
-    s = load_outcomes(warehouse.database, outcome_sources.path, secret=outcome_sources.pseudonym_key)
-    context.log.info(f"outcomes: {s['inserted']} inserted, {s['updated']} updated, {s['rejected']} rejected")
-    with warehouse.get_connection(read_only=True) as con:
-        n = con.execute("SELECT count(*) FROM patient_outcomes").fetchone()[0]
-        stages = con.execute("SELECT stage, count(*) AS patients, sum(event) AS events FROM patient_outcomes "
-                             "GROUP BY 1 ORDER BY 1").fetchdf().to_dict("records")
-    reasons = [{"reason": k, "rows": v} for k, v in (s.get("rejects_by_reason") or {}).items()]
+    wh = warehouse.get_warehouse()
+    s = outcomes.load_outcomes(wh, outcome_sources.path, secret=outcome_sources.pseudonym_key)
+    context.log.info(f"outcomes: {s.inserted} inserted, {s.updated} updated, {s.rejected} rejected")
+    table = outcomes.outcome_table_report(wh)
+    reasons = [{"reason": k, "rows": v} for k, v in s.rejects_by_reason.items()]
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": int(n),
+        "dagster/row_count": table.patients,
         "source": outcome_sources.path,
-        "files": s["files"], "rows_read": s["rows_read"], "inserted": s["inserted"], "updated": s["updated"],
-        "unchanged": s["unchanged"], "rejected": s["rejected"],
+        "files": s.files, "rows_read": s.rows_read, "inserted": s.inserted, "updated": s.updated,
+        "unchanged": s.unchanged, "rejected": s.rejected,
         "rejects_by_reason": dg.MetadataValue.md(md_table(reasons, ["reason", "rows"])),
-        "by_stage": dg.MetadataValue.md(md_table(stages, ["stage", "patients", "events"])),
-        "elapsed_s": s["elapsed_s"],
+        "by_stage": dg.MetadataValue.md(md_table(table.by_stage, ["stage", "patients", "events"])),
+        "elapsed_s": s.elapsed_s,
     })
 
 
@@ -70,23 +68,23 @@ def phenotype_clusters(context: dg.AssetExecutionContext, config: ClusterConfig,
     cluster with Cohen's d, and a PCA projection coloured by cluster. Re-runs by itself (eager automation)
     when `lesion_vectors` changes.
     """
-    from imaging_assets.store.phenotypes import build_clusters
+    from imaging_assets.stages.outcomes import build_clusters
 
     with tempfile.TemporaryDirectory() as tmp:
-        s = build_clusters(warehouse.database, warehouse.lance_uri, k=config.k, k_range=(config.k_min, config.k_max),
+        s = build_clusters(warehouse.get_warehouse(), k=config.k, k_range=(config.k_min, config.k_max),
                            method=config.method, seed=config.seed, png_path=Path(tmp) / "clusters.png")
-        plot = png_markdown(s["png"], "PCA projection by cluster")
-    context.log.info(f"{s['lesions']} lesions in {s['k']} clusters, sizes {s['sizes']}")
+        plot = png_markdown(s.png, "PCA projection by cluster")
+    context.log.info(f"{s.lesions} lesions in {s.k} clusters, sizes {s.sizes}")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": s["lesions"],
-        "k": s["k"], "method": s["method"],
-        "sizes": dg.MetadataValue.json(s["sizes"]),
-        "silhouette_by_k": dg.MetadataValue.json({str(a): b for a, b in s["silhouette_by_k"].items()}),
-        "feature_set_version": s["feature_set_version"],
+        "dagster/row_count": s.lesions,
+        "k": s.k, "method": s.method,
+        "sizes": dg.MetadataValue.json(s.sizes),
+        "silhouette_by_k": dg.MetadataValue.json({str(a): b for a, b in s.silhouette_by_k.items()}),
+        "feature_set_version": s.feature_set_version,
         "projection": dg.MetadataValue.md(plot),
-        "profile": dg.MetadataValue.md(md_table(_round(s["profile"]), ["cluster", "rank", "feature",
-                                                                       "effect_size", "size"], 40)),
-        "elapsed_s": s["elapsed_s"],
+        "profile": dg.MetadataValue.md(md_table(_round(s.profile), ["cluster", "rank", "feature",
+                                                                    "effect_size", "size"], 40)),
+        "elapsed_s": s.elapsed_s,
     })
 
 
@@ -106,26 +104,26 @@ def cluster_outcomes(context: dg.AssetExecutionContext, config: SurvivalConfig,
     (hazard ratios with CIs). A patient with several lesions counts once, with the cluster of the
     largest lesion.
     """
-    from imaging_assets.store.phenotypes import analyse_cluster_outcomes
+    from imaging_assets.stages.outcomes import analyse_cluster_outcomes
 
     with tempfile.TemporaryDirectory() as tmp:
-        s = analyse_cluster_outcomes(warehouse.database, covariates=config.covariates,
+        s = analyse_cluster_outcomes(warehouse.get_warehouse(), covariates=config.covariates,
                                      png_path=Path(tmp) / "km.png")
-        plot = png_markdown(s["png"], "Kaplan-Meier by cluster")
-    lr = s["logrank"] or {}
-    context.log.info(f"{s['n_patients']} patients; log-rank p = {lr.get('p_value')}")
+        plot = png_markdown(s.png, "Kaplan-Meier by cluster")
+    lr = s.logrank or {}
+    context.log.info(f"{s.n_patients} patients; log-rank p = {lr.get('p_value')}")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": len(s["per_cluster"]),
-        "patients": s["n_patients"],
-        "patients_without_outcomes": s["patients_without_outcomes"],
+        "dagster/row_count": len(s.per_cluster),
+        "patients": s.n_patients,
+        "patients_without_outcomes": s.patients_without_outcomes,
         "logrank_p": float(lr["p_value"]) if lr.get("p_value") is not None else -1.0,
         "logrank_statistic": float(lr["statistic"]) if lr.get("statistic") is not None else -1.0,
         "kaplan_meier": dg.MetadataValue.md(plot),
-        "per_cluster": dg.MetadataValue.md(md_table(_round(s["per_cluster"]), [
+        "per_cluster": dg.MetadataValue.md(md_table(_round(s.per_cluster), [
             "cluster", "patients", "lesions", "events", "median_months", "median_ci_low", "median_ci_high"])),
-        "cox": dg.MetadataValue.md(md_table(_round(s["cox"]), ["term", "hr", "ci_low", "ci_high", "p_value"])),
-        "notes": "; ".join(n for n in s["notes"] if n) or "none",
-        "elapsed_s": s["elapsed_s"],
+        "cox": dg.MetadataValue.md(md_table(_round(s.cox), ["term", "hr", "ci_low", "ci_high", "p_value"])),
+        "notes": "; ".join(n for n in s.notes if n) or "none",
+        "elapsed_s": s.elapsed_s,
     })
 
 
@@ -133,15 +131,15 @@ def cluster_outcomes(context: dg.AssetExecutionContext, config: SurvivalConfig,
                 description="Every clustered patient has an outcome row (warns on missing outcomes).")
 def outcomes_coverage(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Clustered patients without outcomes, and outcome rejects."""
-    with warehouse.get_connection(read_only=True) as con:
-        total = con.execute("SELECT count(DISTINCT patient_key) FROM phenotype_clusters").fetchone()[0]
-        covered = con.execute("SELECT count(*) FROM cluster_patients").fetchone()[0]
-        rejects = con.execute("SELECT count(*) FROM outcome_rejects").fetchone()[0]
+    from imaging_assets.stages.outcomes import coverage_report
+
+    c = coverage_report(warehouse.get_warehouse())
     return dg.AssetCheckResult(
-        passed=covered == total,
+        passed=c.patients_with_outcomes == c.clustered_patients,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"observed_patients_with_outcomes": int(covered), "clustered_patients": int(total),
-                  "outcome_rejects": int(rejects), "threshold": "all",
+        metadata={"observed_patients_with_outcomes": c.patients_with_outcomes,
+                  "clustered_patients": c.clustered_patients,
+                  "outcome_rejects": c.outcome_rejects, "threshold": "all",
                   "reason": "patients without outcomes drop out of the survival analysis"},
     )
 
@@ -149,20 +147,6 @@ def outcomes_coverage(warehouse: WarehouseResource) -> dg.AssetCheckResult:
 outcomes_job = dg.define_asset_job(
     "outcomes_job", selection=dg.AssetSelection.assets(clinical_outcomes, cluster_outcomes),
     description="Load new outcome files and re-run the survival analysis per cluster.")
-
-
-def _folder_digest(path: str) -> str:
-    from imaging_assets.store.outcomes import outcome_files
-
-    h = hashlib.sha1()
-    try:
-        files = outcome_files(path)
-    except (FileNotFoundError, ValueError):
-        files = []
-    for f in sorted(files):
-        st = f.stat()
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 @dg.sensor(job=outcomes_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
@@ -173,13 +157,13 @@ def _folder_digest(path: str) -> str:
 def outcomes_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource,
                     outcome_sources: OutcomeSourcesResource):
     """Run the outcomes job when the outcomes table or the outcome folder changed."""
-    from imaging_assets.store.outcomes import outcomes_state
+    from imaging_assets.stages.outcomes import outcome_folder_digest, outcomes_state
 
     try:
-        state = outcomes_state(warehouse.database, read_only=True)
+        state = outcomes_state(warehouse.get_warehouse(), read_only=True)
     except Exception as exc:  # noqa: BLE001 - the writer holds the lock right now: try next tick
         return dg.SkipReason(f"warehouse busy or unreadable ({exc}); will look again")
-    current = {"db": state, "folder": _folder_digest(outcome_sources.path)}
+    current = {"db": state, "folder": outcome_folder_digest(outcome_sources.path)}
     previous = json.loads(context.cursor) if context.cursor else None
     if previous == json.loads(json.dumps(current, default=str)):
         return dg.SkipReason(f"outcomes unchanged: {state.get('rows', 0)} rows, latest load {state.get('latest_load')}")

@@ -42,29 +42,26 @@ def lesions(context: dg.AssetExecutionContext, config: LesionConfig,
     off-image lesions, and lesions of series that failed geometry QC, are rows with a reason and are not
     extracted. Unchanged segmentations are not decoded again.
     """
-    from imaging_assets.store.features import rebuild_lesions
+    from imaging_assets.stages import radiomics
 
-    summary = rebuild_lesions(
-        warehouse.database, split_components=config.split_components,
-        fractional_threshold=config.fractional_threshold, workers=config.workers or None,
-        progress=ProgressReporter("segmentations decoded", context.log.info),
+    wh = warehouse.get_warehouse()
+    r = radiomics.rebuild_lesions(
+        wh, split_components=config.split_components, fractional_threshold=config.fractional_threshold,
+        workers=config.workers or None, progress=ProgressReporter("segmentations decoded", context.log.info),
     )
-    context.log.info(f"{summary['lesions']} lesions ({summary['extractable']} extractable), "
-                     f"{summary['decoded_segmentations']} segmentations decoded")
-    with warehouse.get_connection(read_only=True) as con:
-        preview = con.execute(
-            "SELECT lesion_id, patient_key, modality, roi_name, raw_label, round(volume_mm3, 1) AS volume_mm3, "
-            "status FROM lesions ORDER BY lesion_id LIMIT 10").fetchdf().to_dict("records")
+    context.log.info(f"{r.lesions} lesions ({r.extractable} extractable), "
+                     f"{r.decoded_segmentations} segmentations decoded")
+    preview = radiomics.lesions_preview(wh)
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": summary["lesions"],
-        "extractable": summary["extractable"],
-        "by_status": dg.MetadataValue.json(summary["by_status"]),
-        "by_roi_name": dg.MetadataValue.json(summary["by_roi_name"]),
-        "decoded_segmentations": summary["decoded_segmentations"],
-        "features_dropped_for_removed_lesions": summary["removed"],
-        "not_extractable": dg.MetadataValue.md(md_table(summary["problem_rows"], ["lesion_id", "status", "reason"])),
+        "dagster/row_count": r.lesions,
+        "extractable": r.extractable,
+        "by_status": dg.MetadataValue.json(r.by_status),
+        "by_roi_name": dg.MetadataValue.json(r.by_roi_name),
+        "decoded_segmentations": r.decoded_segmentations,
+        "features_dropped_for_removed_lesions": r.removed,
+        "not_extractable": dg.MetadataValue.md(md_table(r.problem_rows, ["lesion_id", "status", "reason"])),
         "preview": dg.MetadataValue.md(md_table(preview, list(preview[0]) if preview else ["lesion_id"])),
-        "elapsed_s": summary["elapsed_s"],
+        "elapsed_s": r.elapsed_s,
     })
 
 
@@ -82,38 +79,31 @@ def radiomics_features(context: dg.AssetExecutionContext, config: RadiomicsConfi
     the filters need (same values as the full image, much faster), in a process pool; lesions already
     extracted with the same inputs and parameters are skipped.
     """
-    from imaging_assets.store.features import extract_features
+    from imaging_assets.stages import radiomics
 
-    summary = extract_features(
-        warehouse.database, params_override=config.params_yaml, workers=config.workers or None,
+    wh = warehouse.get_warehouse()
+    r = radiomics.extract_features(
+        wh, params_override=config.params_yaml, workers=config.workers or None,
         retry_failed=config.retry_failed, progress=ProgressReporter("lesions extracted", context.log.info),
     )
-    context.log.info(f"extracted {summary['extracted']}, failed {summary['failed']}, "
-                     f"unchanged {summary['skipped_current']} in {summary['elapsed_s']} s")
-    with warehouse.get_connection(read_only=True) as con:
-        n_rows = con.execute("SELECT count(*) FROM radiomics_features").fetchone()[0]
-        n_lesions = con.execute("SELECT count(*) FROM radiomics_provenance").fetchone()[0]
-        per_class = con.execute(
-            "SELECT image_type, count(DISTINCT feature_class || feature) AS features FROM radiomics_features "
-            "GROUP BY 1 ORDER BY 1").fetchdf().to_dict("records")
-        timing = con.execute("SELECT avg(elapsed_s), max(elapsed_s) FROM radiomics_provenance").fetchone()
-        versions = [r[0] for r in con.execute(
-            "SELECT DISTINCT params_hash FROM radiomics_provenance ORDER BY 1").fetchall()]
+    context.log.info(f"extracted {r.extracted}, failed {r.failed}, unchanged {r.skipped_current} in {r.elapsed_s} s")
+    table = radiomics.feature_table_report(wh)
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": int(n_rows),
-        "lesions_with_features": int(n_lesions),
-        "features_per_lesion": summary["features_per_lesion"],
-        "extracted_this_run": summary["extracted"],
-        "failed_this_run": summary["failed"],
-        "unchanged_skipped": summary["skipped_current"],
-        "known_failures_skipped": summary["skipped_failed"],
-        "errors": dg.MetadataValue.md(md_table(summary["errors"], ["lesion_id", "message"])),
-        "features_by_image_type": dg.MetadataValue.md(md_table(per_class, ["image_type", "features"], 40)),
-        "mean_s_per_lesion": round(float(timing[0] or 0.0), 3),
-        "max_s_per_lesion": round(float(timing[1] or 0.0), 3),
-        "lesions_per_s": summary["lesions_per_s"] or 0.0,
-        "params_hashes": dg.MetadataValue.json(versions),
-        "elapsed_s": summary["elapsed_s"],
+        "dagster/row_count": table.rows,
+        "lesions_with_features": table.lesions_with_features,
+        "features_per_lesion": r.features_per_lesion,
+        "extracted_this_run": r.extracted,
+        "failed_this_run": r.failed,
+        "unchanged_skipped": r.skipped_current,
+        "known_failures_skipped": r.skipped_failed,
+        "errors": dg.MetadataValue.md(md_table(r.errors, ["lesion_id", "message"])),
+        "features_by_image_type": dg.MetadataValue.md(md_table(table.features_by_image_type,
+                                                               ["image_type", "features"], 40)),
+        "mean_s_per_lesion": table.mean_s_per_lesion,
+        "max_s_per_lesion": table.max_s_per_lesion,
+        "lesions_per_s": r.lesions_per_s or 0.0,
+        "params_hashes": dg.MetadataValue.json(table.params_hashes),
+        "elapsed_s": r.elapsed_s,
     })
 
 
@@ -121,21 +111,17 @@ def radiomics_features(context: dg.AssetExecutionContext, config: RadiomicsConfi
                 description="Share of extractable lesions without features stays below 5 %.")
 def radiomics_failure_share(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Failed extractions over extractable lesions, with the failing lesions and messages."""
+    from imaging_assets.stages import radiomics
+
     threshold = 0.05
-    with warehouse.get_connection(read_only=True) as con:
-        total = con.execute("SELECT count(*) FROM lesions WHERE extractable").fetchone()[0]
-        failed = con.execute(
-            "SELECT e.lesion_id, e.message FROM radiomics_errors e JOIN lesions l USING (lesion_id) "
-            "WHERE l.extractable ORDER BY 1").fetchall()
-    share = len(failed) / total if total else 0.0
+    fs = radiomics.failure_share(warehouse.get_warehouse())
     return dg.AssetCheckResult(
-        passed=share <= threshold,
+        passed=fs.share <= threshold,
         metadata={
-            "observed_share": round(share, 4), "failed": len(failed), "extractable": int(total),
+            "observed_share": round(fs.share, 4), "failed": len(fs.failures), "extractable": fs.extractable,
             "threshold": threshold,
             "reason": "many failures mean a systematic problem (params, decoder, geometry)",
-            "failures": dg.MetadataValue.md(md_table([{"lesion_id": a, "message": b} for a, b in failed],
-                                                ["lesion_id", "message"])),
+            "failures": dg.MetadataValue.md(md_table(fs.failures, ["lesion_id", "message"])),
         },
     )
 
@@ -143,16 +129,15 @@ def radiomics_failure_share(warehouse: WarehouseResource) -> dg.AssetCheckResult
 @dg.asset_check(asset=lesions, pool="duckdb_writer", description="Every lesion decodes to a usable mask (warns otherwise).")
 def lesions_decodable(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Lesions whose status is not ok, by status, with reasons."""
-    with warehouse.get_connection(read_only=True) as con:
-        rows = con.execute("SELECT lesion_id, status, reason FROM lesions WHERE status <> 'ok' ORDER BY 1").fetchall()
-        total = con.execute("SELECT count(*) FROM lesions").fetchone()[0]
+    from imaging_assets.stages import radiomics
+
+    report = radiomics.lesion_status_report(warehouse.get_warehouse())
     return dg.AssetCheckResult(
-        passed=not rows,
+        passed=not report.not_ok,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
-            "observed_not_ok": len(rows), "lesions": int(total), "threshold": 0,
+            "observed_not_ok": len(report.not_ok), "lesions": report.lesions, "threshold": 0,
             "reason": "empty, one-voxel, off-image or flagged-series lesions yield no features",
-            "lesions_not_ok": dg.MetadataValue.md(md_table([{"lesion_id": a, "status": b, "reason": c} for a, b, c in rows],
-                                                      ["lesion_id", "status", "reason"])),
+            "lesions_not_ok": dg.MetadataValue.md(md_table(report.not_ok, ["lesion_id", "status", "reason"])),
         },
     )

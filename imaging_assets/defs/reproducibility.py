@@ -45,39 +45,38 @@ def feature_robustness(context: dg.AssetExecutionContext, config: RobustnessConf
     `radiomics_features`; and across test-retest pairs (second series of the same lesion in the same
     study, paired by position) where the cohort has them. Perturbed extractions are cached.
     """
+    from imaging_assets.analysis.plots import icc_plot_png
     from imaging_assets.features.perturb import PerturbationSpec
-    from imaging_assets.store.robustness import compute_robustness, icc_plot_png
+    from imaging_assets.stages import reproducibility
 
     spec = PerturbationSpec(n_perturbations=config.n_perturbations, seed=config.seed)
-    summary = compute_robustness(
-        warehouse.database, spec=spec, max_lesions=config.max_lesions, params_override=config.params_yaml,
+    r = reproducibility.compute_robustness(
+        warehouse.get_warehouse(), spec=spec, max_lesions=config.max_lesions, params_override=config.params_yaml,
         workers=config.workers or None, progress=ProgressReporter("perturbed extractions", context.log.info),
     )
-    context.log.info(f"ICC on {summary['lesions_in_icc']} lesions x {summary['perturbations']} perturbations, "
-                     f"{summary['pairs']} test-retest pairs; {summary['extracted']} extracted, "
-                     f"{summary['failed']} failed")
-    rows = summary["rows"]
+    context.log.info(f"ICC on {r.lesions_in_icc} lesions x {r.perturbations} perturbations, "
+                     f"{r.pairs} test-retest pairs; {r.extracted} extracted, {r.failed} failed")
     with tempfile.TemporaryDirectory() as tmp:
-        plot = png_markdown(icc_plot_png(rows, Path(tmp) / "icc.png"), "ICC lower bounds")
-    worst = sorted((r for r in rows if r["analysis"] == "perturbation" and r["ci_low"] is not None),
-                   key=lambda r: r["ci_low"])[:10]
+        plot = png_markdown(icc_plot_png(r.rows, Path(tmp) / "icc.png"), "ICC lower bounds")
+    worst = sorted((row for row in r.rows if row["analysis"] == "perturbation" and row["ci_low"] is not None),
+                   key=lambda row: row["ci_low"])[:10]
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": len(rows),
-        "lesions_sampled": summary["sampled"],
-        "lesions_eligible": summary["eligible"],
-        "lesions_in_icc": summary["lesions_in_icc"],
-        "perturbations_per_lesion": summary["perturbations"],
-        "test_retest_pairs": summary["pairs"],
-        "extracted_this_run": summary["extracted"],
-        "failed_this_run": summary["failed"],
-        "lesions_reused_from_cache": summary["reused_lesions"],
-        "features_with_ci_low_ge_0.75": summary["robust_perturbation"],
-        "perturbation_spec": dg.MetadataValue.json(summary["spec"]),
+        "dagster/row_count": len(r.rows),
+        "lesions_sampled": r.sampled,
+        "lesions_eligible": r.eligible,
+        "lesions_in_icc": r.lesions_in_icc,
+        "perturbations_per_lesion": r.perturbations,
+        "test_retest_pairs": r.pairs,
+        "extracted_this_run": r.extracted,
+        "failed_this_run": r.failed,
+        "lesions_reused_from_cache": r.reused_lesions,
+        "features_with_ci_low_ge_0.75": r.robust_perturbation,
+        "perturbation_spec": dg.MetadataValue.json(r.spec),
         "icc_plot": dg.MetadataValue.md(plot),
         "least_reproducible": dg.MetadataValue.md(md_table(
-            [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in worst],
+            [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()} for row in worst],
             ["feature", "icc", "ci_low", "ci_high"])),
-        "elapsed_s": summary["elapsed_s"],
+        "elapsed_s": r.elapsed_s,
     })
 
 
@@ -90,25 +89,27 @@ def robust_feature_set(context: dg.AssetExecutionContext, config: RobustSetConfi
     near-duplicates (|Spearman| >= rho keeps the feature with the higher ICC bound). A change of the
     set gets a new version in `robust_feature_sets` / `robust_feature_set_history` (with its date).
     """
-    from imaging_assets.store.robustness import robust_set_plot_png, select_robust_set
+    from imaging_assets.analysis.plots import robust_set_plot_png
+    from imaging_assets.stages import reproducibility
 
-    s = select_robust_set(warehouse.database, threshold=config.icc_threshold, rho=config.spearman_rho)
+    wh = warehouse.get_warehouse()
+    s = reproducibility.select_robust_set(wh, threshold=config.icc_threshold, rho=config.spearman_rho)
     with tempfile.TemporaryDirectory() as tmp:
-        plot = png_markdown(robust_set_plot_png(warehouse.database, s["features"], Path(tmp) / "classes.png"),
-                            "robust features per class")
-    context.log.info(f"robust set {s['version']}: {len(s['features'])} features "
-                     f"({'changed' if s['changed'] else 'unchanged'}; {s['n_candidates']} before pruning)")
+        png = robust_set_plot_png(reproducibility.feature_class_totals(wh), s.features, Path(tmp) / "classes.png")
+        plot = png_markdown(png, "robust features per class")
+    context.log.info(f"robust set {s.version}: {len(s.features)} features "
+                     f"({'changed' if s.changed else 'unchanged'}; {s.n_candidates} before pruning)")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": len(s["features"]),
-        "version": s["version"],
-        "changed": s["changed"],
-        "previous_version": s["previous_version"] or "",
-        "candidates_before_pruning": s["n_candidates"],
-        "pruned_duplicates": len(s["pruned"]),
-        "features": dg.MetadataValue.md(md_table([{"feature": f} for f in s["features"]], ["feature"], 100)),
+        "dagster/row_count": len(s.features),
+        "version": s.version,
+        "changed": s.changed,
+        "previous_version": s.previous_version or "",
+        "candidates_before_pruning": s.n_candidates,
+        "pruned_duplicates": len(s.pruned),
+        "features": dg.MetadataValue.md(md_table([{"feature": f} for f in s.features], ["feature"], 100)),
         "by_feature_class": dg.MetadataValue.md(plot),
-        "history": dg.MetadataValue.md(md_table(s["history"], ["version", "activated_at"])),
-        "elapsed_s": s["elapsed_s"],
+        "history": dg.MetadataValue.md(md_table(s.history, ["version", "activated_at"])),
+        "elapsed_s": s.elapsed_s,
     })
 
 
@@ -117,34 +118,22 @@ def robust_feature_set(context: dg.AssetExecutionContext, config: RobustSetConfi
                 "in robust features, volumes > 0, sphericity in (0, 1], entropies >= 0.")
 def radiomics_expectations(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Runs the GX suite of `imaging_assets.features.quality` on the per-lesion feature table."""
-    from imaging_assets.features.quality import validate_features
-    from imaging_assets.store.robustness import current_robust_set, feature_matrix
+    from imaging_assets.stages import reproducibility
 
-    with warehouse.get_connection(read_only=True) as con:
-        wide = feature_matrix(con)
-        counts = con.execute("SELECT lesion_id, count(*) FROM radiomics_features GROUP BY 1").fetchall()
-        n_extractable = con.execute(
-            "SELECT count(*) FROM lesions l JOIN radiomics_provenance p USING (lesion_id)").fetchone()[0]
-        _, robust = current_robust_set(con)
-    if wide.empty:
+    report = reproducibility.validate_feature_table(warehouse.get_warehouse())
+    if report is None:
         return dg.AssetCheckResult(passed=True, metadata={"reason": "no features yet"})
-    wide = wide.reset_index()
-    per = dict(counts)
-    wide["n_features"] = wide["lesion_id"].map(per)
-    expected = max(per.values())
-    outcomes = validate_features(wide, robust=robust or None, expected_features=expected)
-    failed = [o for o in outcomes if not o.success]
     rows = [{"expectation": o.expectation, "column": o.column, "unexpected": o.observed,
-             "lesions": ", ".join(o.failing_lesions[:5]), "detail": o.detail or ""} for o in failed]
+             "lesions": ", ".join(o.failing_lesions[:5]), "detail": o.detail or ""} for o in report.failed]
     return dg.AssetCheckResult(
-        passed=not failed and len(wide) == n_extractable,
+        passed=report.passed,
         metadata={
-            "expectations": len(outcomes),
-            "failed_expectations": len(failed),
-            "lesions_validated": len(wide),
-            "lesions_with_provenance": int(n_extractable),
-            "expected_features_per_lesion": int(expected),
-            "robust_features_checked_finite": len(robust) if robust else "all",
+            "expectations": len(report.outcomes),
+            "failed_expectations": len(report.failed),
+            "lesions_validated": report.lesions_validated,
+            "lesions_with_provenance": report.lesions_with_provenance,
+            "expected_features_per_lesion": report.expected_features,
+            "robust_features_checked_finite": report.robust_checked if report.robust_checked else "all",
             "failures": dg.MetadataValue.md(md_table(rows, ["expectation", "column", "unexpected", "lesions", "detail"])),
             "reason": "bad rows would poison the vectors: blocking",
         },
@@ -155,18 +144,14 @@ def radiomics_expectations(warehouse: WarehouseResource) -> dg.AssetCheckResult:
                 description="No lesion of a series flagged by geometry QC has features.")
 def flagged_series_excluded(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Lesions with features whose series failed geometry QC (must be none)."""
-    with warehouse.get_connection(read_only=True) as con:
-        rows = con.execute(
-            "SELECT p.lesion_id, s.series_instance_uid, s.flags FROM radiomics_provenance p "
-            "JOIN lesions l USING (lesion_id) JOIN imaging_series s USING (series_key) WHERE NOT s.usable "
-            "ORDER BY 1").fetchall()
-        flagged = con.execute("SELECT count(*) FROM imaging_series WHERE NOT usable").fetchone()[0]
+    from imaging_assets.stages import reproducibility
+
+    rows, flagged = reproducibility.features_of_flagged_series(warehouse.get_warehouse())
     return dg.AssetCheckResult(
         passed=not rows,
-        metadata={"observed_lesions_from_flagged_series": len(rows), "flagged_series": int(flagged),
+        metadata={"observed_lesions_from_flagged_series": len(rows), "flagged_series": flagged,
                   "threshold": 0, "reason": "a series with gaps, tilt or duplicates gives wrong textures",
-                  "offenders": dg.MetadataValue.md(md_table(
-                      [{"lesion_id": a, "series": b, "flags": c} for a, b, c in rows], ["lesion_id", "series", "flags"]))},
+                  "offenders": dg.MetadataValue.md(md_table(rows, ["lesion_id", "series", "flags"]))},
     )
 
 
@@ -174,11 +159,10 @@ def flagged_series_excluded(warehouse: WarehouseResource) -> dg.AssetCheckResult
                 description="The robust set is not empty and has not collapsed (at least 10 features).")
 def robust_set_not_collapsed(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Size of the active robust feature set against the minimum."""
-    from imaging_assets.store.robustness import current_robust_set
+    from imaging_assets.stages import reproducibility
 
     minimum = 10
-    with warehouse.get_connection(read_only=True) as con:
-        version, features = current_robust_set(con)
+    version, features = reproducibility.active_robust_set(warehouse.get_warehouse())
     return dg.AssetCheckResult(
         passed=len(features) >= minimum,
         metadata={"observed_features": len(features), "threshold": minimum, "version": version or "",
@@ -190,14 +174,14 @@ def robust_set_not_collapsed(warehouse: WarehouseResource) -> dg.AssetCheckResul
                 description="The ICC rests on enough lesions (>= 10) to have a usable confidence interval.")
 def robustness_sample_size(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Lesions (targets) behind the perturbation ICC, and test-retest pairs."""
-    with warehouse.get_connection(read_only=True) as con:
-        row = con.execute("SELECT max(n_targets), max(k_raters) FROM feature_robustness "
-                          "WHERE analysis = 'perturbation'").fetchone()
-        pairs = con.execute("SELECT max(n_targets) FROM feature_robustness WHERE analysis = 'test_retest'").fetchone()[0]
-    n = int(row[0] or 0)
+    from imaging_assets.stages import reproducibility
+
+    report = reproducibility.sample_report(warehouse.get_warehouse())
+    n = report.lesions
     return dg.AssetCheckResult(
         passed=n >= 10,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"observed_lesions": n, "perturbations": int(row[1] or 0), "test_retest_pairs": int(pairs or 0),
+        metadata={"observed_lesions": n, "perturbations": report.perturbations,
+                  "test_retest_pairs": report.test_retest_pairs,
                   "threshold": 10, "reason": "with fewer lesions the ICC's lower bound is uninformative"},
     )

@@ -1,15 +1,12 @@
 """Resources shared by every stage: where the warehouse is and which folders hold the DICOM archive."""
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import dagster as dg
-import duckdb
 from pydantic import Field
 
 from imaging_assets import settings
-from imaging_assets.store.warehouse import connect, duckdb_path
+from imaging_assets.store.warehouse import Warehouse
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -25,26 +22,14 @@ class WarehouseResource(dg.ConfigurableResource):
     )
 
     lance: str = Field(
-        default_factory=lambda: os.environ.get("IMAGING_ASSETS_LANCE_URI", ""),
+        default="",
         description="LanceDB URI for the vector tables: a folder or an object-store URI (s3://...); "
-        "empty = <root>/lance (env IMAGING_ASSETS_LANCE_URI).",
+        "empty = env IMAGING_ASSETS_LANCE_URI, else <root>/lance.",
     )
 
-    @property
-    def lance_uri(self) -> str:
-        """LanceDB URI of the vector tables."""
-        return self.lance or str(os.path.join(self.root, "lance"))
-
-    @property
-    def database(self) -> str:
-        """Path of the DuckDB file."""
-        return str(duckdb_path(self.root))
-
-    @contextmanager
-    def get_connection(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the warehouse DuckDB file for the duration of a ``with`` block."""
-        with connect(self.database, read_only=read_only) as con:
-            yield con
+    def get_warehouse(self) -> Warehouse:
+        """The :class:`~imaging_assets.store.warehouse.Warehouse` every stage step takes."""
+        return Warehouse.from_settings(root=self.root, lance_uri=self.lance or None)
 
 
 class DicomSourcesResource(dg.ConfigurableResource):
@@ -84,9 +69,7 @@ class OutcomeSourcesResource(dg.ConfigurableResource):
 
 
 def _default_outcomes():
-    from imaging_assets.store.outcomes import default_outcomes_source
-
-    return default_outcomes_source()
+    return settings.outcomes_source()
 
 
 @dg.definitions

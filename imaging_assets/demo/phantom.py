@@ -490,7 +490,7 @@ def place_lesions(
         zl, zh = z_low + r_max + margin, z_high - r_max - margin
         if zh <= zl:  # slab too short for the margins: centre the lesion
             zl = zh = 0.5 * (z_low + z_high)
-        for attempt in range(max_tries):
+        for _attempt in range(max_tries):
             cz = float(rng.uniform(zl, zh))
             ground_glass = shape["phenotype"] == "ground_glass"
             if not ground_glass and rng.uniform() < 0.2:

@@ -390,7 +390,7 @@ def _skip_item(rd: _Reader, off: int, implicit: bool, little: bool, owner: int, 
         else:
             end = voff + length
             if end > rd.size:
-                rd.get(voff, length, lambda: f"{_elem_name(tag)} inside {_elem_name(owner)}")
+                rd.get(voff, length, lambda tag=tag: f"{_elem_name(tag)} inside {_elem_name(owner)}")
             off = end
 
 
@@ -413,7 +413,7 @@ def _scan_fragments(rd: _Reader, off: int, little: bool, tag: int) -> tuple[int,
                 "unreadable", f"encapsulated {_elem_name(tag)} has an invalid item {_tag_str(item)}"
             )
         if off + length > rd.size:
-            rd.get(off, length, lambda: f"{_elem_name(tag)} fragment {n_items}")
+            rd.get(off, length, lambda n_items=n_items: f"{_elem_name(tag)} fragment {n_items}")
         off += length
         n_items += 1
 

@@ -39,8 +39,8 @@ Link rules, tried in this order (``link_rule`` records the one that linked):
    other candidates are only logged.
 
 A refused rule-1/rule-2 link does not fall through to rule 3 (the same frame of reference would pick the
-same incomplete series). Otherwise the row is unlinked: ``linked_series_key`` and ``link_rule`` are None and ``unlinked_reason`` says
-why (unreadable file, not a SEG/RTSTRUCT, RTSTRUCT without any contour data, SEG without segments,
+same incomplete series). Otherwise the row is unlinked: ``linked_series_key`` and ``link_rule`` are None and
+``unlinked_reason`` says why (unreadable file, not a SEG/RTSTRUCT, RTSTRUCT without any contour data, SEG without segments,
 referenced series absent and nothing sharing its frame of reference/extent, patient mismatch, ...).
 
 Segments: SEG SegmentSequence (SegmentNumber, SegmentLabel; segment 0 of a LABELMAP SEG is background and
@@ -71,8 +71,9 @@ from typing import Any
 import numpy as np
 
 from imaging_assets.dicom.pseudonym import patient_key as make_patient_key
-from imaging_assets.dicom.records import SEGMENTATION_FIELDS, SERIES_FIELDS
+from imaging_assets.dicom.records import NRRD_SUFFIXES, SEGMENTATION_FIELDS, SERIES_FIELDS
 from imaging_assets.dicom.series import MIN_SLICES, slice_normal
+from imaging_assets.errors import SegmentationReadError
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,6 @@ RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 
 #: A candidate "contains" the segmentation when at least this fraction of its points is inside.
 CONTAINS_FRACTION = 0.999
-
-
-class SegmentationReadError(ValueError):
-    """A segmentation file could not be read or is not a usable SEG/RTSTRUCT; the message says why."""
 
 
 @dataclass
@@ -952,7 +949,7 @@ def read_manifest(
         row = {
             "seg_key": hashlib.sha1(key_text.encode("utf-8", "surrogateescape")).hexdigest()[:16],
             "path": mask,
-            "kind": kind or ("nrrd" if (mask or "").lower().endswith((".nrrd", ".nhdr")) else "nifti"),
+            "kind": kind or ("nrrd" if (mask or "").lower().endswith(NRRD_SUFFIXES) else "nifti"),
             "sop_instance_uid": None,
             "series_instance_uid": None,
             "frame_of_reference_uid": None,

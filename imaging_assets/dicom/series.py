@@ -122,12 +122,12 @@ def _noun(plural: str, n: int) -> str:
     return plural[:-1] if n == 1 else plural
 
 
-def _instance(s: "_Slice") -> float:
+def _instance(s: _Slice) -> float:
     """InstanceNumber for sorting ties (missing ones last)."""
     return float(s.instance_number) if s.instance_number is not None else math.inf
 
 
-def _slice_label(s: "_Slice") -> str:
+def _slice_label(s: _Slice) -> str:
     """``name.dcm`` for a single-frame file, ``name.dcm frame 3`` for a frame of a multi-frame file."""
     name = os.path.basename(s.path)
     n_frames = _int(s.record.get("number_of_frames")) or 1

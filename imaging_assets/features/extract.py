@@ -4,7 +4,8 @@ Stock ``RadiomicsFeatureExtractor.execute(image, mask)`` filters the *whole* ima
 when the lesion is a few millimetres wide. :func:`extract_lesion` crops image and mask to the lesion's
 bounding box plus the margin the enabled filters need, runs the same pyradiomics code on the crop, and
 returns the same numbers (max relative difference < 1e-4 on the pyradiomics reference cases; see
-``tests/features/test_extract.py`` and ``benchmarks/extraction.py``).
+``tests/features/test_extract.py`` and ``benchmarks/extraction.py``) as stock pyradiomics on the float32
+image every extraction starts from (see "One pixel type for every source").
 
 The crop rule (why the values do not change)
 --------------------------------------------
@@ -30,6 +31,31 @@ the image, taken with SimpleITK ``RegionOfInterest`` (physical origin, spacing a
 
 Shape features use the unpadded bounding box and are identical; the only differences left are the IIR
 filters' tails (and the B-spline prefilter's), far below the features' precision.
+
+One pixel type for every source
+-------------------------------
+pyradiomics resamples and filters an image *in its stored pixel type*: a DICOM CT (``int16`` after the
+rescale) is B-spline interpolated into ``int16`` (every value cut to a whole HU), its NIfTI copy
+(``float32``) is not, and identical voxels gave features differing by up to 107x their value (362 of
+1,106 by more than 1 %; STS_001 CT, CT preset). So every image enters extraction through
+:func:`extraction_image`, the first step of :func:`extract_lesion_detailed` (hence of every loader,
+batch, perturbation and the CLI), which gives it
+
+* **float32 voxels**: the rescaled values (``stored x RescaleSlope + RescaleIntercept`` for DICOM, the
+  stored values for NIfTI / NRRD / MHA) cast to ``float32``. Exact for every integer image up to 2^24
+  (all CT, MR and 16-bit PET data), and the type NIfTI / NRRD radiomics images are usually stored in;
+  ``float64`` volumes are rounded to float32 (relative 6e-8, far below any scanner's precision).
+* **float32 geometry**: origin, spacing and direction rounded to float32, the precision a NIfTI header
+  holds (DICOM's decimal strings and NRRD's text carry more). A NIfTI conversion moves the origin by up to
+  1e-5 mm, which alone changed unstable features (ClusterShade) by 7.5 % through the resampling grid; with
+  the rounding the DICOM series and its NIfTI copy are the same image to the last bit.
+
+The mask keeps its pixel type (labels) and gets the same geometry rounding, so an image and a mask that
+shared a grid still do. Content hashes (:func:`content_hash`) are of this float32 region, so the DICOM and
+NIfTI copies of a scan have the same ``image_hash``. :func:`stock_extract` hands stock pyradiomics the same
+:func:`extraction_image`, so the equality with stock values holds for like inputs (pass
+``as_extracted=False`` for pyradiomics on the stored type). DICOM rescale slopes and intercepts are taken at
+float32 precision as well (:mod:`imaging_assets.features.volumes`).
 
 The feature classes are pyradiomics' own with four hot spots vectorised
 (:mod:`imaging_assets.features.fastclasses`: binning, feature-name enumeration, the GLCM sum/difference
@@ -66,8 +92,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from imaging_assets.errors import LesionError
 from imaging_assets.features.params import (
-    _effective,
     crop_margin_voxels,
     params_hash,
     resampling_enabled,
@@ -86,8 +112,58 @@ _INTEGER_PIXEL_IDS = {
 }
 
 
-class LesionError(ValueError):
-    """The lesion cannot be extracted (label absent, empty mask, single voxel, ...)."""
+#: The pixel type of every image handed to pyradiomics (see "One pixel type for every source").
+EXTRACTION_PIXEL_TYPE = sitk.sitkFloat32
+
+
+def _float32(values: Iterable[float]) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.asarray(tuple(values), dtype=np.float64).astype(np.float32))
+
+
+def float32_geometry(image: sitk.Image, copy: bool = True) -> sitk.Image:
+    """``image`` with origin, spacing and direction rounded to float32 precision (the NIfTI header's).
+
+    With ``copy=True`` (default) the input is never modified: it is returned as is when its geometry is
+    float32-exact already (a NIfTI image, most NRRDs), else a copy with the rounded geometry. ``copy=False``
+    rounds ``image`` in place (for an image the caller has just made).
+    """
+    geometry = (image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    rounded = tuple(_float32(g) for g in geometry)
+    if rounded == geometry:
+        return image
+    out = sitk.Image(image) if copy else image
+    out.SetOrigin(rounded[0])
+    out.SetSpacing(rounded[1])
+    out.SetDirection(rounded[2])
+    return out
+
+
+def extraction_image(image: sitk.Image) -> sitk.Image:
+    """The image as every extraction sees it: float32 voxels and float32 geometry, whatever its source.
+
+    Parameters
+    ----------
+    image : SimpleITK.Image
+        A scalar image of any pixel type: a DICOM series (``int16`` or ``float32`` rescaled values), a
+        NIfTI / NRRD / MHA file as read (``int16``, ``uint16``, ``float32``, ``float64``, ...).
+
+    Returns
+    -------
+    SimpleITK.Image
+        :data:`EXTRACTION_PIXEL_TYPE` (``float32``) with the values cast, origin / spacing / direction
+        rounded by :func:`float32_geometry`. The input is not modified; a float32 image with float32
+        geometry is returned as is. Vector images are returned unchanged (pyradiomics rejects them).
+
+    Notes
+    -----
+    pyradiomics resamples and filters in the input's pixel type, so without this step an ``int16`` DICOM
+    series and its ``float32`` NIfTI copy give different features (see the module docstring).
+    """
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        return image
+    if image.GetPixelID() != EXTRACTION_PIXEL_TYPE:
+        return float32_geometry(sitk.Cast(image, EXTRACTION_PIXEL_TYPE), copy=False)
+    return float32_geometry(image)
 
 
 def pyradiomics_version() -> str:
@@ -230,7 +306,8 @@ class LesionExtraction:
     params_hash : str
         :func:`~imaging_assets.features.params.params_hash` of the parameters used.
     image_hash, mask_hash : str
-        :func:`content_hash` of the image and mask region handed to pyradiomics (before normalisation).
+        :func:`content_hash` of the image and mask region handed to pyradiomics (the float32
+        :func:`extraction_image`, before normalisation).
     crop_index, crop_size : tuple of int
         The region (SimpleITK x, y, z order); the whole image when not cropped.
     cropped : bool
@@ -266,7 +343,9 @@ def extract_lesion_detailed(
     settings = dict(base.settings)
     settings["label"] = int(label)
 
-    mask = _label_map(mask, settings)
+    # One pixel type and one geometry precision for every source (module docstring).
+    image = extraction_image(image)
+    mask = _label_map(float32_geometry(mask), settings)
     lo, hi, count = lesion_bbox(mask, label)
     if count == 1:
         raise LesionError(
@@ -323,7 +402,8 @@ def extract_lesion(
     Parameters
     ----------
     image : SimpleITK.Image
-        The whole image.
+        The whole image, any scalar pixel type: it is extracted as :func:`extraction_image` makes it
+        (float32 voxels and geometry), so every source of the same scan gives the same features.
     mask : SimpleITK.Image
         Label map on the image's grid (any integer type; a vector image selects ``label_channel``).
     label : int
@@ -353,14 +433,24 @@ def extract_lesion(
     return extract_lesion_detailed(image, mask, label=label, params=params, crop=crop).features
 
 
-def stock_extract(image: sitk.Image, mask: sitk.Image, label: int = 1, params: ParamsLike = None) -> dict[str, float]:
+def stock_extract(image: sitk.Image, mask: sitk.Image, label: int = 1, params: ParamsLike = None,
+                  as_extracted: bool = True) -> dict[str, float]:
     """Stock ``RadiomicsFeatureExtractor(params).execute(image, mask, label)`` on the whole image.
 
     The reference for tests and benchmarks; ``diagnostics_*`` dropped, values as float.
+
+    Parameters
+    ----------
+    as_extracted : bool
+        True (default): stock pyradiomics gets the image and mask as :func:`extract_lesion` hands them to
+        pyradiomics (:func:`extraction_image`: float32 voxels, float32 geometry), so a comparison holds
+        like inputs. False: the image exactly as given (pyradiomics then resamples in its stored type).
     """
     _quiet_pyradiomics()
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
+    if as_extracted:
+        image, mask = extraction_image(image), float32_geometry(mask)
     extractor = RadiomicsFeatureExtractor(resolve_params(params))
     return _features(_execute(extractor, image, mask, label))
 

@@ -37,10 +37,19 @@ RTSTRUCT (rasterised here, with numpy + matplotlib)
 NIfTI / NRRD label maps (read with SimpleITK)
     When the mask's grid equals the series grid (same size; spacing within 1e-3 relative; origin within
     1 % of the smallest spacing; direction cosines within 1e-4) the voxels are used as they are (the
-    image's geometry is copied to avoid float noise); otherwise the mask is resampled with nearest
-    neighbour onto the series grid and the note ``resampled mask from <grid> to <grid>`` is added. One
-    lesion per label value in ``segment_numbers`` (all non-zero values when the row gives none). A
-    floating-point mask holding fractions in (0, 1) is thresholded at ``fractional_threshold``.
+    image's geometry is copied to avoid float noise). Otherwise the mask must *belong* to the image
+    (:func:`check_mask_geometry`, tolerances :data:`MAX_AXIS_ANGLE_DEG`, :data:`MIN_GRID_OVERLAP`,
+    :data:`MAX_OUTSIDE_FRACTION`): grid axes parallel within 1 degree (up to order and sign), the two
+    grids sharing at least half of the smaller one's box, and at most half of the mask's non-zero voxels
+    outside the image. A mask that belongs (a PET mask on its CT, a finer export of the same contour) is
+    resampled with nearest neighbour onto the series grid with the note ``resampled mask from <grid> to
+    <grid>`` (and how many voxels fell outside); one that does not (a mask of another scan) gives
+    ``error`` rows whose reason names both files and the mismatch, unless ``resample_mask=True``. NIfTI
+    and NRRD carry no frame of reference; DICOM SEG / RTSTRUCT files are tied to their series by the
+    linker's reference and FrameOfReferenceUID rules
+    (:func:`~imaging_assets.dicom.segmentations.link_segmentations`). One lesion per label value in
+    ``segment_numbers`` (all non-zero values when the row gives none). A floating-point mask holding
+    fractions in (0, 1) is thresholded at ``fractional_threshold``.
 
 Components
     ``split_components=True`` labels each mask with ``SimpleITK.ConnectedComponent`` (full, 26-neighbour
@@ -76,6 +85,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from imaging_assets.dicom.records import NRRD_SUFFIXES
+from imaging_assets.errors import MaskGeometryError
 from imaging_assets.features.volumes import _read_slices, is_volume_file, series_grid
 
 logger = logging.getLogger(__name__)
@@ -97,6 +108,23 @@ DEFAULT_ROI_MAPPING: tuple[tuple[str, str], ...] = (
 
 #: Fractional SEG / float mask threshold (fraction of MaximumFractionalValue).
 DEFAULT_FRACTIONAL_THRESHOLD = 0.5
+
+#: Largest angle (degrees) between the image's and a NIfTI/NRRD mask's grid axes, matched up to order and
+#: sign (so an LPS/RAS flip or a sagittal export of the same grid passes), for the mask to belong to the
+#: image: a mask drawn on the image or converted from it agrees to float precision (NIfTI's float32
+#: quaternion: < 0.001 degrees), while an oblique series or a registered copy differs by degrees.
+MAX_AXIS_ANGLE_DEG = 1.0
+
+#: Least share of the smaller of the two grid boxes that the image and mask grids must have in common: a
+#: mask on the image's grid, on the uncropped scan the image was cut from, or on another series of the same
+#: session and field of view (STS_001's PET mask on its CT: 98 %) shares nearly all of it, while a grid
+#: sharing less than half was made for another field of view (another scan, a shifted export).
+MIN_GRID_OVERLAP = 0.5
+
+#: Largest share of the mask's non-zero voxels whose centres may lie outside the image (beyond its outer
+#: voxel faces): a lesion cut by the image's border loses a few, while a mask with most of its lesion
+#: outside was drawn on another volume, and resampling it would keep an arbitrary fragment.
+MAX_OUTSIDE_FRACTION = 0.5
 
 
 @dataclass
@@ -235,6 +263,153 @@ def _physical_to_index(grid: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return np.linalg.inv(direction * spacing), np.array(grid.GetOrigin(), dtype=np.float64)
 
 
+def _index_to_physical(grid: sitk.Image, idx: np.ndarray) -> np.ndarray:
+    """Physical points (n, 3) of continuous indices ``idx`` (n, 3; order i, j, k) of ``grid``."""
+    direction = np.array(grid.GetDirection(), dtype=np.float64).reshape(3, 3)
+    spacing = np.array(grid.GetSpacing(), dtype=np.float64)
+    return np.array(grid.GetOrigin(), dtype=np.float64) + idx @ (direction * spacing).T
+
+
+def _inside(grid: sitk.Image, points: np.ndarray) -> np.ndarray:
+    """Which physical points (n, 3) lie inside ``grid``'s box (its outer voxel faces)."""
+    m, origin = _physical_to_index(grid)
+    idx = (points - origin) @ m.T
+    size = np.array(grid.GetSize(), dtype=np.float64)
+    return np.all((idx >= -0.5) & (idx <= size - 0.5), axis=1)
+
+
+def _lattice(grid: sitk.Image, n: int = 12) -> np.ndarray:
+    """``n`` x ``n`` x ``n`` physical points evenly filling ``grid``'s box (cell centres)."""
+    axes = [(np.arange(n) + 0.5) / n * size - 0.5 for size in grid.GetSize()]
+    idx = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    return _index_to_physical(grid, idx)
+
+
+def axis_angle_deg(a: sitk.Image, b: sitk.Image) -> float:
+    """Largest angle (degrees) between an axis of ``a`` and the nearest axis (either sign) of ``b``."""
+    da = np.array(a.GetDirection(), dtype=np.float64).reshape(3, 3)
+    db = np.array(b.GetDirection(), dtype=np.float64).reshape(3, 3)
+    da, db = da / np.linalg.norm(da, axis=0), db / np.linalg.norm(db, axis=0)
+    best = np.abs(da.T @ db).max(axis=1)  # |cos| of each axis of a with its closest axis of b
+    return float(np.degrees(np.arccos(np.clip(best.min(), -1.0, 1.0))))
+
+
+def grid_overlap(a: sitk.Image, b: sitk.Image) -> float:
+    """Share of the smaller of the two grid boxes that lies inside the other one (0..1).
+
+    Estimated on a 12 x 12 x 12 lattice of points in each box (works for any orientation): the volume in
+    common over the smaller volume is the larger of the two shares of points inside the other box.
+    """
+    return float(max(_inside(a, _lattice(b)).mean(), _inside(b, _lattice(a)).mean()))
+
+
+def outside_fraction(image_grid: sitk.Image, mask: sitk.Image, labels: np.ndarray | None = None) -> tuple[float, int]:
+    """Share of the mask's non-zero voxels whose centres lie outside ``image_grid``, and their count.
+
+    ``labels`` is the mask's voxel array (k, j, i) when the caller has it already; else it is read from
+    ``mask``.
+    """
+    arr = sitk.GetArrayViewFromImage(mask) if labels is None else labels
+    kji = np.argwhere(arr != 0)
+    if kji.size == 0:
+        return 0.0, 0
+    inside = _inside(image_grid, _index_to_physical(mask, kji[:, ::-1].astype(np.float64)))
+    return float(1.0 - inside.mean()), int(kji.shape[0])
+
+
+def mask_geometry_problems(image_grid: sitk.Image, mask: sitk.Image, labels: np.ndarray | None = None) -> list[str]:
+    """Why a mask's geometry does not belong to the image's (an empty list when it does).
+
+    The three rules, each with its tolerance (module constants, with the reasons): grid axes within
+    :data:`MAX_AXIS_ANGLE_DEG` (up to order and sign); the grids share at least :data:`MIN_GRID_OVERLAP`
+    of the smaller box; at most :data:`MAX_OUTSIDE_FRACTION` of the mask's non-zero voxels lie outside
+    the image. Spacing and size may differ (a PET mask on its CT is resampled, not refused).
+    """
+    problems = []
+    angle = axis_angle_deg(image_grid, mask)
+    if angle > MAX_AXIS_ANGLE_DEG:
+        problems.append(f"direction differs by {angle:.1f}° (tolerance {MAX_AXIS_ANGLE_DEG:g}°)")
+    overlap = grid_overlap(image_grid, mask)
+    if overlap < MIN_GRID_OVERLAP:
+        problems.append(f"the grids share {overlap:.0%} of the smaller one's extent (at least "
+                        f"{MIN_GRID_OVERLAP:.0%} required)")
+    outside, n = outside_fraction(image_grid, mask, labels)
+    if n and outside > MAX_OUTSIDE_FRACTION:
+        problems.append(f"{outside:.0%} of the mask's {n:,} voxels lie outside the image (at most "
+                        f"{MAX_OUTSIDE_FRACTION:.0%} allowed)")
+    return problems
+
+
+def check_mask_geometry(image_grid: sitk.Image, mask: sitk.Image, image_name: str, mask_name: str,
+                        labels: np.ndarray | None = None) -> None:
+    """Raise :class:`~imaging_assets.features.extract.MaskGeometryError` when the mask does not belong to
+    the image (:func:`mask_geometry_problems`); nothing when it is on the image's grid or belongs.
+
+    Parameters
+    ----------
+    image_grid, mask : SimpleITK.Image
+        The image (only its grid is used) and the mask as read from its file.
+    image_name, mask_name : str
+        How to name them in the message (file or folder paths).
+    labels : numpy.ndarray, optional
+        The mask's voxels (k, j, i) when already read.
+
+    Raises
+    ------
+    MaskGeometryError
+        ``"mask <mask_name> does not belong to image <image_name>: direction differs by 12.3° (tolerance
+        1°); ..."``, with how to opt into resampling.
+    """
+    if same_grid(image_grid, mask):
+        return
+    problems = mask_geometry_problems(image_grid, mask, labels)
+    if problems:
+        raise MaskGeometryError(
+            f"mask {mask_name} does not belong to image {image_name}: {'; '.join(problems)} "
+            "(resample it onto the image grid anyway with resample_mask=True)"
+        )
+
+
+def series_name(series: dict[str, Any]) -> str:
+    """How a series is named in messages: its volume file, or the folder of its DICOM files."""
+    files = [str(f) for f in (series.get("files") or [])]
+    if not files:
+        return f"series {series.get('series_key')!r}"
+    if is_volume_file(files[0]):
+        return files[0]
+    folders = {os.path.dirname(f) for f in files}
+    return folders.pop() if len(folders) == 1 else f"{files[0]} (+{len(files) - 1} files)"
+
+
+def check_volume_mask(segmentation: dict[str, Any], series: dict[str, Any], image_name: str | None = None) -> None:
+    """:func:`check_mask_geometry` for a NIfTI / NRRD segmentation row and its series, from the files.
+
+    Reads the series' grid (headers only) and the mask file. DICOM SEG / RTSTRUCT rows are not checked
+    here: :func:`~imaging_assets.dicom.segmentations.link_segmentations` links them by their references
+    and frame of reference, and refuses a different FrameOfReferenceUID unless all their points lie
+    inside the series.
+
+    Raises
+    ------
+    MaskGeometryError
+        The mask does not belong to the image.
+    ValueError
+        The mask or the series cannot be read (the message names the file).
+    """
+    if _infer_kind(segmentation) not in ("nifti", "nrrd"):
+        return
+    path = str(segmentation.get("path") or "")
+    try:
+        mask = sitk.ReadImage(path)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot be read as a mask volume ({exc})") from exc
+    if mask.GetDimension() == 4 and mask.GetSize()[3] == 1:
+        mask = mask[:, :, :, 0]
+    if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
+        return  # load_lesions reports what is wrong with it
+    check_mask_geometry(series_grid(series), mask, image_name or series_name(series), path)
+
+
 def _file_sha1(path: str) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as fh:
@@ -283,7 +458,7 @@ def _infer_kind(segmentation: dict[str, Any]) -> str:
     if kind:
         return kind
     path = str(segmentation.get("path") or "").lower()
-    if path.endswith((".nrrd", ".nhdr")):
+    if path.endswith(NRRD_SUFFIXES):
         return "nrrd"
     if is_volume_file(path):
         return "nifti"
@@ -565,7 +740,8 @@ def _rtstruct_raw(path: str, numbers: list[int] | None, grid: sitk.Image) -> lis
 # ------------------------------------------------------------------------------------------ NIfTI/NRRD
 
 
-def _volume_raw(path: str, numbers: list[int] | None, grid: sitk.Image, threshold: float) -> list[_Raw]:
+def _volume_raw(path: str, numbers: list[int] | None, grid: sitk.Image, threshold: float,
+                image_name: str = "", resample_mask: bool = False) -> list[_Raw]:
     try:
         img = sitk.ReadImage(path)
     except Exception as exc:
@@ -591,11 +767,16 @@ def _volume_raw(path: str, numbers: list[int] | None, grid: sitk.Image, threshol
     if same_grid(img, grid):
         on_grid = src
     else:
+        if not resample_mask:
+            check_mask_geometry(grid, img, image_name or "the series image", path, labels=src)
         tmp = sitk.GetImageFromArray(src.astype(np.int32))
         tmp.CopyInformation(img)
         moved = sitk.Resample(tmp, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
         on_grid = sitk.GetArrayFromImage(moved)
         notes.append(f"resampled mask from {_grid_text(img)} to {_grid_text(grid)}")
+        outside, n = outside_fraction(grid, img, src)
+        if 0 < outside < 1:
+            notes.append(f"{outside:.1%} of the mask's {n:,} voxels lie outside the series grid")
     out: list[_Raw] = []
     for n in numbers:
         arr = on_grid == n
@@ -686,6 +867,7 @@ def load_lesions(
     split_components: bool = False,
     fractional_threshold: float = DEFAULT_FRACTIONAL_THRESHOLD,
     roi_mapping: Sequence[tuple[str, str]] | None = None,
+    resample_mask: bool = False,
 ) -> list[LesionMask]:
     """Decode a segmentation into lesion masks on its series' voxel grid.
 
@@ -706,6 +888,10 @@ def load_lesions(
         FRACTIONAL SEG / fractional mask threshold as a fraction of the maximum value.
     roi_mapping : sequence of (pattern, canonical), optional
         Passed to :func:`harmonise_roi_name`.
+    resample_mask : bool
+        NIfTI / NRRD masks on another grid than the series': resample them even when their geometry does
+        not belong to the image (:func:`check_mask_geometry`). False (default): such a mask gives
+        ``error`` rows whose reason names both files and the mismatch.
 
     Returns
     -------
@@ -764,7 +950,7 @@ def load_lesions(
         elif kind == "rtstruct":
             raws = _rtstruct_raw(path, numbers, grid)
         elif kind in ("nifti", "nrrd"):
-            raws = _volume_raw(path, numbers, grid, fractional_threshold)
+            raws = _volume_raw(path, numbers, grid, fractional_threshold, series_name(series), resample_mask)
         else:
             raise ValueError(f"{path}: unknown segmentation kind {kind!r}")
     except Exception as exc:

@@ -187,12 +187,20 @@ def _canonical(obj: Any) -> Any:
     return obj
 
 
+#: Version of how an image is prepared before pyradiomics sees it; part of :func:`params_hash`, so features
+#: computed under an earlier rule are re-extracted instead of mixed with new ones. ``float32-input-1``: every
+#: source enters as float32 voxels with float32 geometry (see ``imaging_assets.features.extract``).
+EXTRACTION_RULE = "float32-input-1"
+
+
 def params_hash(params: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON of ``params`` (sorted keys, no whitespace).
+    """SHA-256 (hex) of the canonical JSON of ``params`` (sorted keys, no whitespace) and the
+    :data:`EXTRACTION_RULE`.
 
     Equal parameter sets hash equally whatever their key order or YAML formatting.
     """
-    text = json.dumps(_canonical(params), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    text = json.dumps({"extraction_rule": EXTRACTION_RULE, "params": _canonical(params)}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

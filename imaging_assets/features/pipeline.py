@@ -2,8 +2,8 @@
 and ``imaging-assets extract`` (one code path for both).
 
 * :func:`lesion_rows` decodes every linked segmentation onto its series grid (in a process pool) and
-  returns one row per lesion (:data:`LESION_FIELDS`), masks not kept: rows carry counts, statuses and a
-  source fingerprint, so an unchanged segmentation is not decoded again on the next run.
+  returns one row per lesion (:data:`~imaging_assets.dicom.records.LESION_FIELDS`), masks not kept: rows carry
+  counts, statuses and a source fingerprint, so an unchanged segmentation is not decoded again on the next run.
 * :class:`SeriesLesionLoader` is the picklable loader an :class:`~imaging_assets.features.extract.ExtractionJob`
   carries: inside the worker it loads the series image, decodes the one lesion and hands both to the
   cropped pyradiomics extraction.
@@ -24,7 +24,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from imaging_assets.dicom.records import LESION_FIELDS  # noqa: F401  (re-exported)
+from imaging_assets.dicom.records import NRRD_SUFFIXES, VOLUME_SUFFIXES
 from imaging_assets.features.extract import ExtractionJob, default_workers
 from imaging_assets.features.lesions import LesionMask, load_lesions
 from imaging_assets.features.params import params_hash, preset_for_modality, resolve_params
@@ -39,6 +39,9 @@ class LesionOptions:
     split_components: bool = False
     fractional_threshold: float = 0.5
     roi_mapping: tuple[tuple[str, str], ...] | None = None
+    #: Resample NIfTI / NRRD masks whose geometry does not belong to their image instead of refusing them
+    #: (:func:`~imaging_assets.features.lesions.check_mask_geometry`).
+    resample_mask: bool = False
 
 
 def source_fingerprint(series: Mapping[str, Any], segmentation: Mapping[str, Any], options: LesionOptions) -> str:
@@ -58,6 +61,8 @@ def source_fingerprint(series: Mapping[str, Any], segmentation: Mapping[str, Any
         h.update(f"{p}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\n".encode("utf-8", "surrogateescape"))
     h.update(json.dumps([series.get("flags"), segmentation.get("segment_numbers"), options.split_components,
                          options.fractional_threshold, options.roi_mapping], default=str).encode())
+    if options.resample_mask:  # only when set, so fingerprints made before the option still hold
+        h.update(b"resample_mask")
     return h.hexdigest()[:20]
 
 
@@ -108,6 +113,7 @@ def lesions_of_segmentation(series: Mapping[str, Any], segmentation: Mapping[str
         dict(segmentation), dict(series), image=None, split_components=options.split_components,
         fractional_threshold=options.fractional_threshold,
         roi_mapping=list(options.roi_mapping) if options.roi_mapping else None,
+        resample_mask=options.resample_mask,
     )
     rows = [_row(les, series, fingerprint) for les in lesions]
     if not series.get("usable"):
@@ -218,6 +224,7 @@ class SeriesLesionLoader:
             seg, dict(self.series), image=image, split_components=self.options.split_components,
             fractional_threshold=self.options.fractional_threshold,
             roi_mapping=list(self.options.roi_mapping) if self.options.roi_mapping else None,
+            resample_mask=self.options.resample_mask,
         )
         for les in lesions:
             if les.component == self.component:
@@ -267,7 +274,7 @@ def split_feature_name(name: str) -> tuple[str, str, str]:
 
 # ------------------------------------------------------------------------------- one lesion, no warehouse
 def _is_volume(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"))
+    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
 def resolve_inputs(image: str | Path, mask: str | Path, modality: str | None = None) -> tuple[dict, dict]:
@@ -317,7 +324,7 @@ def resolve_inputs(image: str | Path, mask: str | Path, modality: str | None = N
             raise ValueError(f"{image}: holds {len(series)} series; point --image at one series")
         s = series[0]
         seg = {"seg_key": hashlib.sha1(str(mask.resolve()).encode()).hexdigest()[:16], "path": str(mask),
-               "kind": "nrrd" if mask.name.lower().endswith((".nrrd", ".nhdr")) else "nifti",
+               "kind": "nrrd" if mask.name.lower().endswith(NRRD_SUFFIXES) else "nifti",
                "sop_instance_uid": None, "series_instance_uid": None, "frame_of_reference_uid": None,
                "patient_key": s.get("patient_key"), "segmentation_type": None, "n_segments": None,
                "segment_numbers": [], "segment_labels": [], "image_path": None,
@@ -363,20 +370,47 @@ def choose_segment(seg: Mapping[str, Any], label: int | None = None, segment: st
 
 
 def extract_one(image: str | Path, mask: str | Path, label: int | None = None, segment: str | None = None,
-                params: str | Path | None = None, modality: str | None = None):
+                params: str | Path | None = None, modality: str | None = None, resample_mask: bool = False):
     """Extract one lesion from files, through exactly the asset's path (loader + cropped extraction).
+
+    Parameters
+    ----------
+    image, mask : str or pathlib.Path
+        A DICOM series folder, NIfTI or NRRD image; a DICOM SEG, RTSTRUCT, NIfTI or NRRD mask.
+    label, segment : optional
+        Which segment (see :func:`choose_segment`).
+    params : str or pathlib.Path, optional
+        pyradiomics YAML (or preset name); default the modality's preset.
+    modality : str, optional
+        Used when the image does not say (NIfTI / NRRD).
+    resample_mask : bool
+        A NIfTI / NRRD mask on another grid whose geometry does not belong to the image (another scan:
+        rotated, shifted away, lesion outside the image; see
+        :func:`~imaging_assets.features.lesions.check_mask_geometry`) is refused by default; True
+        resamples it onto the image grid anyway. A mask on the image's grid (within float tolerance), or
+        one that belongs (a PET mask on its CT), needs no option.
 
     Returns
     -------
     ExtractionOutcome
         ``features`` keyed by pyradiomics' own names, or ``error``.
+
+    Raises
+    ------
+    MaskGeometryError
+        (a ``ValueError``) The mask does not belong to the image; the message names both and the mismatch.
+    ValueError
+        The inputs cannot be resolved (no series, unlinkable mask, no such segment, ...).
     """
     from imaging_assets.features.extract import run_job
-    from imaging_assets.features.lesions import lesion_id
+    from imaging_assets.features.lesions import check_volume_mask, lesion_id
 
     series, seg = resolve_inputs(image, mask, modality)
     number = choose_segment(seg, label, segment)
+    if not resample_mask:
+        check_volume_mask(seg, series, image_name=str(image))
     p = params_for(series.get("modality") or modality, params)
     lid = lesion_id(str(series.get("series_instance_uid") or series["series_key"]),
                     str(seg.get("sop_instance_uid") or seg["seg_key"]), number, 0)
-    return run_job(ExtractionJob(lid, SeriesLesionLoader(dict(series), dict(seg), number), params=p))
+    loader = SeriesLesionLoader(dict(series), dict(seg), number, options=LesionOptions(resample_mask=resample_mask))
+    return run_job(ExtractionJob(lid, loader, params=p))

@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from imaging_assets.store.schema import TABLES, create_sql
 from imaging_assets.store.warehouse import connect
 
-AUDIT_DDL = """CREATE TABLE IF NOT EXISTS audit_log (
-    id VARCHAR PRIMARY KEY, logged_at TIMESTAMP, "user" VARCHAR, action VARCHAR, query VARCHAR, params VARCHAR,
-    table_versions VARCHAR, n_rows INTEGER, status VARCHAR)"""
+#: The declared ``audit_log`` table (cheap ``CREATE TABLE IF NOT EXISTS``, run before each append).
+_AUDIT_DDL = create_sql("audit_log", TABLES["audit_log"])
 
 
 def current_user() -> str:
@@ -46,7 +46,7 @@ def record_on(con: Any, action: str, query: str, params: dict[str, Any] | None =
     import uuid
 
     audit_id = uuid.uuid4().hex
-    con.execute(AUDIT_DDL)
+    con.execute(_AUDIT_DDL)
     con.execute(
         "INSERT INTO audit_log VALUES (?, (now() AT TIME ZONE 'UTC'), ?, ?, ?, ?, ?, ?, ?)",
         [audit_id, user or current_user(), action, query, json.dumps(params or {}, default=str, sort_keys=True),

@@ -13,19 +13,15 @@ Lance tables are registered as Arrow views before the lock, so SQL joins them wi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from imaging_assets.errors import QueryRefused
 from imaging_assets.store import audit
-from imaging_assets.store.warehouse import connect
+from imaging_assets.store.warehouse import Warehouse
 
 _ALLOWED = {"SELECT", "EXPLAIN"}
-
-
-class QueryRefused(ValueError):
-    """The statement is not a read-only query, or it reaches outside the warehouse."""
 
 
 def check_read_only(sql: str) -> None:
@@ -43,10 +39,12 @@ def check_read_only(sql: str) -> None:
                                f"{st.query.strip()[:80]!r}")
 
 
-def run_sql(database: str | Path, sql: str, lance_uri: str | None = None, limit: int | None = None) -> Any:
-    """Run a read-only query and return a pandas DataFrame; audited (also when refused or failing)."""
-    from imaging_assets.store.vectors import VECTOR_TABLE, register_duckdb_views, table_version
+def run_sql(wh: Warehouse, sql: str, limit: int | None = None) -> Any:
+    """Run a read-only query on the warehouse (DuckDB tables plus its Lance tables as views) and return a
+    pandas DataFrame; audited (also when refused or failing)."""
+    from imaging_assets.store.lance import VECTOR_TABLE, register_duckdb_views, table_version
 
+    database, lance_uri = wh.duckdb_path, wh.lance_uri
     versions: dict[str, Any] = {}
     try:
         check_read_only(sql)
@@ -54,7 +52,7 @@ def run_sql(database: str | Path, sql: str, lance_uri: str | None = None, limit:
         audit.record(database, "sql", sql, {}, {}, 0, status=f"refused: {exc}")
         raise
     try:
-        with connect(database, read_only=True) as con:
+        with wh.connect(read_only=True) as con:
             if lance_uri:
                 try:  # pin the version first, so the audit names exactly what the query read
                     pinned = {VECTOR_TABLE: table_version(lance_uri, VECTOR_TABLE)}

@@ -1,71 +1,77 @@
-"""The DuckDB side of the warehouse: connections, schema, and transactional writes of catalog records.
+"""The warehouse: one :class:`Warehouse` object naming where everything is, DuckDB connections and
+transactions, and generic typed row writes.
 
-Every write happens inside one transaction, so a crash leaves the previous committed state, never half a
-batch. Values always travel as parameters or registered Arrow tables, never formatted into SQL.
+Storage only (no domain package, no Dagster). Every write happens inside one transaction, so a crash leaves
+the previous committed state, never half a batch. Values always travel as parameters or registered Arrow
+tables, never formatted into SQL. Table declarations live in :mod:`imaging_assets.store.schema`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
-from imaging_assets.dicom.records import (
-    EXTRACTION_ERROR_FIELDS,
-    FEATURE_FIELDS,
-    FILE_FIELDS,
-    LESION_FIELDS,
-    PROVENANCE_FIELDS,
-    QUARANTINE_FIELDS,
-    SEGMENTATION_FIELDS,
-    SERIES_FIELDS,
-)
+from imaging_assets.store.schema import TABLES, arrow_table, ensure_schema
 
 logger = logging.getLogger(__name__)
 
 DUCKDB_FILENAME = "warehouse.duckdb"
 
-_ARROW_TYPES: dict[str, pa.DataType] = {
-    "VARCHAR": pa.string(),
-    "BIGINT": pa.int64(),
-    "INTEGER": pa.int32(),
-    "DOUBLE": pa.float64(),
-    "BOOLEAN": pa.bool_(),
-    "DATE": pa.string(),  # ISO strings; cast to DATE by DuckDB on insert
-    "DOUBLE[]": pa.list_(pa.float64()),
-    "DOUBLE[][]": pa.list_(pa.list_(pa.float64())),
-    "VARCHAR[]": pa.list_(pa.string()),
-    "INTEGER[]": pa.list_(pa.int32()),
-    "TIMESTAMP": pa.timestamp("us"),
-}
-
-#: Columns the catalog tables add to the record fields.
-_CATALOG_EXTRA = {"status": "VARCHAR", "updated_at": "TIMESTAMP", "removed_at": "TIMESTAMP"}
-
-_STAMPED = {"created_at": "TIMESTAMP"}
-
-#: Table name -> (record fields, extra bookkeeping columns, primary key columns).
-TABLES: dict[str, tuple[Mapping[str, str], Mapping[str, str], tuple[str, ...]]] = {
-    "dicom_files": (FILE_FIELDS, _CATALOG_EXTRA, ("path",)),
-    "dicom_quarantine": (QUARANTINE_FIELDS, _CATALOG_EXTRA, ("path",)),
-    "imaging_series": (SERIES_FIELDS, {}, ("series_key",)),
-    "segmentations": (SEGMENTATION_FIELDS, {}, ("seg_key",)),
-    "lesions": (LESION_FIELDS, {}, ("lesion_id",)),
-    "radiomics_features": (FEATURE_FIELDS, {}, ("lesion_id", "image_type", "feature_class", "feature")),
-    "radiomics_provenance": (PROVENANCE_FIELDS, _STAMPED, ("lesion_id",)),
-    "radiomics_errors": (EXTRACTION_ERROR_FIELDS, _STAMPED, ("lesion_id",)),
-}
-
-
 def duckdb_path(warehouse: str | Path) -> Path:
     """Path of the DuckDB file inside a warehouse folder."""
     return Path(warehouse) / DUCKDB_FILENAME
+
+
+@dataclass(frozen=True)
+class Warehouse:
+    """Where one warehouse lives: the folder of its DuckDB file and the URI of its Lance tables.
+
+    The one object every pipeline step takes. Build it from the settings (environment) with
+    :meth:`from_settings`, or directly in tests and tools: ``Warehouse(tmp_path / "wh")`` puts the Lance
+    tables in ``<root>/lance``.
+    """
+
+    root: Path
+    lance_uri: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        if not self.lance_uri:
+            object.__setattr__(self, "lance_uri", str(self.root / "lance"))
+
+    @classmethod
+    def from_settings(cls, root: str | Path | None = None, lance_uri: str | None = None) -> Warehouse:
+        """The configured warehouse (``IMAGING_ASSETS_WAREHOUSE``, ``IMAGING_ASSETS_LANCE_URI``); explicit
+        arguments win. A root given without a Lance URI keeps its Lance tables under it unless the
+        environment names another URI."""
+        from imaging_assets import settings
+
+        root_path = Path(root) if root else settings.warehouse_dir()
+        return cls(root_path, lance_uri or settings.lance_uri(root_path))
+
+    @property
+    def duckdb_path(self) -> Path:
+        """Path of the DuckDB file."""
+        return duckdb_path(self.root)
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open the DuckDB file for the duration of a ``with`` block (see :func:`connect`)."""
+        with connect(self.duckdb_path, read_only=read_only) as con:
+            yield con
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A write connection inside one transaction: committed at the end of the block, rolled back on error."""
+        with self.connect() as con, transaction(con):
+            yield con
 
 
 @contextmanager
@@ -115,31 +121,15 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
     con.execute("COMMIT")
 
 
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the catalog tables when missing (idempotent)."""
-    present = {r[0] for r in con.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
-    for name, (fields, extra, key) in TABLES.items():
-        if name in present:
-            continue
-        cols = [f'"{c}" {t}' for c, t in {**fields, **extra}.items()]
-        cols.append("PRIMARY KEY (" + ", ".join(f'"{k}"' for k in key) + ")")
-        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(cols)})")
-
-
-def arrow_table(rows: Sequence[Mapping[str, Any]], fields: Mapping[str, str]) -> pa.Table:
-    """Build an Arrow table with the declared column types from record dicts."""
-    schema = pa.schema([(c, _ARROW_TYPES[t]) for c, t in fields.items()])
-    columns = {c: [r.get(c) for r in rows] for c in fields}
-    return pa.table(columns, schema=schema)
-
-
 def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mapping[str, Any]],
-                fields: Mapping[str, str], extra_sql: Mapping[str, str]) -> None:
-    """Insert record dicts (typed through Arrow) plus SQL-valued bookkeeping columns; caller holds the
+                extra_sql: Mapping[str, str] | None = None) -> None:
+    """Insert record dicts into a declared table (typed through Arrow by its schema columns) plus SQL-valued
+    bookkeeping columns (``extra_sql``: column -> SQL expression without values); the caller holds the
     transaction."""
     if not rows:
         return
+    fields = TABLES[table].columns
+    extra_sql = extra_sql or {}
     incoming = arrow_table(rows, fields)
     con.register("_incoming", incoming)
     try:
@@ -153,89 +143,36 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mappi
             pass
 
 
-def known_files(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[int, int]]:
-    """``path -> (size, mtime_ns)`` of every active catalogued or quarantined file.
-
-    Files quarantined as ``unreadable`` are left out, so every crawl tries them again: a permission fix
-    (chmod/chown) changes neither size nor mtime. :func:`apply_crawl` leaves their rows untouched while
-    the outcome stays the same.
-    """
-    ensure_schema(con)
-    cols = con.execute(
-        "SELECT path, size, mtime_ns FROM dicom_files WHERE status = 'active' "
-        "UNION ALL SELECT path, size, mtime_ns FROM dicom_quarantine WHERE status = 'active' "
-        "AND reason <> 'unreadable'"
-    ).fetchnumpy()
-    return dict(zip(cols["path"].tolist(), zip(cols["size"].tolist(), cols["mtime_ns"].tolist())))
-
-
-def unreadable_rows(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[int, int, str, str]]:
-    """``path -> (size, mtime_ns, reason, message)`` of active quarantine rows with reason ``unreadable``
-    (retried on every crawl, see :func:`known_files`)."""
-    ensure_schema(con)
-    return {r[0]: (int(r[1]), int(r[2]), r[3], r[4]) for r in con.execute(
-        "SELECT path, size, mtime_ns, reason, message FROM dicom_quarantine WHERE status = 'active' "
-        "AND reason = 'unreadable'").fetchall()}
-
-
-def apply_crawl(
-    con: duckdb.DuckDBPyConnection,
-    records: Sequence[Mapping[str, Any]],
-    quarantined: Sequence[Mapping[str, Any]],
-    removed: Iterable[str],
-) -> dict[str, int]:
-    """Write one crawl's outcome in a single transaction.
-
-    New or re-read paths replace their previous row in either table (a modified file may move between
-    the catalog and the quarantine); removed paths are marked ``status='removed'`` with ``removed_at``,
-    never deleted, so history stays queryable. Unchanged paths are not touched.
-
-    Returns
-    -------
-    dict
-        Counts: ``upserted``, ``quarantined``, ``removed``.
-    """
-    removed = sorted(set(removed))
-    if not (records or quarantined or removed):
-        return {"upserted": 0, "quarantined": 0, "removed": 0}
-    ensure_schema(con)
-    if quarantined:  # a quarantine row that would be rewritten identically is left alone (no-op reruns)
-        same = {tuple(r) for r in con.execute(
-            "SELECT path, size, mtime_ns, reason, message FROM dicom_quarantine WHERE status = 'active' "
-            "AND list_contains(?, path)", [[q["path"] for q in quarantined]]).fetchall()}
-        quarantined = [q for q in quarantined
-                       if (q["path"], q["size"], q["mtime_ns"], q["reason"], q["message"]) not in same]
-    touched = [r["path"] for r in records] + [q["path"] for q in quarantined]
-    now_sql = {"status": "'active'", "updated_at": "(now() AT TIME ZONE 'UTC')", "removed_at": "NULL"}
-    with transaction(con):
-        if touched:
-            paths = pa.table({"path": pa.array(touched, pa.string())})
-            con.register("_touched", paths)
-            for table in ("dicom_files", "dicom_quarantine"):
-                con.execute(f"DELETE FROM {table} WHERE path IN (SELECT path FROM _touched)")
-            con.unregister("_touched")
-        insert_rows(con, "dicom_files", records, FILE_FIELDS, now_sql)
-        insert_rows(con, "dicom_quarantine", quarantined, QUARANTINE_FIELDS, now_sql)
-        if removed:
-            gone = pa.table({"path": pa.array(removed, pa.string())})
-            con.register("_gone", gone)
-            for table in ("dicom_files", "dicom_quarantine"):
-                con.execute(
-                    f"UPDATE {table} SET status = 'removed', removed_at = (now() AT TIME ZONE 'UTC') "
-                    "WHERE status = 'active' AND path IN (SELECT path FROM _gone)"
-                )
-            con.unregister("_gone")
-    return {"upserted": len(records), "quarantined": len(quarantined), "removed": len(removed)}
-
-
 def replace_table(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mapping[str, Any]]) -> int:
     """Atomically replace the content of a derived table (``imaging_series``, ``segmentations``)."""
-    fields, extra, _ = TABLES[table]
     ensure_schema(con)
     with transaction(con):
         con.execute(f"DELETE FROM {table}")
-        insert_rows(con, table, rows, fields, {})
+        insert_rows(con, table, rows)
     return len(rows)
+
+
+def replace_frame(con: duckdb.DuckDBPyConnection, table: str, frame: Any) -> int:
+    """Replace the rows of a declared table with a pandas DataFrame (or records), in the caller's
+    transaction: columns are matched by name and cast to the declared types (pandas NaN becomes NULL);
+    columns the frame lacks are NULL, columns it has beyond the table are ignored."""
+    import pandas as pd
+
+    spec = TABLES[table]
+    df = pd.DataFrame(frame).reindex(columns=list(spec.columns))
+    ensure_schema(con)
+    con.register("_frame", df)
+    try:
+        cols = ", ".join(f'"{c}"' for c in spec.columns)
+        select = ", ".join(f'CAST("{c}" AS {t})' for c, t in spec.columns.items())
+        con.execute(f"DELETE FROM {table}")
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {select} FROM _frame")
+    finally:
+        try:
+            con.unregister("_frame")
+        except duckdb.Error:  # the transaction is already aborted: keep the original error visible
+            pass
+    return len(df)
 
 
 def fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -252,23 +189,10 @@ def fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] 
     return out
 
 
-def active_files(con: duckdb.DuckDBPyConnection, kinds: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Active catalog records (FILE_FIELDS keys), optionally only some kinds, ordered by path."""
-    ensure_schema(con)
-    cols = ", ".join(f'"{c}"' for c in FILE_FIELDS)
-    if kinds:
-        return fetch_dicts(
-            con,
-            f"SELECT {cols} FROM dicom_files WHERE status = 'active' AND list_contains(?, kind) ORDER BY path",
-            [list(kinds)],
-        )
-    return fetch_dicts(con, f"SELECT {cols} FROM dicom_files WHERE status = 'active' ORDER BY path")
-
-
 def table_rows(con: duckdb.DuckDBPyConnection, table: str) -> list[dict[str, Any]]:
     """All rows of a derived table as dicts, in primary-key order."""
-    fields, _, key = TABLES[table]
+    spec = TABLES[table]
     ensure_schema(con)
-    cols = ", ".join(f'"{c}"' for c in fields)
-    order = ", ".join(f'"{k}"' for k in key)
+    cols = ", ".join(f'"{c}"' for c in spec.columns)
+    order = ", ".join(f'"{k}"' for k in spec.primary_key)
     return fetch_dicts(con, f"SELECT {cols} FROM {table} ORDER BY {order}")

@@ -92,7 +92,7 @@ def test_ingest_materializes_in_process(small_cohort, tmp_path):
         assert not linked_check.passed
         assert linked_check.metadata["observed_unlinked"].value == 1
 
-    con = duckdb.connect(warehouse.database, read_only=True)
+    con = duckdb.connect(str(warehouse.get_warehouse().duckdb_path), read_only=True)
     try:
         n_series = con.execute("SELECT count(*) FROM imaging_series").fetchone()[0]
         flagged = con.execute(
@@ -187,9 +187,9 @@ def test_whole_graph_materializes_with_checks(small_cohort, tmp_path):
 
 @pytest.mark.slow
 def test_cohort_discovery_job_writes_the_cohort(small_cohort, tmp_path):
+    from imaging_assets.defs.cohorts import CohortConfig
     from imaging_assets.defs.reproducibility import RobustnessConfig
     from imaging_assets.defs.resources import OutcomeSourcesResource
-    from imaging_assets.defs.vectors import CohortConfig
 
     defs = _defs()
     warehouse = WarehouseResource(root=str(tmp_path / "wh"))
@@ -203,8 +203,9 @@ def test_cohort_discovery_job_writes_the_cohort(small_cohort, tmp_path):
             list(defs.assets), instance=instance, resources=resources,
             run_config=dg.RunConfig(ops={"feature_robustness": RobustnessConfig(n_perturbations=3)}),
         ).success
-        con = duckdb.connect(warehouse.database, read_only=True)
-        lid = con.execute("SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1 LIMIT 1").fetchone()[0]
+        con = duckdb.connect(str(warehouse.get_warehouse().duckdb_path), read_only=True)
+        lid, patient = con.execute("SELECT lesion_id, patient_key FROM lesions WHERE extractable "
+                                   "ORDER BY 1 LIMIT 1").fetchone()
         con.close()
         job = defs.resolve_job_def("cohort_discovery")
         result = job.execute_in_process(
@@ -213,10 +214,13 @@ def test_cohort_discovery_job_writes_the_cohort(small_cohort, tmp_path):
                                                                       modality=["CT"])}),
         )
         assert result.success
-    con = duckdb.connect(warehouse.database, read_only=True)
+    con = duckdb.connect(str(warehouse.get_warehouse().duckdb_path), read_only=True)
     try:
         assert con.execute("SELECT count(*) FROM cohort_first").fetchone()[0] == 3
         assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'cohort'").fetchone()[0] == 1
+        # one search path: the job, like the CLI and the Python API, leaves the reference patient out
+        # (before, its rank 1 was the reference's own re-scan)
+        assert patient not in {r[0] for r in con.execute("SELECT patient_key FROM cohort_first").fetchall()}
     finally:
         con.close()
 
@@ -224,14 +228,14 @@ def test_cohort_discovery_job_writes_the_cohort(small_cohort, tmp_path):
 def test_outcomes_sensor_reads_duckdb_state_and_folder(tmp_path):
     from imaging_assets.defs.outcomes import outcomes_sensor
     from imaging_assets.defs.resources import OutcomeSourcesResource
-    from imaging_assets.store.outcomes import load_outcomes
+    from imaging_assets.stages.outcomes import load_outcomes
 
     folder = tmp_path / "outcomes"
     folder.mkdir()
     csv = folder / "a.csv"
     csv.write_text("patient_id,time_months,event,age,sex,stage\nP1,10,1,60,M,II\nP2,5,0,70,F,III\n")
     warehouse = WarehouseResource(root=str(tmp_path / "wh"))
-    load_outcomes(warehouse.database, folder)
+    load_outcomes(warehouse.get_warehouse(), folder)
     resources = {"warehouse": warehouse, "outcome_sources": OutcomeSourcesResource(path=str(folder))}
     with dg.instance_for_test() as instance:
         first = outcomes_sensor(dg.build_sensor_context(instance=instance, resources=resources))
@@ -245,7 +249,7 @@ def test_outcomes_sensor_reads_duckdb_state_and_folder(tmp_path):
         (folder / "b.csv").write_text("patient_id,time_months,event\nP3,7,1\n")
         woke = outcomes_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
         assert isinstance(woke, dg.RunRequest)
-        load_outcomes(warehouse.database, folder)
+        load_outcomes(warehouse.get_warehouse(), folder)
         after = outcomes_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
         assert isinstance(after, dg.RunRequest) and after.run_key != woke.run_key
 
@@ -273,7 +277,7 @@ def test_blocking_expectations_stop_the_downstream_assets(small_cohort, tmp_path
     config = dg.RunConfig(ops={"lesions": LesionConfig(workers=1), "radiomics_features": RadiomicsConfig(workers=1)})
     with dg.instance_for_test() as instance:
         assert dg.materialize(upstream, instance=instance, resources=resources, run_config=config).success
-        con = duckdb.connect(resources["warehouse"].database)
+        con = duckdb.connect(str(resources["warehouse"].get_warehouse().duckdb_path))
         con.execute("UPDATE radiomics_features SET value = 'NaN'::DOUBLE WHERE rowid = (SELECT min(rowid) "
                     "FROM radiomics_features WHERE feature = 'Mean')")
         con.close()

@@ -710,7 +710,8 @@ def test_real_segmentation_links(real_links, seg_path):
 
 
 REAL_SEGMENTS = {
-    "dcmqi/segmentations/partial_overlaps.dcm": ("BINARY", [1, 2, 3, 4, 5], ["GREEN", "ORANGE", "PURPLE", "LIGHT_BLUE", "DARK_BLUE"]),
+    "dcmqi/segmentations/partial_overlaps.dcm": ("BINARY", [1, 2, 3, 4, 5],
+                                                 ["GREEN", "ORANGE", "PURPLE", "LIGHT_BLUE", "DARK_BLUE"]),
     "dcmqi/segmentations/sparse-labelmap-ppv5.dcm": ("LABELMAP", [1], ["Liver"]),
     "highdicom-seg/seg/seg_image_ct_binary_overlap.dcm": ("BINARY", [1, 2], ["first segment", "second segment"]),
     "highdicom-seg/seg/seg_image_ct_true_fractional.dcm": ("FRACTIONAL", [1], ["first segment"]),

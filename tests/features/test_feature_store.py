@@ -10,24 +10,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 
 from imaging_assets.features.extract import max_relative_difference
-from imaging_assets.store import ingest
-from imaging_assets.store.features import extract_features, rebuild_lesions
-from imaging_assets.store.warehouse import connect, duckdb_path
+from imaging_assets.stages import discovery
+from imaging_assets.stages.radiomics import extract_features, rebuild_lesions
+from imaging_assets.store.warehouse import Warehouse, connect
 
 
 def _pipeline(dicom_dir: Path, wh: Path) -> Path:
-    db = duckdb_path(wh)
-    ingest.refresh_catalog(db, [dicom_dir], workers=2)
-    ingest.rebuild_series(db)
-    ingest.rebuild_segmentations(db)
-    rebuild_lesions(db, workers=2)
-    summary = extract_features(db, workers=2)
-    assert summary["failed"] == 0, summary["errors"]
+    wh = Warehouse(wh)
+    db = wh.duckdb_path
+    discovery.refresh_catalog(wh, [dicom_dir], workers=2)
+    discovery.rebuild_series(wh)
+    discovery.rebuild_segmentations(wh)
+    rebuild_lesions(wh, workers=2)
+    summary = extract_features(wh, workers=2)
+    assert summary.failed == 0, summary.errors
     return db
 
 
@@ -74,11 +74,12 @@ def test_every_lesion_of_every_valid_series_gets_features(small_cohort, demo_war
 @pytest.mark.slow
 def test_rerun_is_incremental_and_ids_are_stable(small_cohort, demo_warehouse, tmp_path):
     db = demo_warehouse
+    wh = Warehouse(db.parent)
     before = _q(db, "SELECT lesion_id, image_type, feature_class, feature, value FROM radiomics_features ORDER BY ALL")
-    again = rebuild_lesions(db, workers=2)
-    assert again["decoded_segmentations"] == 0 and again["removed"] == 0
-    summary = extract_features(db, workers=2)
-    assert summary["extracted"] == 0 and summary["skipped_current"] == summary["extractable"]
+    again = rebuild_lesions(wh, workers=2)
+    assert again.decoded_segmentations == 0 and again.removed == 0
+    summary = extract_features(wh, workers=2)
+    assert summary.extracted == 0 and summary.skipped_current == summary.extractable
     assert _q(db, "SELECT lesion_id, image_type, feature_class, feature, value FROM radiomics_features ORDER BY ALL") == before
     # a second, independent warehouse gives the same lesion ids and values
     other = _pipeline(small_cohort.dicom_dir, tmp_path / "wh2")
@@ -95,18 +96,19 @@ def test_changed_segmentation_is_reextracted_and_removed_one_is_dropped(small_co
     dicom = tmp_path / "dicom"
     shutil.copytree(small_cohort.dicom_dir, dicom)
     db = _pipeline(dicom, tmp_path / "wh")
+    wh = Warehouse(db.parent)
     n0 = _q(db, "SELECT count(*) FROM lesions WHERE extractable")[0][0]
     seg = sorted(dicom.rglob("SEG0001.dcm"))[0]
     removed_ids = {r[0] for r in _q(db, "SELECT lesion_id FROM lesions l JOIN segmentations s USING (seg_key) "
                                         "WHERE s.path = ?", [str(seg)])}
     assert removed_ids
     seg.unlink()
-    ingest.refresh_catalog(db, [dicom], workers=2)
-    ingest.rebuild_series(db)
-    ingest.rebuild_segmentations(db)
-    summary = rebuild_lesions(db, workers=2)
-    assert summary["removed"] == len(removed_ids) and summary["decoded_segmentations"] == 0
-    assert extract_features(db, workers=2)["extracted"] == 0
+    discovery.refresh_catalog(wh, [dicom], workers=2)
+    discovery.rebuild_series(wh)
+    discovery.rebuild_segmentations(wh)
+    summary = rebuild_lesions(wh, workers=2)
+    assert summary.removed == len(removed_ids) and summary.decoded_segmentations == 0
+    assert extract_features(wh, workers=2).extracted == 0
     left = {r[0] for r in _q(db, "SELECT DISTINCT lesion_id FROM radiomics_features")}
     assert not (left & removed_ids)
     assert len(left) == n0 - len(removed_ids)
@@ -115,10 +117,10 @@ def test_changed_segmentation_is_reextracted_and_removed_one_is_dropped(small_co
 
 def test_failed_lesion_goes_to_errors_table_and_others_survive(tmp_path):
     from imaging_assets.features.extract import ExtractionOutcome
-    from imaging_assets.store.features import write_outcomes
-    from imaging_assets.store.warehouse import ensure_schema
-
-    db = duckdb_path(tmp_path)
+    from imaging_assets.stages.radiomics import write_outcomes
+    from imaging_assets.store.schema import ensure_schema
+    wh = Warehouse(tmp_path)
+    db = wh.duckdb_path
     good = ExtractionOutcome("a", {"original_firstorder_Mean": 1.0, "original_shape_VoxelVolume": 2.0}, None,
                              0.1, "v3.0.1", "h", "ih", "mh", (0, 0, 0), (5, 5, 5))
     bad = ExtractionOutcome("b", None, "ValueError: mask is empty", 0.1, "v3.0.1", "h")

@@ -253,7 +253,8 @@ def test_rtstruct_contours_off_the_grid_are_outside_image(tmp_path: Path) -> Non
     assert far.status == "outside_image" and far.mask is None and "outside" in far.reason
     assert near.status == "ok" and near.n_voxels == 49
     # a contour half a slice or less from the last slice still counts; tiny contours enclose nothing
-    seg2 = write_rtstruct(tmp_path / "rs2.dcm", for_uid, [(1, "edge", [square(10, 10, 4.9, 2.5)]), (2, "tiny", [square(10.5, 10.5, 2, 0.2)])])
+    seg2 = write_rtstruct(tmp_path / "rs2.dcm", for_uid,
+                          [(1, "edge", [square(10, 10, 4.9, 2.5)]), (2, "tiny", [square(10.5, 10.5, 2, 0.2)])])
     edge, tiny = load_lesions(seg2, series)
     assert edge.status == "ok" and mask_array(edge)[2].sum() == 25
     assert tiny.status == "empty" and "enclose no voxel" in tiny.reason
@@ -337,9 +338,13 @@ def test_nifti_labels_components_and_resampling(tmp_path: Path) -> None:
     [res] = load_lesions(seg_row(fine_path, "nifti", segment_numbers=[1]), series)
     assert res.status == "ok" and res.notes and res.notes[0].startswith("resampled mask from 14x12x20")
     assert res.mask.GetSize() == (14, 12, 10)
-    # a mask that lies entirely beside the image
+    # a mask that lies entirely beside the image does not belong to it: an error naming both files ...
     away = _nifti(tmp_path / "away.nii.gz", labels, spacing=(1.0, 1.0, 2.0), origin=(500.0, 0.0, 0.0))
     [out] = load_lesions(seg_row(away, "nifti", segment_numbers=[2]), series)
+    assert out.status == "error" and out.mask is None
+    assert out.reason.startswith(f"mask {away} does not belong to image {image}: the grids share 0%")
+    # ... and, resampled on request, nothing of it is on the grid
+    [out] = load_lesions(seg_row(away, "nifti", segment_numbers=[2]), series, resample_mask=True)
     assert out.status == "outside_image" and out.mask is None
 
 

@@ -26,17 +26,20 @@ DRIVER = HERE / "reliability_driver.py"
 def clean_chain(small_cohort, tmp_path_factory):
     """The whole chain materialized once on the 6-patient demo cohort (in this process, 2 workers).
 
-    Returns a dict: ``wh``, ``db``, ``lance``, ``cohort``, ``summary`` (the step results), and the
+    Returns a dict: ``wh`` (the folder), ``warehouse`` (its Warehouse), ``db``, ``lance``, ``cohort``,
+    ``summary`` (the step results), and the
     fingerprints taken right after the run (``duckdb_hashes``, ``lance_hashes``), before any test adds audit
     rows or cohort tables.
     """
-    from imaging_assets.store.warehouse import duckdb_path
+    from imaging_assets.store.warehouse import Warehouse
 
     wh = tmp_path_factory.mktemp("clean_wh")
     summary = rh.run_chain(wh, small_cohort.dicom_dir, small_cohort.outcomes_csv, workers=2)
-    db = duckdb_path(wh)
+    warehouse = Warehouse(wh)
+    db = warehouse.duckdb_path
     return {
-        "wh": wh, "db": db, "lance": str(wh / "lance"), "cohort": small_cohort, "summary": summary,
+        "wh": wh, "warehouse": warehouse, "db": db, "lance": warehouse.lance_uri, "cohort": small_cohort,
+        "summary": summary,
         "duckdb_hashes": rh.duckdb_table_hashes(db), "lance_hashes": rh.lance_table_hashes(wh / "lance"),
     }
 
@@ -44,11 +47,13 @@ def clean_chain(small_cohort, tmp_path_factory):
 @pytest.fixture()
 def chain_copy(clean_chain, tmp_path):
     """A private copy of the clean warehouse (DuckDB file + Lance folder) that a test may change."""
-    from imaging_assets.store.warehouse import duckdb_path
+    from imaging_assets.store.warehouse import Warehouse
 
     wh = tmp_path / "wh"
     shutil.copytree(clean_chain["wh"], wh)
-    return {**clean_chain, "wh": wh, "db": duckdb_path(wh), "lance": str(wh / "lance")}
+    warehouse = Warehouse(wh)
+    return {**clean_chain, "wh": wh, "warehouse": warehouse, "db": warehouse.duckdb_path,
+            "lance": warehouse.lance_uri}
 
 
 @pytest.fixture()

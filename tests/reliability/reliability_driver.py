@@ -12,7 +12,7 @@ Modes (``python reliability_driver.py MODE --help``):
                    ``merge_insert`` commit, before the deletes, after printing ``DELETING``.
 ``vector-writer``  alternate two vector sets (600 rows with an ANN index / 200 rows without) until a
                    stop file appears; logs each sync as a JSON line.
-``reader``         loop similar-case searches (audited), pinned-version ``find_similar`` and ``run_sql``
+``reader``         loop similar-case searches (audited), pinned-version ``nearest`` and ``run_sql``
                    until a stop file appears; logs every answer and every error as JSON lines.
 ``duckdb-writer``  short write transactions on the DuckDB file in a loop until a stop file appears.
 
@@ -103,8 +103,9 @@ def _table(ids, vec, vol, idx):
 
 
 def mode_chain(args: argparse.Namespace) -> int:
-    import imaging_assets.store.features as features_mod
     import reliability_helpers as rh
+
+    import imaging_assets.stages.radiomics as features_mod
 
     flushes = {"n": 0}
     real_write, real_insert = features_mod.write_outcomes, features_mod.insert_rows
@@ -115,8 +116,8 @@ def mode_chain(args: argparse.Namespace) -> int:
         real_write(con, outcomes, fingerprints)
         say("FLUSH_END", flushes["n"])
 
-    def insert_rows(con, table, rows, fields, extra_sql):
-        real_insert(con, table, rows, fields, extra_sql)
+    def insert_rows(con, table, rows, extra_sql=None):
+        real_insert(con, table, rows, extra_sql)
         if table == "radiomics_features" and flushes["n"] == args.hang_in_flush:
             say("IN_TXN", flushes["n"])
             time.sleep(600)
@@ -131,7 +132,7 @@ def mode_chain(args: argparse.Namespace) -> int:
 
 
 def mode_vectors(args: argparse.Namespace) -> int:
-    import imaging_assets.store.vectors as vectors_mod
+    import imaging_assets.store.lance.sync as vectors_mod
 
     data = vector_set(args.variant, args.n, args.dim)
     if args.hang_before_delete:
@@ -151,7 +152,7 @@ def mode_vectors(args: argparse.Namespace) -> int:
 
 
 def mode_vector_writer(args: argparse.Namespace) -> int:
-    from imaging_assets.store.vectors import sync_vectors
+    from imaging_assets.store.lance import sync_vectors
 
     sets = {name: concurrent_set(name) for name in CONCURRENT_SETS}
     t0 = time.perf_counter()
@@ -172,10 +173,12 @@ def mode_vector_writer(args: argparse.Namespace) -> int:
 def mode_reader(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from imaging_assets.store.cohorts import search
+    from imaging_assets.stages.cohorts import find_similar
+    from imaging_assets.store.lance import nearest, table_version
     from imaging_assets.store.sql import run_sql
-    from imaging_assets.store.vectors import find_similar, table_version
+    from imaging_assets.store.warehouse import Warehouse
 
+    wh = Warehouse(Path(args.db).parent, str(args.uri))  # the reader's --db is <root>/warehouse.duckdb
     rng = np.random.default_rng(args.seed)
     calls = {"audited": 0, "iterations": 0, "errors": 0}
     sql = "SELECT count(*) AS n, count(DISTINCT lesion_id) AS d, sum(vector[1]) AS s FROM lesion_vectors"
@@ -196,24 +199,24 @@ def mode_reader(args: argparse.Namespace) -> int:
         def by_vector():
             q = rng.standard_normal(DIM_CONCURRENT).astype(np.float32)
             calls["audited"] += 1
-            rows = search(args.db, args.uri, vector=q, k=5)
-            return {"q": q.tolist(), "ids": [r["lesion_id"] for r in rows], "d": [r["_distance"] for r in rows]}
+            rows = find_similar(vector=q, k=5, warehouse=wh).to_dicts()
+            return {"q": q.tolist(), "ids": [r["lesion_id"] for r in rows], "d": [r["distance"] for r in rows]}
 
         def by_id():
             calls["audited"] += 1
-            rows = search(args.db, args.uri, lesion_id="C0007", k=5)
-            return {"ids": [r["lesion_id"] for r in rows], "d": [r["_distance"] for r in rows]}
+            rows = find_similar("C0007", k=5, warehouse=wh).to_dicts()
+            return {"ids": [r["lesion_id"] for r in rows], "d": [r["distance"] for r in rows]}
 
         def pinned():
             q = rng.standard_normal(DIM_CONCURRENT).astype(np.float32)
             v = table_version(args.uri)
-            rows = find_similar(args.uri, q, k=5, version=v)
+            rows = nearest(args.uri, q, k=5, version=v)
             return {"v": v, "q": q.tolist(), "ids": [r["lesion_id"] for r in rows],
                     "d": [r["_distance"] for r in rows]}
 
         def query():
             calls["audited"] += 1
-            df = run_sql(args.db, sql, lance_uri=args.uri)
+            df = run_sql(wh, sql)
             return {"n": int(df["n"][0]), "d": int(df["d"][0]), "s": float(df["s"][0])}
 
         while True:

@@ -38,40 +38,18 @@ def chain_spec():
 
 def run_chain(warehouse: Path, dicom_dir: Path, outcomes_csv: Path, workers: int = 2,
               batch_size: int = 16, progress=None, log=None) -> dict[str, Any]:
-    """Materialize discovery -> features -> robustness -> vectors -> outcomes -> clusters -> survival.
+    """Materialize discovery -> features -> robustness -> vectors -> outcomes -> clusters -> survival
+    (:func:`imaging_assets.stages.run_chain`, with this module's perturbation spec and sample size).
 
     ``log(step)`` is called before each step (the crash driver prints it).
     """
-    from imaging_assets.store import ingest
-    from imaging_assets.store.embedding import build_lesion_vectors
-    from imaging_assets.store.features import extract_features, rebuild_lesions
-    from imaging_assets.store.outcomes import load_outcomes
-    from imaging_assets.store.phenotypes import analyse_cluster_outcomes, build_clusters
-    from imaging_assets.store.robustness import compute_robustness, select_robust_set
-    from imaging_assets.store.warehouse import duckdb_path
+    from imaging_assets import stages
+    from imaging_assets.store.warehouse import Warehouse
 
-    db, lance = duckdb_path(warehouse), str(Path(warehouse) / "lance")
-    log = log or (lambda step: None)
-    out: dict[str, Any] = {}
-    steps = [
-        ("dicom_files", lambda: ingest.refresh_catalog(db, [dicom_dir], workers=workers)),
-        ("imaging_series", lambda: ingest.rebuild_series(db)),
-        ("segmentations", lambda: ingest.rebuild_segmentations(db)),
-        ("lesions", lambda: rebuild_lesions(db, workers=workers)),
-        ("radiomics_features", lambda: extract_features(db, workers=workers, batch_size=batch_size,
-                                                        progress=progress)),
-        ("feature_robustness", lambda: compute_robustness(db, spec=chain_spec(), max_lesions=MAX_LESIONS,
-                                                          workers=workers)),
-        ("robust_feature_set", lambda: select_robust_set(db)),
-        ("lesion_vectors", lambda: build_lesion_vectors(db, lance)),
-        ("clinical_outcomes", lambda: load_outcomes(db, outcomes_csv)),
-        ("phenotype_clusters", lambda: build_clusters(db, lance)),
-        ("cluster_outcomes", lambda: analyse_cluster_outcomes(db)),
-    ]
-    for name, step in steps:
-        log(name)
-        out[name] = step()
-    return out
+    settings = stages.ChainSettings(dicom_roots=[dicom_dir], outcomes=outcomes_csv, workers=workers,
+                                    batch_size=batch_size, spec=chain_spec(), max_lesions=MAX_LESIONS,
+                                    progress=progress)
+    return stages.run_chain(Warehouse(Path(warehouse)), settings, log=log)
 
 
 # ---------------------------------------------------------------------------------------------- hashing
@@ -133,7 +111,7 @@ def lance_table_names(lance_uri: str | Path) -> list[str]:
 
     if not Path(lance_uri).exists():
         return []
-    from imaging_assets.store.vectors import table_names
+    from imaging_assets.store.lance import table_names
 
     return sorted(table_names(lancedb.connect(str(lance_uri))))  # a fresh connection, not the store's cached one
 

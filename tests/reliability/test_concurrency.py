@@ -7,7 +7,7 @@ Processes (all ``reliability_driver.py``):
   ANN index is trained) and 200 rows with other vectors for the same first 200 ids (< 240 rows: the index
   is dropped), so rows are updated, deleted, inserted and the index rebuilt on every cycle;
 * ``duckdb-writer`` makes short write transactions (own table + audit rows) on the DuckDB file in a loop;
-* ``reader`` loops audited searches (by vector, by lesion id), ``find_similar`` pinned to the version it just
+* ``reader`` loops audited searches (by vector, by lesion id), ``nearest`` pinned to the version it just
   read, and ``run_sql`` over the Lance view;
 * this process runs ``imaging-assets sql`` and ``imaging-assets similar`` (the CLI) in a loop meanwhile.
 
@@ -93,7 +93,7 @@ def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def test_search_and_sql_while_vectors_are_rewritten_and_duckdb_is_written(clean_chain, tmp_path, driver_env):
-    from imaging_assets.store.vectors import DEFAULT_INDEX_TYPE, sync_vectors
+    from imaging_assets.store.lance import DEFAULT_INDEX_TYPE, sync_vectors
 
     wh = tmp_path / "wh"
     wh.mkdir()
@@ -193,7 +193,7 @@ def test_search_and_sql_while_vectors_are_rewritten_and_duckdb_is_written(clean_
 
 def _drop_from_lance(lance: str, lesion_id: str) -> None:
     """What a concurrent ``lesion_vectors`` materialization does: commit a new version (here: one lesion less)."""
-    from imaging_assets.store.vectors import sync_vectors
+    from imaging_assets.store.lance import sync_vectors
 
     rows = [r for r in rh.lance_rows(lance, "lesion_vectors") if r["lesion_id"] != lesion_id]
     sync_vectors(lance, rows, dim=len(rows[0]["vector"]))
@@ -209,33 +209,33 @@ def _last_audit(db: Path) -> dict:
 
 
 def test_search_audits_the_version_it_searched(chain_copy, monkeypatch):
-    import imaging_assets.store.vectors as vectors_mod
-    from imaging_assets.store.cohorts import search
+    import imaging_assets.store.lance as vectors_mod
+    from imaging_assets.stages.cohorts import find_similar
 
-    db, lance = chain_copy["db"], chain_copy["lance"]
+    db, lance, wh = chain_copy["db"], chain_copy["lance"], chain_copy["warehouse"]
     con = duckdb.connect(str(db), read_only=True)
     lid = con.execute("SELECT min(lesion_id) FROM lesions WHERE extractable").fetchone()[0]
     con.close()
-    real = vectors_mod.find_similar
+    real = vectors_mod.nearest
     nearest = real(lance, lid, k=1)[0]["lesion_id"]
 
     def racing(uri, query, **kwargs):  # a write lands between the version read and the search
         _drop_from_lance(lance, nearest)
         return real(uri, query, **kwargs)
 
-    monkeypatch.setattr(vectors_mod, "find_similar", racing)
-    answer = search(db, lance, lesion_id=lid, k=3)
+    monkeypatch.setattr(vectors_mod, "nearest", racing)
+    answer = find_similar(lid, k=3, warehouse=wh)
     monkeypatch.undo()
     audited = json.loads(_last_audit(db)["table_versions"])["lesion_vectors"]
-    replay = real(lance, lid, k=3, version=audited)
-    assert [r["lesion_id"] for r in replay] == [r["lesion_id"] for r in answer]
+    replay = find_similar(lid, k=3, warehouse=wh, version=audited)
+    assert replay["lesion_id"].to_list() == answer["lesion_id"].to_list()
 
 
 def test_sql_audits_the_version_it_read(chain_copy, monkeypatch):
-    import imaging_assets.store.vectors as vectors_mod
+    import imaging_assets.store.lance as vectors_mod
     from imaging_assets.store.sql import run_sql
 
-    db, lance = chain_copy["db"], chain_copy["lance"]
+    db, lance, wh = chain_copy["db"], chain_copy["lance"], chain_copy["warehouse"]
     real = vectors_mod.register_duckdb_views
     victim = rh.lance_rows(lance, "lesion_vectors")[0]["lesion_id"]
 
@@ -245,7 +245,7 @@ def test_sql_audits_the_version_it_read(chain_copy, monkeypatch):
         return names
 
     monkeypatch.setattr(vectors_mod, "register_duckdb_views", racing)
-    n = int(run_sql(db, "SELECT count(*) AS n FROM lesion_vectors", lance_uri=lance)["n"][0])
+    n = int(run_sql(wh, "SELECT count(*) AS n FROM lesion_vectors")["n"][0])
     monkeypatch.undo()
     audited = json.loads(_last_audit(db)["table_versions"])["lesion_vectors"]
     assert vectors_mod.lance_dataset(lance, version=audited).count_rows() == n

@@ -168,7 +168,7 @@ def _assert_exactly(uri: Path, expected) -> None:
 
 
 def test_kill_during_vector_table_write_then_resync_is_exact(tmp_path, driver_env):
-    from imaging_assets.store.vectors import find_similar
+    from imaging_assets.store.lance import nearest
 
     rng = random.Random(7)
     uri = tmp_path / "lance"
@@ -219,5 +219,5 @@ def test_kill_during_vector_table_write_then_resync_is_exact(tmp_path, driver_en
     # a second sync finds nothing to do, and search works on the result
     again = complete("B")
     assert '"inserted": 0, "updated": 0, "deleted": 0' in again
-    hits = find_similar(str(uri), "V000001", k=5)
+    hits = nearest(str(uri), "V000001", k=5)
     assert len(hits) == 5 and all(h["lesion_id"] in rows_b and h["lesion_id"] != "V000001" for h in hits)

@@ -20,8 +20,8 @@ import duckdb
 import pytest
 
 from imaging_assets.dicom.records import QUARANTINE_REASONS
-from imaging_assets.store import ingest
-from imaging_assets.store.warehouse import duckdb_path
+from imaging_assets.stages import discovery
+from imaging_assets.store.warehouse import Warehouse
 
 # pydicom warns (UserWarning) about the invalid values the mutants are made of: expected here
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -333,9 +333,10 @@ def fuzzed(small_cohort, tmp_path_factory):
     """The corpus and its first crawl (shared by the tests of this module)."""
     tmp = tmp_path_factory.mktemp("fuzz")
     corpus = build_corpus(tmp / "archive", small_cohort, random.Random(SEED))
-    db = duckdb_path(tmp / "wh")
-    first = ingest.refresh_catalog(db, [corpus.root], workers=2)
-    yield {"corpus": corpus, "db": db, "first": first}
+    wh = Warehouse(tmp / "wh")
+    db = wh.duckdb_path
+    first = discovery.refresh_catalog(wh, [corpus.root], workers=2)
+    yield {"corpus": corpus, "db": db, "wh": wh, "first": first}
     for p in corpus.special:
         if Path(p).exists() and not Path(p).is_symlink():
             Path(p).chmod(0o644)
@@ -343,7 +344,7 @@ def fuzzed(small_cohort, tmp_path_factory):
 
 @pytest.mark.slow
 def test_fuzzed_corpus_is_catalogued_or_quarantined_and_stable(fuzzed):
-    corpus, db, first = fuzzed["corpus"], fuzzed["db"], fuzzed["first"]
+    corpus, db, wh, first = fuzzed["corpus"], fuzzed["db"], fuzzed["wh"], fuzzed["first"]
     assert len(corpus.mutants) >= 1000
     files, quar = _active(db)
     before = (_rows(db, "dicom_files"), _rows(db, "dicom_quarantine"))
@@ -364,20 +365,20 @@ def test_fuzzed_corpus_is_catalogued_or_quarantined_and_stable(fuzzed):
              if p not in quar or (allowed is not None and quar[p][1] not in allowed)}
     assert not wrong, f"{len(wrong)} mutants not quarantined as expected: {list(wrong.items())[:5]}"
     assert "loop" in quar[str(corpus.root / "odd/links/self.dcm")][2]
-    assert first["seen"] == len(corpus.expected_rows)
+    assert first.seen == len(corpus.expected_rows)
 
     # the second run changes nothing; it reads again only the files quarantined as unreadable (a
     # permission fix changes neither size nor mtime, so those are always retried)
     unreadable = sum(1 for q in quar.values() if q[1] == "unreadable")
-    second = ingest.refresh_catalog(db, [corpus.root], workers=2)
-    assert (second["read"], second["removed"]) == (unreadable, 0), second
-    assert second["unchanged"] == first["seen"] - unreadable
+    second = discovery.refresh_catalog(wh, [corpus.root], workers=2)
+    assert (second.read, second.removed) == (unreadable, 0), second
+    assert second.unchanged == first.seen - unreadable
     assert (_rows(db, "dicom_files"), _rows(db, "dicom_quarantine")) == before
 
     # the stages right after discovery never raise on what the crawl let through
-    series = ingest.rebuild_series(db)
-    segs = ingest.rebuild_segmentations(db)
-    assert series["series"] >= 8 and segs["linked"] >= 7
+    series = discovery.rebuild_series(wh)
+    segs = discovery.rebuild_segmentations(wh)
+    assert series.series >= 8 and segs.linked >= 7
 
     by_mutation = Counter((m, "catalogued" if p in files else quar[p][1]) for p, (m, _) in corpus.mutants.items())
     print("\nmutant outcomes:", dict(sorted(by_mutation.items())))
@@ -385,36 +386,38 @@ def test_fuzzed_corpus_is_catalogued_or_quarantined_and_stable(fuzzed):
 
 @pytest.mark.slow
 def test_lesions_over_the_fuzzed_corpus_never_raise(fuzzed, tmp_path):
-    from imaging_assets.store.features import rebuild_lesions
-
-    db = tmp_path / "warehouse.duckdb"
+    from imaging_assets.stages.radiomics import rebuild_lesions
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
+    db.parent.mkdir()
     shutil.copyfile(fuzzed["db"], db)
-    ingest.rebuild_series(db)
-    ingest.rebuild_segmentations(db)
-    out = rebuild_lesions(db, workers=1)
-    assert out["extractable"] >= 11
+    discovery.rebuild_series(wh)
+    discovery.rebuild_segmentations(wh)
+    out = rebuild_lesions(wh, workers=1)
+    assert out.extractable >= 11
 
 
 @pytest.mark.slow
 def test_duplicated_seg_file_is_counted_once(small_cohort, tmp_path):
-    from imaging_assets.store.features import rebuild_lesions
+    from imaging_assets.stages.radiomics import rebuild_lesions
 
     dicom = tmp_path / "dicom"
     shutil.copytree(small_cohort.dicom_dir, dicom)
-    db = duckdb_path(tmp_path / "wh")
-    ingest.refresh_catalog(db, [dicom], workers=1)
-    ingest.rebuild_series(db)
-    ingest.rebuild_segmentations(db)
-    base = rebuild_lesions(db, workers=1)
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
+    discovery.refresh_catalog(wh, [dicom], workers=1)
+    discovery.rebuild_series(wh)
+    discovery.rebuild_segmentations(wh)
+    base = rebuild_lesions(wh, workers=1)
     con = duckdb.connect(str(db), read_only=True)
     seg = con.execute("SELECT path FROM segmentations WHERE linked_series_key IS NOT NULL ORDER BY path").fetchone()[0]
     con.close()
     shutil.copyfile(seg, Path(seg).with_name("copy_of_" + Path(seg).name))  # the same SEG exported twice
-    ingest.refresh_catalog(db, [dicom], workers=1)
-    ingest.rebuild_series(db)
-    ingest.rebuild_segmentations(db)
-    out = rebuild_lesions(db, workers=1)
-    assert out["extractable"] >= base["extractable"]
+    discovery.refresh_catalog(wh, [dicom], workers=1)
+    discovery.rebuild_series(wh)
+    discovery.rebuild_segmentations(wh)
+    out = rebuild_lesions(wh, workers=1)
+    assert out.extractable >= base.extractable
 
 
 def _copy_ct(dst: Path) -> Path:
@@ -467,33 +470,34 @@ def _archive(tmp_path: Path):
     ok = _copy_ct(root / "a" / "ok.dcm")
     locked_file = _copy_ct(root / "a" / "locked.dcm")
     hidden = _copy_ct(root / "b" / "inside.dcm")
-    db = duckdb_path(tmp_path / "wh")
-    first = ingest.refresh_catalog(db, [root], workers=1)
-    assert first["catalogued"] == 3
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
+    first = discovery.refresh_catalog(wh, [root], workers=1)
+    assert first.catalogued == 3
     os.utime(locked_file, ns=(1, 1))  # changed since: the next crawl must read it again
-    return root, db, ok, locked_file, hidden
+    return root, wh, db, ok, locked_file, hidden
 
 
 def test_unreadable_files_and_directories_are_quarantined_not_removed(tmp_path, monkeypatch):
     """chmod 000 on a file and on a directory (simulated for root, who reads anything)."""
-    root, db, ok, locked_file, hidden = _archive(tmp_path)
+    root, wh, db, ok, locked_file, hidden = _archive(tmp_path)
     locked_dir = hidden.parent
     with _Denied(monkeypatch, locked_file, locked_dir):
-        second = ingest.refresh_catalog(db, [root], workers=1)
+        second = discovery.refresh_catalog(wh, [root], workers=1)
         rows = _without_updated_at(db)
-        third = ingest.refresh_catalog(db, [root], workers=1)
+        third = discovery.refresh_catalog(wh, [root], workers=1)
     files, quar = _active(db)
     assert quar[str(locked_file)][1] == "unreadable" and "permission" in quar[str(locked_file)][2].lower()
     assert quar[str(locked_dir)][1] == "unreadable" and "cannot list" in quar[str(locked_dir)][2]
     assert str(ok) in files
     # a file behind a directory that cannot be listed is in an unknown state: not marked removed
-    assert str(hidden) in files and second["removed"] == 0 and third["removed"] == 0
+    assert str(hidden) in files and second.removed == 0 and third.removed == 0
     # the unreadable file is retried on every crawl (a permission fix changes no size/mtime), yet the
     # catalog does not change while it stays unreadable
-    assert second["read"] == 1 and third["read"] == 1
+    assert second.read == 1 and third.read == 1
     assert _without_updated_at(db) == rows
     # the directory can be listed again: it leaves the quarantine, its files stay catalogued
-    ingest.refresh_catalog(db, [root], workers=1)
+    discovery.refresh_catalog(wh, [root], workers=1)
     files, quar = _active(db)
     assert str(locked_dir) not in quar and str(hidden) in files
 
@@ -508,20 +512,20 @@ def _without_updated_at(db: Path) -> tuple[list, list]:
 
 
 def test_second_crawl_leaves_an_unlistable_directory_row_untouched(tmp_path, monkeypatch):
-    root, db, ok, locked_file, hidden = _archive(tmp_path)
+    root, wh, db, ok, locked_file, hidden = _archive(tmp_path)
     with _Denied(monkeypatch, locked_file, hidden.parent):
-        ingest.refresh_catalog(db, [root], workers=1)
+        discovery.refresh_catalog(wh, [root], workers=1)
         before = _rows(db, "dicom_quarantine")
-        ingest.refresh_catalog(db, [root], workers=1)
+        discovery.refresh_catalog(wh, [root], workers=1)
         assert _rows(db, "dicom_quarantine") == before
 
 
 def test_file_quarantined_for_permissions_is_read_again_once_readable(tmp_path, monkeypatch):
-    root, db, ok, locked_file, hidden = _archive(tmp_path)
+    root, wh, db, ok, locked_file, hidden = _archive(tmp_path)
     with _Denied(monkeypatch, locked_file, hidden.parent):
-        ingest.refresh_catalog(db, [root], workers=1)
+        discovery.refresh_catalog(wh, [root], workers=1)
     assert str(locked_file) in _active(db)[1]
-    again = ingest.refresh_catalog(db, [root], workers=1)
+    again = discovery.refresh_catalog(wh, [root], workers=1)
     files, quar = _active(db)
     assert str(locked_file) not in quar, (again, quar.get(str(locked_file)))
     assert str(locked_file) in files
@@ -533,6 +537,6 @@ def test_non_utf8_file_name_does_not_break_discovery(tmp_path):
     raw = os.fsencode(root) + b"/caf\xe9.dcm"
     with open(raw, "wb") as fh:
         fh.write((root / "ok.dcm").read_bytes())
-    db = duckdb_path(tmp_path / "wh")
-    first = ingest.refresh_catalog(db, [root], workers=1)
-    assert first["catalogued"] + first["quarantined"] == 2
+    wh = Warehouse(tmp_path / "wh")
+    first = discovery.refresh_catalog(wh, [root], workers=1)
+    assert first.catalogued + first.quarantined == 2

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import reliability_helpers as rh
 
-from imaging_assets.store.cohorts import discover_cohort, search
-from imaging_assets.store.sql import QueryRefused, run_sql
-from imaging_assets.store.vectors import table_version
+from imaging_assets.errors import QueryRefused
+from imaging_assets.stages.cohorts import discover_cohort, find_similar
+from imaging_assets.store.lance import table_version
+from imaging_assets.store.sql import run_sql
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,7 @@ def _new_rows(db: Path, before: list[dict]) -> list[dict]:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _is_recent(stamp: datetime, start: datetime, end: datetime) -> bool:
@@ -84,12 +85,12 @@ def needles(clean_chain):
 
 
 def test_no_phi_in_any_duckdb_or_lance_table(chain_copy, needles, monkeypatch):
-    db, lance = chain_copy["db"], chain_copy["lance"]
+    db, lance, wh = chain_copy["db"], chain_copy["lance"], chain_copy["warehouse"]
     monkeypatch.setenv("IMAGING_ASSETS_USER", USER)
     lid = _lesion(db)
-    search(db, lance, lesion_id=lid, k=3)
-    discover_cohort(db, lance, "phi_probe", reference_lesion_id=lid, k=4)
-    run_sql(db, "SELECT * FROM lesions JOIN lesion_vectors USING (lesion_id)", lance_uri=lance)
+    find_similar(lid, k=3, warehouse=wh)
+    discover_cohort(wh, "phi_probe", reference_lesion_id=lid, k=4)
+    run_sql(wh, "SELECT * FROM lesions JOIN lesion_vectors USING (lesion_id)")
     tables = {t for (t,) in _q(db, "SELECT table_name FROM information_schema.tables")}
     assert {"dicom_files", "lesions", "radiomics_features", "clinical_outcomes", "audit_log", "cohorts",
             "cohort_phi_probe", "phenotype_clusters"} <= tables
@@ -142,7 +143,7 @@ def test_the_scanner_finds_planted_leaks_in_duckdb_and_lance(chain_copy, needles
 
 
 def test_every_search_cohort_and_sql_query_leaves_exactly_one_audit_row(chain_copy, monkeypatch):
-    db, lance = chain_copy["db"], chain_copy["lance"]
+    db, lance, wh = chain_copy["db"], chain_copy["lance"], chain_copy["warehouse"]
     monkeypatch.setenv("IMAGING_ASSETS_USER", USER)
     lid = _lesion(db)
     version = table_version(lance)
@@ -150,7 +151,7 @@ def test_every_search_cohort_and_sql_query_leaves_exactly_one_audit_row(chain_co
     t0 = _utcnow() - timedelta(seconds=2)
 
     before = _audit(db)
-    rows = search(db, lance, lesion_id=lid, k=3, filters={"modality": ["CT"]})
+    rows = find_similar(lid, k=3, where={"modality": ["CT"]}, warehouse=wh)
     (row,) = _new_rows(db, before)
     params = json.loads(row["params"])
     assert (row["action"], row["user"], row["query"], row["status"], row["n_rows"]) == (
@@ -159,23 +160,23 @@ def test_every_search_cohort_and_sql_query_leaves_exactly_one_audit_row(chain_co
     assert json.loads(row["table_versions"]) == {"lesion_vectors": version, "robust_feature_set": fs_version}
 
     before = _audit(db)
-    out = discover_cohort(db, lance, "audited", reference_lesion_id=lid, k=4)
+    out = discover_cohort(wh, "audited", reference_lesion_id=lid, k=4)
     (row,) = _new_rows(db, before)
-    assert (row["action"], row["user"], row["status"], row["n_rows"]) == ("cohort", USER, "ok", out["rows"])
+    assert (row["action"], row["user"], row["status"], row["n_rows"]) == ("cohort", USER, "ok", out.rows)
     assert json.loads(row["params"])["name"] == "audited"
     assert json.loads(row["table_versions"]) == {"lesion_vectors": version, "robust_feature_set": fs_version}
     assert _q(db, "SELECT audit_id, \"user\" FROM cohorts WHERE name = 'audited'") == [(row["id"], USER)]
 
     before = _audit(db)
     sql = "SELECT roi_name, count(*) AS n FROM lesion_vectors GROUP BY 1 ORDER BY 1"
-    df = run_sql(db, sql, lance_uri=lance)
+    df = run_sql(wh, sql)
     (row,) = _new_rows(db, before)
     assert (row["action"], row["user"], row["query"], row["status"], row["n_rows"]) == ("sql", USER, sql, "ok", len(df))
     assert json.loads(row["table_versions"]) == {"lesion_vectors": version}
 
     before = _audit(db)  # a failing search is audited too, once
     with pytest.raises(KeyError):
-        search(db, lance, lesion_id="no-such-lesion", k=3)
+        find_similar("no-such-lesion", k=3, warehouse=wh)
     (row,) = _new_rows(db, before)
     assert row["action"] == "search" and row["status"].startswith("error")
 
@@ -184,11 +185,11 @@ def test_every_search_cohort_and_sql_query_leaves_exactly_one_audit_row(chain_co
 
 
 def test_a_search_by_vector_records_what_was_asked(chain_copy, monkeypatch):
-    db, lance = chain_copy["db"], chain_copy["lance"]
+    db, lance, wh = chain_copy["db"], chain_copy["lance"], chain_copy["warehouse"]
     monkeypatch.setenv("IMAGING_ASSETS_USER", USER)
     dim = rh.lance_rows(lance, "lesion_vectors")[0]["vector"].__len__()
     before = _audit(db)
-    search(db, lance, vector=np.full(dim, 0.25, np.float32), k=3)
+    find_similar(vector=np.full(dim, 0.25, np.float32), k=3, warehouse=wh)
     (row,) = _new_rows(db, before)
     params = json.loads(row["params"])
     assert any(v not in (None, {}, 3) for k, v in params.items() if k not in ("k", "filters", "version")), params
@@ -232,7 +233,7 @@ DB_ERRORS = [  # parsed as reads, stopped by the read-only, no-external-access c
 
 @pytest.mark.parametrize("template", REFUSED + DB_ERRORS)
 def test_sql_refuses_writes_and_file_access(chain_copy, template, tmp_path, monkeypatch):
-    db, lance = chain_copy["db"], chain_copy["lance"]
+    db, wh = chain_copy["db"], chain_copy["warehouse"]
     monkeypatch.setenv("IMAGING_ASSETS_USER", USER)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -241,7 +242,7 @@ def test_sql_refuses_writes_and_file_access(chain_copy, template, tmp_path, monk
     before = _audit(db)
     expected = QueryRefused if template in REFUSED else duckdb.Error
     with pytest.raises(expected):
-        run_sql(db, sql, lance_uri=lance)
+        run_sql(wh, sql)
     (row,) = _new_rows(db, before)
     assert row["action"] == "sql" and row["query"] == sql and row["user"] == USER
     assert row["status"].startswith("refused" if template in REFUSED else "error")

@@ -36,11 +36,11 @@ def reruns(clean_chain, tmp_path_factory):
 
 def test_rerun_reads_and_extracts_nothing(reruns):
     s = reruns["second"]
-    assert s["dicom_files"]["read"] == 0 and s["dicom_files"]["removed"] == 0
-    assert s["radiomics_features"]["extracted"] == 0 and s["radiomics_features"]["failed"] == 0
-    assert s["feature_robustness"]["extracted"] == 0
-    assert not s["robust_feature_set"]["changed"]
-    assert s["clinical_outcomes"]["files_skipped"] == 1 and s["clinical_outcomes"]["inserted"] == 0
+    assert s["dicom_files"].read == 0 and s["dicom_files"].removed == 0
+    assert s["radiomics_features"].extracted == 0 and s["radiomics_features"].failed == 0
+    assert s["feature_robustness"].extracted == 0
+    assert not s["robust_feature_set"].changed
+    assert s["clinical_outcomes"].files_skipped == 1 and s["clinical_outcomes"].inserted == 0
 
 
 def test_rerun_leaves_every_duckdb_table_identical(reruns):
@@ -58,7 +58,7 @@ def test_rerun_leaves_the_lance_table_identical(reruns):
 
 def test_lance_table_converges_after_the_second_run(reruns):
     """What does hold today: the third materialization changes nothing (a fixed point one run late)."""
-    assert reruns["third"]["lesion_vectors"]["table_version"] == reruns["second"]["lesion_vectors"]["table_version"]
+    assert reruns["third"]["lesion_vectors"].table_version == reruns["second"]["lesion_vectors"].table_version
     assert rh.diff_hashes(reruns["after_third"][1], reruns["after_second"][1]) == {}
     rows, _ = reruns["after_third"][1]["lesion_vectors"]
     assert rows == reruns["clean"][1]["lesion_vectors"][0]

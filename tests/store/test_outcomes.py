@@ -10,17 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from imaging_assets.analysis.outcomes import parse_event, parse_stage, validate_row
 from imaging_assets.dicom.headers import read_file_record
 from imaging_assets.dicom.pseudonym import patient_key
-from imaging_assets.store.outcomes import (
-    load_outcomes,
-    outcomes_state,
-    parse_event,
-    parse_stage,
-    read_patient_outcomes,
-    validate_row,
-)
-from imaging_assets.store.warehouse import connect
+from imaging_assets.stages.outcomes import load_outcomes, outcomes_state, read_patient_outcomes
+from imaging_assets.store.warehouse import Warehouse, connect
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +59,13 @@ def _all_text(db: Path) -> list[str]:
 
 
 def test_demo_outcomes_pseudonymised_and_join_discovery(cohort, tmp_path):
-    db = tmp_path / "wh.duckdb"
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
     raw = _read_csv(cohort.outcomes_csv)
     assert len(raw) == 20
-    summary = load_outcomes(db, cohort.outcomes_csv)
-    assert summary["files"] == 1 and summary["rows_read"] == 20
-    assert summary["inserted"] == 20 and summary["rejected"] == 0
+    summary = load_outcomes(wh, cohort.outcomes_csv)
+    assert summary.files == 1 and summary.rows_read == 20
+    assert summary.inserted == 20 and summary.rejected == 0
 
     stored = {r[0]: r for r in _rows(db, "SELECT patient_key, time_months, event, age, sex, stage, "
                                          "source_file, loaded_at FROM clinical_outcomes")}
@@ -99,27 +94,28 @@ def test_demo_outcomes_pseudonymised_and_join_discovery(cohort, tmp_path):
     for r in raw:
         assert not any(r["patient_id"] in v for v in text)
 
-    view = read_patient_outcomes(db)
+    view = read_patient_outcomes(wh)
     assert sorted(v["patient_key"] for v in view) == sorted(stored)
 
 
 def test_reload_is_a_no_op_and_changes_are_applied_exactly(cohort, tmp_path):
-    db = tmp_path / "wh.duckdb"
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
     src = tmp_path / "drop" / "outcomes.csv"
     rows = _read_csv(cohort.outcomes_csv)
     _write_csv(src, rows)
-    assert outcomes_state(db) == {"rows": 0, "latest_load": None, "files": 0, "checksum": "0"}
+    assert outcomes_state(wh) == {"rows": 0, "latest_load": None, "files": 0, "checksum": "0"}
 
-    load_outcomes(db, src.parent)
-    state1 = outcomes_state(db)
+    load_outcomes(wh, src.parent)
+    state1 = outcomes_state(wh)
     assert state1["rows"] == 20 and state1["files"] == 1 and state1["latest_load"]
     before = {k: t for k, t in _rows(db, "SELECT patient_key, loaded_at FROM clinical_outcomes")}
 
-    again = load_outcomes(db, src.parent)
-    assert again["inserted"] == 0 and again["files_skipped"] == 1 and again["rows_read"] == 0
+    again = load_outcomes(wh, src.parent)
+    assert again.inserted == 0 and again.files_skipped == 1 and again.rows_read == 0
     os.utime(src, ns=(1, 1))  # touched, same content: still skipped
-    assert load_outcomes(db, src.parent)["files_skipped"] == 1
-    assert outcomes_state(db) == state1
+    assert load_outcomes(wh, src.parent).files_skipped == 1
+    assert outcomes_state(wh) == state1
 
     # modify one, delete one, add one
     modified, deleted = rows[0], rows[1]
@@ -127,9 +123,9 @@ def test_reload_is_a_no_op_and_changes_are_applied_exactly(cohort, tmp_path):
     added = {**rows[2], "patient_id": "NEW0000001", "time_months": "3.25"}
     new_rows = [modified] + rows[2:] + [added]
     _write_csv(src, new_rows)
-    s = load_outcomes(db, src.parent)
-    assert (s["inserted"], s["updated"], s["deleted"], s["unchanged"], s["rejected"]) == (1, 1, 1, 18, 0)
-    assert s["files_loaded"] == 1 and s["rows_read"] == 20
+    s = load_outcomes(wh, src.parent)
+    assert (s.inserted, s.updated, s.deleted, s.unchanged, s.rejected) == (1, 1, 1, 18, 0)
+    assert s.files_loaded == 1 and s.rows_read == 20
 
     after = {r[0]: r[1:] for r in _rows(db, "SELECT patient_key, time_months, event, loaded_at "
                                             "FROM clinical_outcomes")}
@@ -141,17 +137,18 @@ def test_reload_is_a_no_op_and_changes_are_applied_exactly(cohort, tmp_path):
         k = patient_key(r["patient_id"])
         assert after[k][2] == before[k]
     assert after[patient_key(modified["patient_id"])][2] > before[patient_key(modified["patient_id"])]
-    state2 = outcomes_state(db)
+    state2 = outcomes_state(wh)
     assert state2 != state1 and state2["rows"] == 20
 
     # a pure deletion keeps latest_load's rows-changed semantics visible through the checksum
     _write_csv(src, new_rows[:-1])
-    assert load_outcomes(db, src.parent)["deleted"] == 1
-    assert outcomes_state(db)["checksum"] != state2["checksum"]
+    assert load_outcomes(wh, src.parent).deleted == 1
+    assert outcomes_state(wh)["checksum"] != state2["checksum"]
 
 
 def test_bad_rows_rejected_with_reasons_good_rows_loaded(tmp_path):
-    db = tmp_path / "wh.duckdb"
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
     cols = ["Patient ID", "followup_months", "status", "Age", "gender", "Stage", "notes"]
     good = [
         ["G1", "10", "1", "60", "M", "II", "x"],
@@ -172,9 +169,9 @@ def test_bad_rows_rejected_with_reasons_good_rows_loaded(tmp_path):
     ]
     path = tmp_path / "in" / "bad.csv"
     _write_csv(path, [dict(zip(cols, r)) for r in good[:2] + bad + good[2:]], cols)
-    s = load_outcomes(db, path)
-    assert s["rows_read"] == 13 and s["inserted"] == 5 and s["rejected"] == 8
-    assert s["rejects_by_reason"] == {
+    s = load_outcomes(wh, path)
+    assert s.rows_read == 13 and s.inserted == 5 and s.rejected == 8
+    assert s.rejects_by_reason == {
         "age not numeric": 1, "age out of range [0, 130]": 1, "duplicate patient id in file": 1,
         "event not 0/1": 1, "patient_id missing": 1, "sex not M/F/O/U": 1, "stage not I-IV": 2,
         "time_months negative": 1, "time_months not a finite number": 1,
@@ -203,24 +200,25 @@ def test_bad_rows_rejected_with_reasons_good_rows_loaded(tmp_path):
 
     # reload after fixing the file: rejects of that file are replaced, not accumulated
     _write_csv(path, [dict(zip(cols, r)) for r in good], cols)
-    s2 = load_outcomes(db, path)
-    assert s2["rejected"] == 0 and s2["unchanged"] == 5
+    s2 = load_outcomes(wh, path)
+    assert s2.rejected == 0 and s2.unchanged == 5
     assert _rows(db, "SELECT count(*) FROM outcome_rejects") == [(0,)]
 
 
 def test_unparseable_files_leave_stored_data_intact(cohort, tmp_path):
-    db = tmp_path / "wh.duckdb"
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
     folder = tmp_path / "drop"
     good = _write_csv(folder / "outcomes.csv", _read_csv(cohort.outcomes_csv))
-    load_outcomes(db, folder)
+    load_outcomes(wh, folder)
     snapshot = _rows(db, "SELECT * FROM clinical_outcomes ORDER BY patient_key")
     assert len(snapshot) == 20
 
     good.write_bytes(bytes(range(256)) * 40)  # binary garbage under the same name
     pq.write_table(pa.table({"foo": [1, 2], "bar": ["a", "b"]}), folder / "wrong.parquet")
-    s = load_outcomes(db, folder)
-    assert s["files"] == 2 and s["files_failed"] == 2 and s["rejected"] == 2
-    assert s["rejects_by_reason"] == {"file unreadable": 2}
+    s = load_outcomes(wh, folder)
+    assert s.files == 2 and s.files_failed == 2 and s.rejected == 2
+    assert s.rejects_by_reason == {"file unreadable": 2}
     rejects = _rows(db, "SELECT source_file, row_number, reason FROM outcome_rejects ORDER BY source_file")
     assert len(rejects) == 2 and all(r[1] is None for r in rejects)
     assert "outcomes.csv" in rejects[0][2] and "wrong.parquet" in rejects[1][2]
@@ -230,19 +228,20 @@ def test_unparseable_files_leave_stored_data_intact(cohort, tmp_path):
     assert set(statuses.values()) == {"failed"}
 
     # the same broken files again: skipped, no duplicate rejects
-    s2 = load_outcomes(db, folder)
-    assert s2["files_skipped"] == 2 and s2["rejected"] == 0
+    s2 = load_outcomes(wh, folder)
+    assert s2.files_skipped == 2 and s2.rejected == 0
     assert _rows(db, "SELECT count(*) FROM outcome_rejects") == [(2,)]
 
     # empty file and a TSV with only a header
     (folder / "empty.csv").write_bytes(b"")
     (folder / "header.tsv").write_text("patient_id\ttime_months\tevent\n", encoding="utf-8")
-    s3 = load_outcomes(db, folder)
-    assert s3["files_failed"] == 1 and s3["files_loaded"] == 1 and s3["inserted"] == 0
+    s3 = load_outcomes(wh, folder)
+    assert s3.files_failed == 1 and s3.files_loaded == 1 and s3.inserted == 0
 
 
 def test_parquet_and_csv_give_the_same_rows(cohort, tmp_path):
-    db = tmp_path / "wh.duckdb"
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
     raw = _read_csv(cohort.outcomes_csv)
     table = pa.table({
         "patient_id": [r["patient_id"] for r in raw],
@@ -253,19 +252,19 @@ def test_parquet_and_csv_give_the_same_rows(cohort, tmp_path):
         "stage": [r["stage"] for r in raw],
     })
     pq.write_table(table, tmp_path / "outcomes.parquet")
-    s = load_outcomes(db, [cohort.outcomes_csv, tmp_path / "outcomes.parquet"])
-    assert s["files_loaded"] == 2 and s["inserted"] == 40 and s["rejected"] == 0
+    s = load_outcomes(wh, [cohort.outcomes_csv, tmp_path / "outcomes.parquet"])
+    assert s.files_loaded == 2 and s.inserted == 40 and s.rejected == 0
     per_file = _rows(db, "SELECT source_file, patient_key, time_months, event, age, sex, stage "
                          "FROM clinical_outcomes ORDER BY patient_key, source_file")
     csv_rows = {r[1]: r[2:] for r in per_file if r[0].endswith(".csv")}
     pq_rows = {r[1]: r[2:] for r in per_file if r[0].endswith(".parquet")}
     assert csv_rows == pq_rows and len(csv_rows) == 20
-    assert len(read_patient_outcomes(db)) == 20  # one row per patient across files
+    assert len(read_patient_outcomes(wh)) == 20  # one row per patient across files
 
 
 def test_missing_source_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
-        load_outcomes(tmp_path / "wh.duckdb", tmp_path / "nowhere")
+        load_outcomes(Warehouse(tmp_path / "wh"), tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("value, expect", [

@@ -11,18 +11,20 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from imaging_assets.store import vectors as V
-from imaging_assets.store.vectors import (
+from imaging_assets.store import lance as V
+from imaging_assets.store.lance import (
     METADATA_COLUMNS,
     VECTOR_TABLE,
     VectorStoreIntegrityError,
     filters_to_where,
-    find_similar,
+    nearest,
     register_duckdb_views,
     sync_vectors,
     table_version,
     vector_schema,
 )
+from imaging_assets.store.lance import index as lance_index
+from imaging_assets.store.lance import sync as lance_sync
 
 DIM = 16
 MODALITIES = ["CT", "MR", "PT"]
@@ -156,7 +158,7 @@ def test_guard_falls_back_when_merge_insert_silently_does_nothing(
     sync_vectors(uri, base, DIM, scalar_index_columns=scalar)
     monkeypatch.setattr(LanceMergeInsertBuilder, "execute", lambda self, *a, **kw: None)
     new = _changed_cohort(base)
-    with caplog.at_level(logging.WARNING, logger=V.__name__):
+    with caplog.at_level(logging.WARNING, logger=lance_sync.__name__):
         rep = sync_vectors(uri, new, DIM, scalar_index_columns=scalar)
     assert rep.fallback
     assert "falling back to delete+add" in caplog.text
@@ -210,7 +212,7 @@ def test_update_clusters_rewrites_only_changed_rows(tmp_path: Path) -> None:
     np.testing.assert_array_equal(matrix(got), matrix(base))  # vectors untouched
     again = V.update_clusters(uri, {i: n % 4 for n, i in enumerate(ids[:40])})
     assert again.version == rep.version and again.updated == 0
-    hits = find_similar(uri, ids[0], k=60, filters={"cluster": [1, 2]})
+    hits = nearest(uri, ids[0], k=60, filters={"cluster": [1, 2]})
     assert hits and {h["cluster"] for h in hits} == {1, 2}
 
 
@@ -266,7 +268,7 @@ def test_exact_search_matches_numpy(searchable) -> None:
     uri, table = searchable
     rng = np.random.default_rng(3)
     for q in rng.normal(size=(5, DIM)).astype(np.float32):
-        hits = find_similar(uri, q, k=10)
+        hits = nearest(uri, q, k=10)
         ids, dist = brute_force(table, q, 10)
         assert [h["lesion_id"] for h in hits] == ids
         np.testing.assert_allclose([h["_distance"] for h in hits], dist, rtol=1e-5, atol=1e-5)
@@ -277,14 +279,14 @@ def test_search_by_lesion_id_excludes_self(searchable) -> None:
     uri, table = searchable
     query_id = table["lesion_id"][42].as_py()
     q = matrix(table)[42]
-    hits = find_similar(uri, query_id, k=5)
+    hits = nearest(uri, query_id, k=5)
     ids, dist = brute_force(table, q, 5, skip=query_id)
     assert [h["lesion_id"] for h in hits] == ids and query_id not in ids
     np.testing.assert_allclose([h["_distance"] for h in hits], dist, rtol=1e-5, atol=1e-5)
-    with_self = find_similar(uri, query_id, k=5, exclude_self=False)
+    with_self = nearest(uri, query_id, k=5, exclude_self=False)
     assert with_self[0]["lesion_id"] == query_id and with_self[0]["_distance"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(KeyError, match="not in the vector table"):
-        find_similar(uri, "no-such-lesion")
+        nearest(uri, "no-such-lesion")
 
 
 def test_filtered_search_matches_numpy_subset(searchable) -> None:
@@ -303,12 +305,12 @@ def test_filtered_search_matches_numpy_subset(searchable) -> None:
         ({"volume_mm3": (None, 300)}, volume <= 300),
     ]
     for filters, mask in cases:
-        hits = find_similar(uri, q, k=8, filters=filters)
+        hits = nearest(uri, q, k=8, filters=filters)
         ids, dist = brute_force(table, q, 8, mask=mask)
         assert [h["lesion_id"] for h in hits] == ids, filters
         np.testing.assert_allclose([h["_distance"] for h in hits], dist, rtol=1e-5, atol=1e-5)
     # a trusted where clause is ANDed with the filters
-    hits = find_similar(uri, q, k=8, where="volume_mm3 > 1000", filters={"modality": "CT"})
+    hits = nearest(uri, q, k=8, where="volume_mm3 > 1000", filters={"modality": "CT"})
     ids, _ = brute_force(table, q, 8, mask=(volume > 1000) & (modality == "CT"))
     assert [h["lesion_id"] for h in hits] == ids
 
@@ -316,7 +318,7 @@ def test_filtered_search_matches_numpy_subset(searchable) -> None:
 @pytest.mark.parametrize("value", ["CT' OR 1=1 --", "CT\\' OR 1=1 --", ["CT') OR (1=1"], "x' OR 'a'='a"])
 def test_filter_values_cannot_inject(searchable, value) -> None:
     uri, _ = searchable
-    assert find_similar(uri, np.zeros(DIM, np.float32), k=10, filters={"modality": value}) == []
+    assert nearest(uri, np.zeros(DIM, np.float32), k=10, filters={"modality": value}) == []
 
 
 def test_filter_validation() -> None:
@@ -342,15 +344,15 @@ def test_filter_validation() -> None:
 def test_unknown_filter_column_raises_in_search(searchable) -> None:
     uri, _ = searchable
     with pytest.raises(ValueError, match="'colour'"):
-        find_similar(uri, np.zeros(DIM, np.float32), filters={"colour": "red"})
+        nearest(uri, np.zeros(DIM, np.float32), filters={"colour": "red"})
     with pytest.raises(ValueError, match="dimension"):
-        find_similar(uri, np.zeros(DIM + 1, np.float32))
+        nearest(uri, np.zeros(DIM + 1, np.float32))
 
 
 def test_missing_table(tmp_path: Path) -> None:
     assert table_version(tmp_path / "nothing") is None
     with pytest.raises(FileNotFoundError, match="lesion_vectors"):
-        find_similar(tmp_path / "nothing", np.zeros(DIM, np.float32))
+        nearest(tmp_path / "nothing", np.zeros(DIM, np.float32))
 
 
 def test_time_travel_returns_old_neighbours(tmp_path: Path) -> None:
@@ -358,7 +360,7 @@ def test_time_travel_returns_old_neighbours(tmp_path: Path) -> None:
     base = cohort(400, seed=2)
     v1 = sync_vectors(uri, base, DIM).version
     query_id = base["lesion_id"][0].as_py()
-    before = [h["lesion_id"] for h in find_similar(uri, query_id, k=5)]
+    before = [h["lesion_id"] for h in nearest(uri, query_id, k=5)]
     # move 5 other lesions right next to the query lesion
     rows = base.to_pylist()
     q = np.asarray(rows[0]["vector"], np.float32)
@@ -367,11 +369,11 @@ def test_time_travel_returns_old_neighbours(tmp_path: Path) -> None:
     moved = [r["lesion_id"] for r in rows[100:105]]
     v2 = sync_vectors(uri, pa.Table.from_pylist(rows, schema=base.schema), DIM).version
     assert v2 > v1
-    assert [h["lesion_id"] for h in find_similar(uri, query_id, k=5)] == moved
-    assert [h["lesion_id"] for h in find_similar(uri, query_id, k=5, version=v1)] == before
+    assert [h["lesion_id"] for h in nearest(uri, query_id, k=5)] == moved
+    assert [h["lesion_id"] for h in nearest(uri, query_id, k=5, version=v1)] == before
     assert set(before).isdisjoint(moved)
     with pytest.raises(ValueError, match="version 9999 .* not available"):
-        find_similar(uri, query_id, version=9999)
+        nearest(uri, query_id, version=9999)
     # the DuckDB side can read the old version too
     assert V.lance_dataset(uri, version=v1).count_rows() == 400
 
@@ -392,7 +394,7 @@ def test_ann_index_above_threshold_recall(tmp_path: Path, index_type: str) -> No
     rng = np.random.default_rng(5)
     recalls = []
     for q in rng.normal(size=(30, dim)).astype(np.float32):
-        hits = find_similar(uri, q, k=10, refine_factor=10)
+        hits = nearest(uri, q, k=10, refine_factor=10)
         ids, _ = brute_force(table, q, 10)
         recalls.append(len({h["lesion_id"] for h in hits} & set(ids)) / 10)
     assert np.mean(recalls) >= 0.9, recalls
@@ -401,9 +403,9 @@ def test_ann_index_above_threshold_recall(tmp_path: Path, index_type: str) -> No
     rep2 = sync_vectors(uri, pa.concat_tables([table, extra]), dim, exact_threshold=2000, index_type=index_type)
     assert rep2.index == index_type and not rep2.rebuilt_index and rep2.inserted == 3
     q = matrix(extra)[0]
-    assert find_similar(uri, q, k=1)[0]["lesion_id"] == extra["lesion_id"][0].as_py()
+    assert nearest(uri, q, k=1)[0]["lesion_id"] == extra["lesion_id"][0].as_py()
     # filters still apply with the index
-    hits = find_similar(uri, q, k=10, filters={"modality": "MR"})
+    hits = nearest(uri, q, k=10, filters={"modality": "MR"})
     assert hits and all(h["modality"] == "MR" for h in hits)
 
 
@@ -416,7 +418,7 @@ def test_ann_index_dropped_below_threshold(tmp_path: Path) -> None:
     assert rep.index == "none" and rep.rows == 500
     q = matrix(table)[0]
     ids, _ = brute_force(table.slice(0, 500), q, 5)
-    assert [h["lesion_id"] for h in find_similar(uri, q, k=5)] == ids
+    assert [h["lesion_id"] for h in nearest(uri, q, k=5)] == ids
 
 
 def test_default_exact_threshold_follows_the_dimension(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -426,7 +428,7 @@ def test_default_exact_threshold_follows_the_dimension(tmp_path: Path, monkeypat
     assert V.default_exact_threshold(256) < V.default_exact_threshold(128)
     # sync_vectors without a threshold asks it (here made small): below it exact search, from it on ANN
     asked: list[int] = []
-    monkeypatch.setattr(V, "default_exact_threshold", lambda dim: asked.append(dim) or 1000)
+    monkeypatch.setattr(lance_sync, "default_exact_threshold", lambda dim: asked.append(dim) or 1000)
     uri = tmp_path / "lance"
     table = cohort(1200, seed=9)
     assert sync_vectors(uri, table.slice(0, 700), DIM).index == "none"
@@ -449,16 +451,16 @@ def test_ann_index_keeps_partitions_and_merges_segments(tmp_path: Path) -> None:
     table = cohort(6000, seed=12)
     sync_vectors(uri, table, DIM, exact_threshold=3000, index_type="IVF_PQ")
     tbl = V.open_db(uri).open_table(VECTOR_TABLE)
-    parts0, segs0 = V._ann_layout(tbl, V.ANN_INDEX_NAME)
+    parts0, segs0 = lance_index._ann_layout(tbl, V.ANN_INDEX_NAME)
     assert parts0 == V.ivf_pq_params(6000, DIM)["num_partitions"] and segs0 == 1
     for step in range(6):
         table = pa.concat_tables([table, cohort(20, seed=30 + step, start=100_000 + 100 * step)])
         rep = sync_vectors(uri, table, DIM, exact_threshold=3000, index_type="IVF_PQ")
         assert rep.inserted == 20 and not rep.rebuilt_index
-        parts, segs = V._ann_layout(V.open_db(uri).open_table(VECTOR_TABLE), V.ANN_INDEX_NAME)
-        assert parts is not None and parts >= parts0 - 2 and segs <= V._MAX_ANN_SEGMENTS + 1
+        parts, segs = lance_index._ann_layout(V.open_db(uri).open_table(VECTOR_TABLE), V.ANN_INDEX_NAME)
+        assert parts is not None and parts >= parts0 - 2 and segs <= lance_index._MAX_ANN_SEGMENTS + 1
     q = matrix(table)[-1]
-    assert find_similar(uri, q, k=1)[0]["lesion_id"] == table["lesion_id"][-1].as_py()
+    assert nearest(uri, q, k=1)[0]["lesion_id"] == table["lesion_id"][-1].as_py()
 
 
 # ------------------------------------------------------------------------------------------------ DuckDB

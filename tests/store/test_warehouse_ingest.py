@@ -11,8 +11,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from imaging_assets.store import ingest
-from imaging_assets.store.warehouse import apply_crawl, connect, duckdb_path, known_files
+from imaging_assets.stages import discovery
+from imaging_assets.store.catalog import apply_crawl, known_files
+from imaging_assets.store.warehouse import Warehouse, connect
 
 
 def _copy_ct(dst: Path, n: int) -> list[Path]:
@@ -40,13 +41,14 @@ def _table(db: Path, sql: str, params=()):
 def test_incremental_refresh_add_modify_delete(tmp_path):
     root = tmp_path / "archive"
     files = _copy_ct(root / "series1", 6)
-    db = duckdb_path(tmp_path / "wh")
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
 
-    first = ingest.refresh_catalog(db, [root], workers=1)
-    assert first["read"] == 6 and first["catalogued"] == 6 and first["quarantined"] == 0
+    first = discovery.refresh_catalog(wh, [root], workers=1)
+    assert first.read == 6 and first.catalogued == 6 and first.quarantined == 0
 
-    again = ingest.refresh_catalog(db, [root], workers=1)
-    assert again["read"] == 0 and again["unchanged"] == 6 and again["removed"] == 0
+    again = discovery.refresh_catalog(wh, [root], workers=1)
+    assert again.read == 0 and again.unchanged == 6 and again.removed == 0
 
     # add one, modify one (now truncated -> quarantined), delete one
     _copy_ct(root / "series2", 1)
@@ -55,11 +57,11 @@ def test_incremental_refresh_add_modify_delete(tmp_path):
     os.utime(files[1], ns=(1, 1))
     files[2].unlink()
 
-    third = ingest.refresh_catalog(db, [root], workers=1)
-    assert third["read"] == 2
-    assert third["removed"] == 1
-    assert third["catalogued"] == 5  # 6 - modified - deleted + added
-    assert third["quarantined"] == 1
+    third = discovery.refresh_catalog(wh, [root], workers=1)
+    assert third.read == 2
+    assert third.removed == 1
+    assert third.catalogued == 5  # 6 - modified - deleted + added
+    assert third.quarantined == 1
 
     # no duplicate rows; the deleted file is kept as 'removed'; the modified file left the catalog
     assert _table(db, "SELECT count(*), count(DISTINCT path) FROM dicom_files")[0] == (6, 6)
@@ -69,26 +71,27 @@ def test_incremental_refresh_add_modify_delete(tmp_path):
 
     # the file comes back intact: it leaves the quarantine and is catalogued again
     files[1].write_bytes(data)
-    fourth = ingest.refresh_catalog(db, [root], workers=1)
-    assert fourth["read"] == 1 and fourth["quarantined"] == 0 and fourth["catalogued"] == 6
+    fourth = discovery.refresh_catalog(wh, [root], workers=1)
+    assert fourth.read == 1 and fourth.quarantined == 0 and fourth.catalogued == 6
 
 
 def test_missing_root_is_reported_not_fatal(tmp_path):
-    db = duckdb_path(tmp_path / "wh")
-    summary = ingest.refresh_catalog(db, [tmp_path / "nope"], workers=1)
-    assert summary["missing_roots"] == [str(tmp_path / "nope")]
-    assert summary["catalogued"] == 0
+    wh = Warehouse(tmp_path / "wh")
+    summary = discovery.refresh_catalog(wh, [tmp_path / "nope"], workers=1)
+    assert summary.missing_roots == [str(tmp_path / "nope")]
+    assert summary.catalogued == 0
 
 
 def test_failed_write_keeps_previous_state(tmp_path):
     root = tmp_path / "archive"
     _copy_ct(root, 3)
-    db = duckdb_path(tmp_path / "wh")
-    ingest.refresh_catalog(db, [root], workers=1)
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
+    discovery.refresh_catalog(wh, [root], workers=1)
     before = _table(db, "SELECT * FROM dicom_files ORDER BY path")
     bad = [{"path": "/x/new.dcm", "size": "not-a-number"}]  # fails inside the transaction
     with connect(db) as con:
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 - whatever fails inside the transaction must roll it back
             apply_crawl(con, bad, [], removed=[str(p) for p in sorted(root.iterdir())])
         assert len(known_files(con)) == 3
     assert _table(db, "SELECT * FROM dicom_files ORDER BY path") == before
@@ -135,10 +138,11 @@ def test_no_phi_in_any_table_after_demo_ingest(small_cohort, tmp_path):
     # copy so that planting a leak cannot touch the shared cohort
     dicom = tmp_path / "dicom"
     shutil.copytree(small_cohort.dicom_dir, dicom)
-    db = duckdb_path(tmp_path / "wh")
-    ingest.refresh_catalog(db, [dicom], workers=2)
-    ingest.rebuild_series(db)
-    ingest.rebuild_segmentations(db)
+    wh = Warehouse(tmp_path / "wh")
+    db = wh.duckdb_path
+    discovery.refresh_catalog(wh, [dicom], workers=2)
+    discovery.rebuild_series(wh)
+    discovery.rebuild_segmentations(wh)
     needles = _phi_values(dicom)
     assert len(needles) >= small_cohort.n_patients * 2
     assert find_phi(db, needles) == []
@@ -146,5 +150,6 @@ def test_no_phi_in_any_table_after_demo_ingest(small_cohort, tmp_path):
     # the scanner itself finds a planted leak
     leak = sorted(needles)[0]
     with connect(db) as con:
-        con.execute("UPDATE dicom_files SET series_description = ? WHERE rowid = (SELECT min(rowid) FROM dicom_files)", [f"x {leak} y"])
+        con.execute("UPDATE dicom_files SET series_description = ? WHERE rowid = (SELECT min(rowid) FROM dicom_files)",
+                    [f"x {leak} y"])
     assert ("dicom_files", "series_description", leak) in find_phi(db, needles)

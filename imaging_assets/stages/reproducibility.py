@@ -1,19 +1,15 @@
-"""The steps behind ``feature_robustness`` and ``robust_feature_set`` (no Dagster here).
+"""Reproducibility: the steps behind ``feature_robustness`` and ``robust_feature_set``, and the queries of
+the feature-table checks (Great Expectations suite, flagged series, sample size, collapsed set).
 
 Perturbed extractions go through exactly the extraction code of ``radiomics_features`` (the same
 ``ExtractionJob`` loaders, wrapped by :class:`~imaging_assets.features.perturb.PerturbedLoader`) and are
 cached per (lesion, perturbation, spec, params, source fingerprint) in ``perturbation_features``, so a
 rerun on unchanged data extracts nothing. ICCs are recomputed from the cache each time (cheap).
 
-Tables
-------
-perturbation_features   lesion_id, perturbation, spec_hash, params_hash, source_fingerprint, feature, value
-feature_robustness      feature, image_type, feature_class, analysis ('perturbation' | 'test_retest'),
-                        icc, ci_low, ci_high, n_targets, k_raters, computed_at
-test_retest_pairs       lesion_a, lesion_b, distance_mm
-robust_feature_sets     version, features, n_features, threshold, rho, n_candidates, created_at
-robust_feature_set_history  version, activated_at (a row each time the active set changes)
-robust_feature_pruned   feature, correlated_with, rho (near-duplicates dropped from the current set)
+Tables (declared in :mod:`imaging_assets.store.schema`): ``perturbation_features``, ``perturbation_errors``,
+``feature_robustness`` (ICC and CI per feature and analysis), ``test_retest_pairs``, ``robust_feature_sets``,
+``robust_feature_set_history`` (a row each time the active set changes), ``robust_feature_pruned``
+(near-duplicates dropped from the current set).
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,37 +28,81 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from imaging_assets.store.warehouse import connect, ensure_schema, table_rows, transaction
+from imaging_assets.store.schema import ensure_schema
+from imaging_assets.store.warehouse import Warehouse, table_rows, transaction
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS perturbation_features (
-        lesion_id VARCHAR, perturbation INTEGER, spec_hash VARCHAR, params_hash VARCHAR,
-        source_fingerprint VARCHAR, feature VARCHAR, value DOUBLE,
-        PRIMARY KEY (lesion_id, perturbation, feature))""",
-    """CREATE TABLE IF NOT EXISTS perturbation_errors (
-        lesion_id VARCHAR, perturbation INTEGER, spec_hash VARCHAR, params_hash VARCHAR,
-        source_fingerprint VARCHAR, message VARCHAR, PRIMARY KEY (lesion_id, perturbation))""",
-    """CREATE TABLE IF NOT EXISTS feature_robustness (
-        feature VARCHAR, image_type VARCHAR, feature_class VARCHAR, analysis VARCHAR, icc DOUBLE,
-        ci_low DOUBLE, ci_high DOUBLE, n_targets INTEGER, k_raters INTEGER, computed_at TIMESTAMP,
-        PRIMARY KEY (feature, analysis))""",
-    """CREATE TABLE IF NOT EXISTS test_retest_pairs (lesion_a VARCHAR, lesion_b VARCHAR, distance_mm DOUBLE)""",
-    """CREATE TABLE IF NOT EXISTS robust_feature_sets (
-        version VARCHAR PRIMARY KEY, features VARCHAR[], n_features INTEGER, threshold DOUBLE, rho DOUBLE,
-        n_candidates INTEGER, created_at TIMESTAMP)""",
-    """CREATE TABLE IF NOT EXISTS robust_feature_set_history (version VARCHAR, activated_at TIMESTAMP)""",
-    """CREATE TABLE IF NOT EXISTS robust_feature_pruned (feature VARCHAR, correlated_with VARCHAR, rho DOUBLE)""",
-]
+
+
+@dataclass(frozen=True)
+class RobustnessResult:
+    """One robustness run: sample, extractions, ICC inputs, and the ``feature_robustness`` rows."""
+
+    sampled: int
+    eligible: int
+    extracted: int
+    failed: int
+    reused_lesions: int
+    known_failures: int
+    lesions_in_icc: int
+    perturbations: int
+    pairs: int
+    features: int
+    robust_perturbation: int
+    spec: dict[str, Any]
+    rows: list[dict[str, Any]]
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class RobustSetResult:
+    """The robust set after a selection: version, whether it changed, features, pruned pairs, history."""
+
+    version: str
+    previous_version: str | None
+    changed: bool
+    features: list[str]
+    n_candidates: int
+    pruned: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class ExpectationReport:
+    """The Great Expectations suite on the per-lesion feature table (``radiomics_expectations`` check)."""
+
+    outcomes: list[Any]
+    lesions_validated: int
+    lesions_with_provenance: int
+    expected_features: int
+    robust_checked: int | None
+
+    @property
+    def failed(self) -> list[Any]:
+        """Expectations that failed."""
+        return [o for o in self.outcomes if not o.success]
+
+    @property
+    def passed(self) -> bool:
+        """Every expectation met and every lesion with provenance validated."""
+        return not self.failed and self.lesions_validated == self.lesions_with_provenance
+
+
+@dataclass(frozen=True)
+class SampleReport:
+    """Lesions and raters behind the perturbation ICC, and test-retest pairs (``robustness_sample_size``)."""
+
+    lesions: int
+    perturbations: int
+    test_retest_pairs: int
 
 
 def ensure_robustness_schema(con: Any) -> None:
-    """Create the robustness tables when missing."""
+    """Create the robustness tables when missing (they are part of the one warehouse schema)."""
     ensure_schema(con)
-    for sql in _SCHEMA:
-        con.execute(sql)
 
 
 def spec_hash(spec: Any) -> str:
@@ -105,21 +146,15 @@ def _f(v: float) -> float | None:
 
 
 def compute_robustness(
-    database: str | Path,
+    wh: Warehouse,
     spec: Any = None,
     max_lesions: int = 48,
     params_override: str | Path | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Perturbation ICC(3,1) on a stratified sample of lesions, test-retest ICC(3,1) on paired lesions.
-
-    Returns
-    -------
-    dict
-        ``sampled``, ``extracted``, ``reused``, ``failed``, ``lesions_in_icc``, ``pairs``,
-        ``features``, ``robust_perturbation`` (ci_low >= 0.75 count), ``elapsed_s`` and ``rows`` (the table).
-    """
+) -> RobustnessResult:
+    """Perturbation ICC(3,1) on a stratified sample of lesions, test-retest ICC(3,1) on paired lesions;
+    ``robust_perturbation`` counts the features with a lower bound >= 0.75."""
     from imaging_assets.features.extract import extract_many
     from imaging_assets.features.perturb import (
         PerturbationSpec,
@@ -133,7 +168,7 @@ def compute_robustness(
     t0 = time.perf_counter()
     spec = spec or PerturbationSpec()
     shash = spec_hash(spec)
-    with connect(database) as con:
+    with wh.connect() as con:
         ensure_robustness_schema(con)
         lesions = table_rows(con, "lesions")
         series = table_rows(con, "imaging_series")
@@ -175,7 +210,7 @@ def compute_robustness(
                 feats.extend({**key, "feature": n, "value": float(v)} for n, v in o.features.items())
             else:
                 errs.append({**key, "message": o.error})
-        with connect(database) as con:
+        with wh.connect() as con:
             with transaction(con):
                 ids = pa.table({"lesion_id": [lid for lid, _ in keys], "perturbation": [int(k) for _, k in keys]})
                 con.register("_done", ids)
@@ -204,7 +239,7 @@ def compute_robustness(
     flush()
 
     sample_ids = sorted(fingerprints)
-    with connect(database) as con:
+    with wh.connect() as con:
         pf = con.execute(
             "SELECT lesion_id, perturbation, feature, value FROM perturbation_features WHERE spec_hash = ? "
             "AND list_contains(?, lesion_id)", [shash, sample_ids]).fetchdf()
@@ -234,7 +269,7 @@ def compute_robustness(
             ca, cb = centroid.get(la), centroid.get(lb)
             dist = float(np.linalg.norm(np.subtract(ca, cb))) if ca and cb else None
             pair_rows.append({"lesion_a": la, "lesion_b": lb, "distance_mm": dist})
-    with connect(database) as con:
+    with wh.connect() as con:
         with transaction(con):
             con.execute("DELETE FROM feature_robustness")
             if rows:
@@ -249,97 +284,38 @@ def compute_robustness(
                 con.execute("INSERT INTO test_retest_pairs SELECT * FROM _p")
                 con.unregister("_p")
     perturb_rows = [r for r in rows if r["analysis"] == "perturbation"]
-    return {
-        "sampled": len(sample),
-        "eligible": len(eligible),
-        "extracted": n_ok,
-        "failed": n_err,
-        "reused_lesions": reused,
-        "known_failures": len(failed_before),
-        "lesions_in_icc": len(complete_ids),
-        "perturbations": spec.n_perturbations,
-        "pairs": len(pairs),
-        "features": len(names),
-        "robust_perturbation": sum(1 for r in perturb_rows if (r["ci_low"] or -1) >= 0.75),
-        "spec": dataclasses.asdict(spec),
-        "rows": rows,
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-    }
+    return RobustnessResult(
+        sampled=len(sample),
+        eligible=len(eligible),
+        extracted=n_ok,
+        failed=n_err,
+        reused_lesions=reused,
+        known_failures=len(failed_before),
+        lesions_in_icc=len(complete_ids),
+        perturbations=spec.n_perturbations,
+        pairs=len(pairs),
+        features=len(names),
+        robust_perturbation=sum(1 for r in perturb_rows if (r["ci_low"] or -1) >= 0.75),
+        spec=dataclasses.asdict(spec),
+        rows=rows,
+        elapsed_s=round(time.perf_counter() - t0, 3),
+    )
 
 
-def icc_plot_png(rows: Sequence[dict[str, Any]], path: Path, threshold: float = 0.75) -> Path | None:
-    """Sorted lower 95% bounds of ICC per feature (perturbation and test-retest), threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    for analysis, color in (("perturbation", "tab:blue"), ("test_retest", "tab:orange")):
-        lows = sorted((r["ci_low"] for r in rows if r["analysis"] == analysis and r["ci_low"] is not None),
-                      reverse=True)
-        if lows:
-            ax.plot(range(len(lows)), lows, color=color, label=f"{analysis} ({len(lows)} features)")
-    ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold}")
-    ax.set_xlabel("features, sorted")
-    ax.set_ylabel("ICC(3,1) lower 95% bound")
-    ax.set_ylim(-0.2, 1.02)
-    ax.legend(loc="lower left")
-    ax.set_title("Feature reproducibility")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+def feature_class_totals(wh: Warehouse) -> dict[str, int]:
+    """Features per feature class in ``feature_robustness`` (what the robust-set plot compares against)."""
+    with wh.connect(read_only=True) as con:
+        return dict(con.execute("SELECT feature_class, count(DISTINCT feature) FROM feature_robustness "
+                                "GROUP BY 1 ORDER BY 1").fetchall())
 
 
-def robust_set_plot_png(database: str | Path, features: Sequence[str], path: Path) -> Path | None:
-    """Bars per feature class: features extracted vs robust ones in the active set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with connect(database, read_only=True) as con:
-        totals = dict(con.execute("SELECT feature_class, count(DISTINCT feature) FROM feature_robustness "
-                                  "GROUP BY 1 ORDER BY 1").fetchall())
-    if not totals:
-        return None
-    kept: dict[str, int] = {}
-    for f in features:
-        kept[_split(f)[1]] = kept.get(_split(f)[1], 0) + 1
-    classes = sorted(totals)
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    x = np.arange(len(classes))
-    ax.bar(x - 0.2, [totals[c] for c in classes], 0.4, label="extracted", color="lightgray")
-    ax.bar(x + 0.2, [kept.get(c, 0) for c in classes], 0.4, label="robust set", color="tab:green")
-    ax.set_xticks(x, classes)
-    ax.set_ylabel("features")
-    ax.set_title(f"Robust set by feature class ({len(features)} of {sum(totals.values())})")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def select_robust_set(database: str | Path, threshold: float = 0.75, rho: float = 0.95) -> dict[str, Any]:
+def select_robust_set(wh: Warehouse, threshold: float = 0.75, rho: float = 0.95) -> RobustSetResult:
     """Robust features (ICC lower bound >= threshold in perturbation and, where present, test-retest),
-    pruned of near-duplicates (|Spearman| >= rho); a new version is recorded when the set changes.
-
-    Returns
-    -------
-    dict
-        ``version``, ``changed``, ``previous_version``, ``features``, ``n_candidates``, ``pruned`` rows,
-        ``history`` (version, activated_at), ``elapsed_s``.
-    """
+    pruned of near-duplicates (|Spearman| >= rho); a new version is recorded when the set changes."""
     from imaging_assets.features.robust import prune_correlated, select_robust
 
     t0 = time.perf_counter()
-    with connect(database) as con:
+    with wh.connect() as con:
         ensure_robustness_schema(con)
         rob = con.execute("SELECT feature, analysis, icc, ci_low, ci_high FROM feature_robustness").fetchdf()
         wide = feature_matrix(con)
@@ -357,7 +333,7 @@ def select_robust_set(database: str | Path, threshold: float = 0.75, rho: float 
     version = hashlib.sha1(json.dumps([kept, threshold, rho]).encode()).hexdigest()[:12]
     previous = prev[0] if prev else None
     changed = version != previous
-    with connect(database) as con:
+    with wh.connect() as con:
         with transaction(con):
             if not con.execute("SELECT count(*) FROM robust_feature_sets WHERE version = ?", [version]).fetchone()[0]:
                 con.execute("INSERT INTO robust_feature_sets VALUES (?, ?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'))",
@@ -370,16 +346,16 @@ def select_robust_set(database: str | Path, threshold: float = 0.75, rho: float 
                             [d["feature"], d["correlated_with"], float(d["rho"])])
         history = con.execute("SELECT version, activated_at FROM robust_feature_set_history "
                               "ORDER BY activated_at DESC LIMIT 10").fetchall()
-    return {
-        "version": version,
-        "previous_version": previous,
-        "changed": changed,
-        "features": kept,
-        "n_candidates": len(candidates),
-        "pruned": dropped,
-        "history": [{"version": v, "activated_at": str(t)} for v, t in history],
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-    }
+    return RobustSetResult(
+        version=version,
+        previous_version=previous,
+        changed=changed,
+        features=kept,
+        n_candidates=len(candidates),
+        pruned=dropped,
+        history=[{"version": v, "activated_at": str(t)} for v, t in history],
+        elapsed_s=round(time.perf_counter() - t0, 3),
+    )
 
 
 def current_robust_set(con: Any) -> tuple[str | None, list[str]]:
@@ -394,3 +370,52 @@ def current_robust_set(con: Any) -> tuple[str | None, list[str]]:
 
 def _has_table(con: Any, name: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0])
+
+
+def active_robust_set(wh: Warehouse) -> tuple[str | None, list[str]]:
+    """(version, features) of the active robust feature set (read-only connection)."""
+    with wh.connect(read_only=True) as con:
+        return current_robust_set(con)
+
+
+def validate_feature_table(wh: Warehouse) -> ExpectationReport | None:
+    """Run the Great Expectations suite of :mod:`imaging_assets.features.quality` on the per-lesion feature
+    table (None when there are no features yet)."""
+    from imaging_assets.features.quality import validate_features
+
+    with wh.connect(read_only=True) as con:
+        wide = feature_matrix(con)
+        counts = con.execute("SELECT lesion_id, count(*) FROM radiomics_features GROUP BY 1").fetchall()
+        n_extractable = con.execute(
+            "SELECT count(*) FROM lesions l JOIN radiomics_provenance p USING (lesion_id)").fetchone()[0]
+        _, robust = current_robust_set(con)
+    if wide.empty:
+        return None
+    wide = wide.reset_index()
+    per = dict(counts)
+    wide["n_features"] = wide["lesion_id"].map(per)
+    expected = max(per.values())
+    outcomes = validate_features(wide, robust=robust or None, expected_features=expected)
+    return ExpectationReport(outcomes=list(outcomes), lesions_validated=len(wide),
+                             lesions_with_provenance=int(n_extractable), expected_features=int(expected),
+                             robust_checked=len(robust) if robust else None)
+
+
+def features_of_flagged_series(wh: Warehouse) -> tuple[list[dict[str, Any]], int]:
+    """Lesions with features whose series failed geometry QC (must be none), and the flagged series count."""
+    with wh.connect(read_only=True) as con:
+        rows = con.execute(
+            "SELECT p.lesion_id, s.series_instance_uid, s.flags FROM radiomics_provenance p "
+            "JOIN lesions l USING (lesion_id) JOIN imaging_series s USING (series_key) WHERE NOT s.usable "
+            "ORDER BY 1").fetchall()
+        flagged = con.execute("SELECT count(*) FROM imaging_series WHERE NOT usable").fetchone()[0]
+    return [{"lesion_id": a, "series": b, "flags": c} for a, b, c in rows], int(flagged)
+
+
+def sample_report(wh: Warehouse) -> SampleReport:
+    """Targets and raters of the perturbation ICC, and the test-retest pairs behind its ICC."""
+    with wh.connect(read_only=True) as con:
+        row = con.execute("SELECT max(n_targets), max(k_raters) FROM feature_robustness "
+                          "WHERE analysis = 'perturbation'").fetchone()
+        pairs = con.execute("SELECT max(n_targets) FROM feature_robustness WHERE analysis = 'test_retest'").fetchone()[0]
+    return SampleReport(int(row[0] or 0), int(row[1] or 0), int(pairs or 0))

@@ -1,4 +1,4 @@
-"""Build the ``lesion_vectors`` Lance table from the robust feature set (no Dagster here).
+"""Vectors: the step behind ``lesion_vectors`` (the Lance table of scaled robust features) and its check.
 
 Each extractable lesion becomes one float32 vector: its robust features (the active
 ``robust_feature_sets`` version, in sorted name order) scaled by a
@@ -11,31 +11,45 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from imaging_assets.store.robustness import current_robust_set, ensure_robustness_schema, feature_matrix
-from imaging_assets.store.warehouse import connect, table_rows, transaction
+from imaging_assets.errors import NoRobustSetError
+from imaging_assets.stages.reproducibility import _has_table, current_robust_set, feature_matrix
+from imaging_assets.store.schema import ensure_schema
+from imaging_assets.store.warehouse import Warehouse, table_rows, transaction
 
 logger = logging.getLogger(__name__)
 
-_SCALER_SQL = """CREATE TABLE IF NOT EXISTS vector_scalers (
-    feature_set_version VARCHAR PRIMARY KEY, feature_names VARCHAR[], mean DOUBLE[], std DOUBLE[],
-    n_lesions INTEGER, fitted_at TIMESTAMP, center DOUBLE[], scale DOUBLE[], lambdas DOUBLE[])"""
-#: Columns added after the first release; a warehouse made before gets them (NULL: refit on next run).
+#: Scaler columns added after the first release (a warehouse made before has them NULL: refit on next run).
 _SCALER_ADDED = ("center", "scale", "lambdas")
 
 
-def _ensure_scaler_table(con: Any) -> None:
-    con.execute(_SCALER_SQL)
-    for column in _SCALER_ADDED:
-        con.execute(f"ALTER TABLE vector_scalers ADD COLUMN IF NOT EXISTS {column} DOUBLE[]")
+@dataclass(frozen=True)
+class VectorsResult:
+    """One vectors build: feature-set version, dimension, rows, the sync counts, table version, index."""
+
+    feature_set_version: str
+    dim: int
+    rows: int
+    inserted: int
+    updated: int
+    deleted: int
+    unchanged: int
+    table_version: int | None
+    index: str
+    elapsed_s: float
 
 
-class NoRobustSetError(RuntimeError):
-    """Raised when vectors are requested before a robust feature set exists."""
+@dataclass(frozen=True)
+class VectorIntegrity:
+    """The ``vectors_integrity`` check: rows in Lance vs lesions expected, and the problems found."""
+
+    rows: int
+    expected_rows: int
+    problems: list[str]
 
 
 def load_scaler(con: Any, version: str | None = None):
@@ -43,7 +57,6 @@ def load_scaler(con: Any, version: str | None = None):
     active one), or None (none stored, or one stored before the power transform existed: the vectors
     must be rebuilt by materializing ``lesion_vectors``)."""
     from imaging_assets.features.scaling import Scaler
-    from imaging_assets.store.robustness import _has_table
 
     if not _has_table(con, "vector_scalers"):
         return None
@@ -59,15 +72,8 @@ def load_scaler(con: Any, version: str | None = None):
     return Scaler(list(row[0]), *(np.asarray(v, dtype=float) for v in row[1:]))
 
 
-def build_lesion_vectors(database: str | Path, lance_uri: str,
-                         exact_threshold: int | None = None) -> dict[str, Any]:
+def build_lesion_vectors(wh: Warehouse, exact_threshold: int | None = None) -> VectorsResult:
     """Standardise the robust features of every extractable lesion and sync them into LanceDB.
-
-    Returns
-    -------
-    dict
-        ``feature_set_version``, ``dim``, ``rows``, the :class:`SyncReport` fields (``inserted``,
-        ``updated``, ``deleted``, ``unchanged``, ``version``, ``index``), ``elapsed_s``.
 
     Raises
     ------
@@ -75,23 +81,19 @@ def build_lesion_vectors(database: str | Path, lance_uri: str,
         When ``robust_feature_set`` has not produced a set yet, or the set is empty.
     """
     from imaging_assets.features.scaling import fit_scaler
-    from imaging_assets.store.vectors import sync_vectors
+    from imaging_assets.store.lance import sync_vectors
 
     t0 = time.perf_counter()
-    with connect(database) as con:
-        ensure_robustness_schema(con)
-        _ensure_scaler_table(con)
+    with wh.connect() as con:
+        ensure_schema(con)
         version, features = current_robust_set(con)
         if not version or not features:
             raise NoRobustSetError("no robust feature set yet (or it is empty): materialize robust_feature_set "
                                    "and check its `robust_set_not_collapsed` result")
         lesions = {r["lesion_id"]: r for r in table_rows(con, "lesions") if r["extractable"]}
         wide = feature_matrix(con)
-        clusters: dict[str, int] = {}
-        if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'phenotype_clusters'"
-                       ).fetchone()[0]:
-            clusters = dict(con.execute("SELECT lesion_id, cluster FROM phenotype_clusters "
-                                        "WHERE feature_set_version = ?", [version]).fetchall())
+        clusters: dict[str, int] = dict(con.execute(
+            "SELECT lesion_id, cluster FROM phenotype_clusters WHERE feature_set_version = ?", [version]).fetchall())
     ids = [i for i in wide.index if i in lesions] if not wide.empty else []
     missing = [f for f in features if f not in wide.columns]
     if missing:
@@ -109,8 +111,7 @@ def build_lesion_vectors(database: str | Path, lance_uri: str,
             "series_instance_uid": les["series_instance_uid"], "feature_set_version": version,
             "cluster": clusters.get(lid),
         })
-    with connect(database) as con:
-        _ensure_scaler_table(con)
+    with wh.connect() as con:
         stored = scaler.to_dict()
         with transaction(con):
             con.execute("DELETE FROM vector_scalers WHERE feature_set_version = ?", [version])
@@ -119,24 +120,24 @@ def build_lesion_vectors(database: str | Path, lance_uri: str,
                 "center, scale, lambdas) VALUES (?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'), ?, ?, ?)",
                 [version, list(features), stored["mean"], stored["std"], len(ids),
                  stored["center"], stored["scale"], stored["lambdas"]])
-    report = sync_vectors(lance_uri, rows, dim=len(features), exact_threshold=exact_threshold)
-    return {
-        "feature_set_version": version,
-        "dim": len(features),
-        "rows": report.rows,
-        "inserted": report.inserted,
-        "updated": report.updated,
-        "deleted": report.deleted,
-        "unchanged": report.unchanged,
-        "table_version": report.version,
-        "index": report.index,
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-    }
+    report = sync_vectors(wh.lance_uri, rows, dim=len(features), exact_threshold=exact_threshold)
+    return VectorsResult(
+        feature_set_version=version,
+        dim=len(features),
+        rows=report.rows,
+        inserted=report.inserted,
+        updated=report.updated,
+        deleted=report.deleted,
+        unchanged=report.unchanged,
+        table_version=report.version,
+        index=report.index,
+        elapsed_s=round(time.perf_counter() - t0, 3),
+    )
 
 
 def vectors_frame(lance_uri: str):
     """The Lance ``lesion_vectors`` table as (Arrow table, float32 matrix), or (None, None) if absent."""
-    from imaging_assets.store.vectors import VECTOR_TABLE, open_db
+    from imaging_assets.store.lance import VECTOR_TABLE, open_db
 
     try:
         tbl = open_db(lance_uri).open_table(VECTOR_TABLE).to_arrow().sort_by("lesion_id")
@@ -145,3 +146,27 @@ def vectors_frame(lance_uri: str):
     dim = tbl.schema.field("vector").type.list_size
     flat = tbl.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return tbl, np.asarray(flat, dtype=np.float32).reshape(-1, dim) if len(tbl) else np.zeros((0, dim), np.float32)
+
+
+def vector_integrity(wh: Warehouse) -> VectorIntegrity:
+    """Compare the Lance table with the DuckDB lesions and the active robust set: one row per extractable
+    lesion with features, no duplicates, finite values, the set's dimension and version."""
+    tbl, mat = vectors_frame(wh.lance_uri)
+    with wh.connect(read_only=True) as con:
+        version, features = current_robust_set(con)
+        expected = {r[0] for r in con.execute(
+            "SELECT lesion_id FROM lesions JOIN radiomics_provenance USING (lesion_id) WHERE extractable").fetchall()}
+    ids = tbl.column("lesion_id").to_pylist() if tbl is not None else []
+    problems = []
+    if len(ids) != len(set(ids)):
+        problems.append("duplicate lesion ids")
+    if set(ids) != expected:
+        problems.append(f"{len(expected - set(ids))} lesions missing, {len(set(ids) - expected)} extra")
+    if mat is not None and mat.size and not np.isfinite(mat).all():
+        problems.append("non-finite vector values")
+    if mat is not None and mat.shape[1] != len(features):
+        problems.append(f"dimension {mat.shape[1]} != robust set size {len(features)}")
+    versions = set(tbl.column("feature_set_version").to_pylist()) if tbl is not None else set()
+    if versions and versions != {version}:
+        problems.append(f"feature-set versions {sorted(versions)} != active {version}")
+    return VectorIntegrity(rows=len(ids), expected_rows=len(expected), problems=problems)

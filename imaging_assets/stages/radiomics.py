@@ -1,4 +1,4 @@
-"""The steps behind the ``features`` assets: lesion rows and radiomics extraction into the warehouse.
+"""Radiomics: the steps behind the ``lesions`` and ``radiomics_features`` assets, and their checks' queries.
 
 Writes are transactional per batch of lesions: a crash leaves whole lesions (features + provenance), never
 a part of one. Extraction is incremental: a lesion whose provenance matches its current source
@@ -13,19 +13,15 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
-from imaging_assets.dicom.records import (
-    EXTRACTION_ERROR_FIELDS,
-    FEATURE_FIELDS,
-    LESION_FIELDS,
-    PROVENANCE_FIELDS,
-)
-from imaging_assets.store.warehouse import connect, ensure_schema, insert_rows, table_rows, transaction
+from imaging_assets.store.schema import ensure_schema
+from imaging_assets.store.warehouse import Warehouse, insert_rows, table_rows, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +29,69 @@ WIDE_VIEW = "radiomics_features_wide"
 _DERIVED = ("radiomics_features", "radiomics_provenance", "radiomics_errors")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LesionsResult:
+    """Lesion rows written: counts by status and ROI, segmentations decoded, lesions whose features were
+    dropped (``removed``), the non-ok lesions (lesion_id, status, reason)."""
+
+    lesions: int
+    extractable: int
+    by_status: dict[str, int]
+    by_roi_name: dict[str, int]
+    decoded_segmentations: int
+    removed: int
+    problem_rows: list[dict[str, Any]]
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class ExtractionResult:
+    """One extraction run: lesions extracted / failed / skipped, feature columns, errors (lesion_id, message)."""
+
+    extractable: int
+    extracted: int
+    failed: int
+    skipped_current: int
+    skipped_failed: int
+    features_per_lesion: int
+    errors: list[dict[str, str]]
+    lesions_per_s: float | None
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class FeatureTableReport:
+    """The stored feature tables as the ``radiomics_features`` asset shows them."""
+
+    rows: int
+    lesions_with_features: int
+    features_by_image_type: list[dict[str, Any]]
+    mean_s_per_lesion: float
+    max_s_per_lesion: float
+    params_hashes: list[str]
+
+
+@dataclass(frozen=True)
+class FailureShare:
+    """Failed extractions over extractable lesions (the ``radiomics_failure_share`` check)."""
+
+    extractable: int
+    failures: list[dict[str, str]]
+
+    @property
+    def share(self) -> float:
+        """Failed / extractable (0 when nothing is extractable)."""
+        return len(self.failures) / self.extractable if self.extractable else 0.0
+
+
+@dataclass(frozen=True)
+class LesionStatusReport:
+    """Lesions whose status is not ok (lesion_id, status, reason), and the total (``lesions_decodable``)."""
+
+    not_ok: list[dict[str, Any]]
+    lesions: int
 
 
 def _delete_for(con: duckdb.DuckDBPyConnection, tables: Sequence[str], lesion_ids: Sequence[str]) -> None:
@@ -47,53 +106,47 @@ def _delete_for(con: duckdb.DuckDBPyConnection, tables: Sequence[str], lesion_id
 
 
 def rebuild_lesions(
-    database: str | Path,
+    wh: Warehouse,
     split_components: bool = False,
     fractional_threshold: float = 0.5,
     roi_mapping: Sequence[tuple[str, str]] | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Decode linked segmentations into the ``lesions`` table (unchanged ones are reused).
-
-    Returns
-    -------
-    dict
-        ``lesions``, ``extractable``, ``by_status``, ``decoded_segmentations``, ``removed`` (lesions whose
-        features were dropped), ``problem_rows`` (non-ok lesions with reasons), ``elapsed_s``.
-    """
+) -> LesionsResult:
+    """Decode linked segmentations into the ``lesions`` table (unchanged ones are reused); lesions that left
+    it (or became non-extractable) lose their features in the same transaction."""
     from imaging_assets.features.pipeline import LesionOptions, lesion_rows
 
     t0 = time.perf_counter()
     options = LesionOptions(split_components, fractional_threshold,
                             tuple(tuple(m) for m in roi_mapping) if roi_mapping else None)
-    with connect(database) as con:
+    with wh.connect() as con:
         ensure_schema(con)
         series = table_rows(con, "imaging_series")
         segs = [s for s in table_rows(con, "segmentations") if s["linked_series_key"]]
         previous = table_rows(con, "lesions")
     rows, decoded = lesion_rows(series, segs, options, previous=previous, workers=workers, progress=progress)
     keep = {r["lesion_id"] for r in rows if r["extractable"]}
-    with connect(database) as con:
+    with wh.connect() as con:
         stale = [r[0] for r in con.execute(
             "SELECT DISTINCT lesion_id FROM radiomics_provenance UNION SELECT lesion_id FROM radiomics_errors"
         ).fetchall() if r[0] not in keep]
         with transaction(con):
             con.execute("DELETE FROM lesions")
-            insert_rows(con, "lesions", rows, LESION_FIELDS, {})
+            insert_rows(con, "lesions", rows)
             _delete_for(con, _DERIVED, stale)
     problems = [r for r in rows if r["status"] != "ok"]
-    return {
-        "lesions": len(rows),
-        "extractable": len(keep),
-        "by_status": dict(Counter(r["status"] for r in rows)),
-        "by_roi_name": dict(Counter(r["roi_name"] for r in rows)),
-        "decoded_segmentations": decoded,
-        "removed": len(stale),
-        "problem_rows": [{"lesion_id": r["lesion_id"], "status": r["status"], "reason": r["reason"]}
-                         for r in problems],
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-    }
+    return LesionsResult(
+        lesions=len(rows),
+        extractable=len(keep),
+        by_status=dict(Counter(r["status"] for r in rows)),
+        by_roi_name=dict(Counter(r["roi_name"] for r in rows)),
+        decoded_segmentations=decoded,
+        removed=len(stale),
+        problem_rows=[{"lesion_id": r["lesion_id"], "status": r["status"], "reason": r["reason"]}
+                      for r in problems],
+        elapsed_s=round(time.perf_counter() - t0, 3),
+    )
 
 
 def _feature_rows(lesion_id: str, features: Mapping[str, float]) -> list[dict[str, Any]]:
@@ -127,9 +180,9 @@ def write_outcomes(con: duckdb.DuckDBPyConnection, outcomes: Sequence[Any], fing
     stamp = {"created_at": "(now() AT TIME ZONE 'UTC')"}
     with transaction(con):
         _delete_for(con, _DERIVED, [o.lesion_id for o in outcomes])
-        insert_rows(con, "radiomics_features", feats, FEATURE_FIELDS, {})
-        insert_rows(con, "radiomics_provenance", prov, PROVENANCE_FIELDS, stamp)
-        insert_rows(con, "radiomics_errors", errs, EXTRACTION_ERROR_FIELDS, stamp)
+        insert_rows(con, "radiomics_features", feats)
+        insert_rows(con, "radiomics_provenance", prov, stamp)
+        insert_rows(con, "radiomics_errors", errs, stamp)
 
 
 def refresh_wide_view(con: duckdb.DuckDBPyConnection) -> int:
@@ -154,7 +207,7 @@ def refresh_wide_view(con: duckdb.DuckDBPyConnection) -> int:
 
 
 def extract_features(
-    database: str | Path,
+    wh: Warehouse,
     params_override: str | Path | None = None,
     workers: int | None = None,
     batch_size: int = 16,
@@ -163,7 +216,7 @@ def extract_features(
     split_components: bool = False,
     fractional_threshold: float = 0.5,
     roi_mapping: Sequence[tuple[str, str]] | None = None,
-) -> dict[str, Any]:
+) -> ExtractionResult:
     """Extract pyradiomics features for every extractable lesion that lacks current ones.
 
     Parameters
@@ -175,12 +228,6 @@ def extract_features(
         inputs fail the same way).
     batch_size
         Lesions per write transaction.
-
-    Returns
-    -------
-    dict
-        ``extractable``, ``extracted``, ``failed``, ``skipped_current``, ``skipped_failed``,
-        ``features_per_lesion``, ``errors`` (lesion_id, message), ``lesions_per_s``, ``elapsed_s``.
     """
     from imaging_assets.features.extract import extract_many
     from imaging_assets.features.pipeline import LesionOptions, extraction_jobs
@@ -188,7 +235,7 @@ def extract_features(
     t0 = time.perf_counter()
     options = LesionOptions(split_components, fractional_threshold,
                             tuple(tuple(m) for m in roi_mapping) if roi_mapping else None)
-    with connect(database) as con:
+    with wh.connect() as con:
         ensure_schema(con)
         lesions = table_rows(con, "lesions")
         series = table_rows(con, "imaging_series")
@@ -214,7 +261,7 @@ def extract_features(
 
     def flush() -> None:
         if buffer:
-            with connect(database) as con:
+            with wh.connect() as con:
                 write_outcomes(con, buffer, fingerprints)
             buffer.clear()
 
@@ -228,17 +275,60 @@ def extract_features(
         if len(buffer) >= batch_size:
             flush()
     flush()
-    with connect(database) as con:
+    with wh.connect() as con:
         n_columns = refresh_wide_view(con)
     elapsed = time.perf_counter() - t0
-    return {
-        "extractable": len(all_jobs),
-        "extracted": n_ok,
-        "failed": n_err,
-        "skipped_current": skipped_current,
-        "skipped_failed": skipped_failed,
-        "features_per_lesion": n_columns,
-        "errors": errors,
-        "lesions_per_s": round(len(todo) / elapsed, 3) if todo else None,
-        "elapsed_s": round(elapsed, 3),
-    }
+    return ExtractionResult(
+        extractable=len(all_jobs),
+        extracted=n_ok,
+        failed=n_err,
+        skipped_current=skipped_current,
+        skipped_failed=skipped_failed,
+        features_per_lesion=n_columns,
+        errors=errors,
+        lesions_per_s=round(len(todo) / elapsed, 3) if todo else None,
+        elapsed_s=round(elapsed, 3),
+    )
+
+
+def lesions_preview(wh: Warehouse, limit: int = 10) -> list[dict[str, Any]]:
+    """The first lesions by id (id, patient key, modality, ROI, label, volume, status): where a user copies
+    a reference lesion id from."""
+    with wh.connect(read_only=True) as con:
+        return con.execute(
+            "SELECT lesion_id, patient_key, modality, roi_name, raw_label, round(volume_mm3, 1) AS volume_mm3, "
+            "status FROM lesions ORDER BY lesion_id LIMIT ?", [limit]).fetchdf().to_dict("records")
+
+
+def feature_table_report(wh: Warehouse) -> FeatureTableReport:
+    """Row counts, features per image type, timing and parameter hashes of the stored features."""
+    with wh.connect(read_only=True) as con:
+        n_rows = con.execute("SELECT count(*) FROM radiomics_features").fetchone()[0]
+        n_lesions = con.execute("SELECT count(*) FROM radiomics_provenance").fetchone()[0]
+        per_class = con.execute(
+            "SELECT image_type, count(DISTINCT feature_class || feature) AS features FROM radiomics_features "
+            "GROUP BY 1 ORDER BY 1").fetchdf().to_dict("records")
+        timing = con.execute("SELECT avg(elapsed_s), max(elapsed_s) FROM radiomics_provenance").fetchone()
+        versions = [r[0] for r in con.execute(
+            "SELECT DISTINCT params_hash FROM radiomics_provenance ORDER BY 1").fetchall()]
+    return FeatureTableReport(rows=int(n_rows), lesions_with_features=int(n_lesions),
+                              features_by_image_type=per_class, mean_s_per_lesion=round(float(timing[0] or 0.0), 3),
+                              max_s_per_lesion=round(float(timing[1] or 0.0), 3), params_hashes=versions)
+
+
+def failure_share(wh: Warehouse) -> FailureShare:
+    """Failed extractions of extractable lesions, with their messages."""
+    with wh.connect(read_only=True) as con:
+        total = con.execute("SELECT count(*) FROM lesions WHERE extractable").fetchone()[0]
+        failed = con.execute(
+            "SELECT e.lesion_id, e.message FROM radiomics_errors e JOIN lesions l USING (lesion_id) "
+            "WHERE l.extractable ORDER BY 1").fetchall()
+    return FailureShare(int(total), [{"lesion_id": a, "message": b} for a, b in failed])
+
+
+def lesion_status_report(wh: Warehouse) -> LesionStatusReport:
+    """Lesions that are not ok, with status and reason."""
+    with wh.connect(read_only=True) as con:
+        rows = con.execute("SELECT lesion_id, status, reason FROM lesions WHERE status <> 'ok' ORDER BY 1").fetchall()
+        total = con.execute("SELECT count(*) FROM lesions").fetchone()[0]
+    return LesionStatusReport([{"lesion_id": a, "status": b, "reason": c} for a, b, c in rows], int(total))

@@ -1,0 +1,40 @@
+"""Every exception the project raises on purpose, in one module (as pydicom's ``errors.py``).
+
+Each is a subclass of the built-in a caller would catch anyway (``ValueError`` for bad input,
+``RuntimeError`` for a state that needs an earlier step), and every message names the file, lesion or
+table concerned and what to do about it. No imports: any package may use these.
+"""
+
+from __future__ import annotations
+
+
+class LesionError(ValueError):
+    """The lesion cannot be extracted (label absent, empty mask, single voxel, ...)."""
+
+
+class SegmentationReadError(ValueError):
+    """A segmentation file could not be read or is not a usable SEG/RTSTRUCT; the message says why."""
+
+
+class OutcomeFileError(ValueError):
+    """An outcome file that cannot be read as a table with the required columns."""
+
+
+class QueryRefused(ValueError):
+    """The statement is not a read-only query, or it reaches outside the warehouse."""
+
+
+class NoRobustSetError(RuntimeError):
+    """Vectors were requested before a robust feature set exists (materialize ``robust_feature_set``)."""
+
+
+class VectorStoreIntegrityError(RuntimeError):
+    """A vector write did not leave the Lance table holding exactly the rows it was asked to hold."""
+
+
+class MaskGeometryError(LesionError):
+    """A mask's geometry does not belong to its image (another scan, rotated, or lying outside it).
+
+    Raised by :func:`imaging_assets.features.lesions.check_mask_geometry`; the message names the mask and
+    the image and says what differs. Callers opt into resampling such a mask with ``resample_mask=True``.
+    """

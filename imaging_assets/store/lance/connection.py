@@ -1,0 +1,112 @@
+"""Connections to the LanceDB database (cached per URI) and opening its tables.
+
+``uri`` everywhere is a local folder or an object-store URI (``s3://``, ``gs://``, ``az://``); LanceDB
+reads the credentials from the usual environment variables, so object storage works by configuration
+alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imaging_assets.store.lance.schema import VECTOR_TABLE
+
+if TYPE_CHECKING:  # heavy imports stay lazy (the Dagster loader imports modules that import this one)
+    import lancedb
+    import lancedb.table
+
+logger = logging.getLogger(__name__)
+
+_CONNECTIONS: dict[str, Any] = {}
+_CONNECTIONS_LOCK = threading.Lock()
+
+
+def _uri_str(uri: str | os.PathLike[str]) -> str:
+    text = os.fspath(uri)
+    if "://" not in text:  # local folder: absolute, so cached connections do not depend on the cwd
+        text = str(Path(text).expanduser().resolve())
+    return text
+
+
+def open_db(uri: str | os.PathLike[str]) -> lancedb.DBConnection:
+    """Connect to the LanceDB database at ``uri``.
+
+    Parameters
+    ----------
+    uri
+        Local folder (created on first write) or object-store URI (``s3://bucket/prefix``, ``gs://``,
+        ``az://``). Credentials and endpoints come from the environment, read by LanceDB itself
+        (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT``, ``GOOGLE_SERVICE_ACCOUNT``, ``AZURE_STORAGE_ACCOUNT_NAME``...).
+
+    Returns
+    -------
+    lancedb.DBConnection
+        A connection, cached per URI inside this process (so the index and metadata caches of Lance
+        survive between searches).
+    """
+    key = _uri_str(uri)
+    with _CONNECTIONS_LOCK:
+        con = _CONNECTIONS.get(key)
+        if con is None:
+            import lancedb
+
+            con = lancedb.connect(key)
+            _CONNECTIONS[key] = con
+        return con
+
+
+def table_names(db: Any) -> list[str]:
+    """Every table of a LanceDB connection (``list_tables`` is paginated)."""
+    names: list[str] = []
+    token = None
+    while True:
+        resp = db.list_tables(page_token=token)
+        names.extend(resp.tables)
+        token = getattr(resp, "page_token", None)
+        if not token:
+            return names
+
+
+def _open_table(uri: str | os.PathLike[str], table_name: str) -> lancedb.table.Table | None:
+    db = open_db(uri)
+    try:
+        return db.open_table(table_name)
+    except (FileNotFoundError, ValueError) as exc:
+        if table_name in table_names(db):
+            raise
+        logger.debug("no table %s at %s: %s", table_name, _uri_str(uri), exc)
+        return None
+
+
+def _require_table(uri: str | os.PathLike[str], table_name: str) -> lancedb.table.Table:
+    tbl = _open_table(uri, table_name)
+    if tbl is None:
+        raise FileNotFoundError(
+            f"no LanceDB table {table_name!r} at {_uri_str(uri)} (materialize lesion_vectors first)"
+        )
+    return tbl
+
+
+def table_version(uri: str | os.PathLike[str], table_name: str = VECTOR_TABLE) -> int | None:
+    """Current version of the table (for time travel), ``None`` when it does not exist."""
+    tbl = _open_table(uri, table_name)
+    return None if tbl is None else int(tbl.version)
+
+
+def _checked_out(uri: str | os.PathLike[str], table_name: str, version: int | None) -> Any:
+    """The table, at ``version`` (read-only) when given."""
+    tbl = _require_table(uri, table_name)
+    if version is not None:
+        try:
+            tbl.checkout(int(version))
+        except Exception as exc:  # noqa: BLE001 - Lance raises several types for a missing version
+            available = [int(v["version"]) for v in tbl.list_versions()]
+            raise ValueError(
+                f"version {version} of {table_name!r} at {_uri_str(uri)} is not available (never written, or "
+                f"removed by optimize's cleanup); available versions: {available[:3]}...{available[-3:]}"
+            ) from exc
+    return tbl

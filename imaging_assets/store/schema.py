@@ -1,0 +1,326 @@
+"""Every DuckDB table and view of the warehouse, declared in one place, and :func:`ensure_schema`.
+
+Storage only: no domain package is imported here. The record field names that producers fill
+(``imaging_assets.dicom.records``) must equal the columns declared here, in order; a test checks it.
+A table is ``Table(columns, primary_key, extra)``: ``columns`` are filled from records, ``extra`` are
+bookkeeping columns the store sets itself (status, timestamps). Tables whose name depends on user input
+(``cohort_<name>``) and derived views (``radiomics_features_wide``) are created by their stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table: typed columns (in order), primary key, bookkeeping columns the store fills itself."""
+
+    columns: Mapping[str, str]
+    primary_key: tuple[str, ...] = ()
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def all_columns(self) -> dict[str, str]:
+        """Record columns followed by bookkeeping columns."""
+        return {**self.columns, **self.extra}
+
+
+# --------------------------------------------------------------------------------------------- ingest
+#: One row of the file catalog (``dicom_files`` table). Geometry lists are floats in DICOM order.
+FILE_COLUMNS: dict[str, str] = {
+    "path": "VARCHAR",  # absolute, as found under the root (not symlink-resolved)
+    "size": "BIGINT",
+    "mtime_ns": "BIGINT",
+    "kind": "VARCHAR",  # 'image' | 'seg' | 'rtstruct' | 'other'
+    "sop_instance_uid": "VARCHAR",
+    "sop_class_uid": "VARCHAR",
+    "series_instance_uid": "VARCHAR",
+    "study_instance_uid": "VARCHAR",
+    "frame_of_reference_uid": "VARCHAR",
+    "modality": "VARCHAR",
+    "transfer_syntax_uid": "VARCHAR",
+    "patient_key": "VARCHAR",  # keyed HMAC of PatientID (dicom.pseudonym.patient_key), never the raw id
+    "study_date": "DATE",  # ISO 'YYYY-MM-DD' string or None
+    "series_number": "INTEGER",
+    "instance_number": "INTEGER",
+    "series_description": "VARCHAR",
+    "body_part": "VARCHAR",
+    "rows": "INTEGER",
+    "columns": "INTEGER",
+    "number_of_frames": "INTEGER",  # 1 for single-frame images, 0 for non-image objects
+    "image_position": "DOUBLE[]",  # (3,) first frame; None for non-images
+    "image_orientation": "DOUBLE[]",  # (6,)
+    "pixel_spacing": "DOUBLE[]",  # (2,) row spacing, column spacing
+    "slice_thickness": "DOUBLE",
+    "frame_positions": "DOUBLE[][]",  # multi-frame only: per-frame ImagePositionPatient, else None
+    "referenced_series_uids": "VARCHAR[]",  # SEG / RTSTRUCT: series they reference (may be empty)
+}
+
+#: One row of the quarantine table.
+QUARANTINE_COLUMNS: dict[str, str] = {
+    "path": "VARCHAR",
+    "size": "BIGINT",
+    "mtime_ns": "BIGINT",
+    "reason": "VARCHAR",  # short code, see QUARANTINE_REASONS
+    "message": "VARCHAR",  # a sentence a person understands, naming the problem
+}
+
+#: One row of the ``imaging_series`` table.
+SERIES_COLUMNS: dict[str, str] = {
+    "series_key": "VARCHAR",  # stable id: sha1(series uid | frame of reference | split part)[:16]
+    "series_instance_uid": "VARCHAR",
+    "frame_of_reference_uid": "VARCHAR",
+    "study_instance_uid": "VARCHAR",
+    "patient_key": "VARCHAR",
+    "modality": "VARCHAR",
+    "study_date": "DATE",
+    "series_description": "VARCHAR",
+    "body_part": "VARCHAR",
+    "is_multiframe": "BOOLEAN",
+    "n_files": "INTEGER",
+    "n_slices": "INTEGER",
+    "rows": "INTEGER",
+    "columns": "INTEGER",
+    "pixel_spacing": "DOUBLE[]",
+    "slice_spacing": "DOUBLE",  # median step along the slice normal (mm)
+    "origin": "DOUBLE[]",  # position of the first slice after sorting along the normal
+    "orientation": "DOUBLE[]",  # (6,)
+    "slice_normal": "DOUBLE[]",  # (3,) row x column cosines
+    "files": "VARCHAR[]",  # paths in slice order (a multi-frame series: its file(s))
+    "slice_offsets": "DOUBLE[]",  # projection of each slice position on the normal, sorted
+    "flags": "VARCHAR[]",  # geometry problem codes, empty when none (see GEOMETRY_FLAGS)
+    "flag_details": "VARCHAR[]",  # one human sentence per flag
+    "usable": "BOOLEAN",  # no flags: eligible for extraction
+}
+
+#: One row of the ``segmentations`` table.
+SEGMENTATION_COLUMNS: dict[str, str] = {
+    "seg_key": "VARCHAR",  # stable id: sha1(path or SOP instance uid)[:16]
+    "path": "VARCHAR",
+    "kind": "VARCHAR",  # 'seg' | 'rtstruct' | 'nifti' | 'nrrd'
+    "sop_instance_uid": "VARCHAR",
+    "series_instance_uid": "VARCHAR",
+    "frame_of_reference_uid": "VARCHAR",
+    "patient_key": "VARCHAR",
+    "segmentation_type": "VARCHAR",  # SEG: BINARY | FRACTIONAL | LABELMAP; else None
+    "n_segments": "INTEGER",
+    "segment_numbers": "INTEGER[]",  # SEG segment numbers / RTSTRUCT ROI numbers / label values
+    "segment_labels": "VARCHAR[]",  # raw names, same order
+    "image_path": "VARCHAR",  # manifest (NIfTI/NRRD) pairs only: the image file
+    "linked_series_key": "VARCHAR",  # imaging_series.series_key, None when unlinked
+    "link_rule": "VARCHAR",  # 'referenced_series' | 'referenced_instances' | 'frame_of_reference_extent' | 'manifest' | None
+    "unlinked_reason": "VARCHAR",  # why it could not be linked, else None
+}
+
+# ------------------------------------------------------------------------------------------- features
+#: One row of the ``lesions`` table.
+LESION_COLUMNS: dict[str, str] = {
+    "lesion_id": "VARCHAR",
+    "series_key": "VARCHAR",
+    "seg_key": "VARCHAR",
+    "series_instance_uid": "VARCHAR",
+    "study_instance_uid": "VARCHAR",
+    "patient_key": "VARCHAR",
+    "modality": "VARCHAR",
+    "study_date": "DATE",
+    "body_part": "VARCHAR",
+    "segment_number": "INTEGER",
+    "raw_label": "VARCHAR",
+    "roi_name": "VARCHAR",
+    "component": "INTEGER",
+    "n_voxels": "BIGINT",
+    "volume_mm3": "DOUBLE",
+    "centroid_mm": "DOUBLE[]",  # (3,) patient coordinates of the mask's centre of mass
+    "status": "VARCHAR",  # ok | empty | single_voxel | outside_image | error | series_flagged
+    "reason": "VARCHAR",
+    "notes": "VARCHAR[]",
+    "extractable": "BOOLEAN",  # status ok and the series passed geometry QC
+    "source_fingerprint": "VARCHAR",  # files (path, size, mtime) + lesion options
+}
+
+#: Provenance of one lesion's features (``radiomics_provenance``).
+PROVENANCE_COLUMNS: dict[str, str] = {
+    "lesion_id": "VARCHAR",
+    "pyradiomics_version": "VARCHAR",
+    "params_hash": "VARCHAR",
+    "image_hash": "VARCHAR",  # content hash of the (cropped) image handed to pyradiomics
+    "mask_hash": "VARCHAR",
+    "source_fingerprint": "VARCHAR",  # lesions.source_fingerprint at extraction time
+    "crop_index": "INTEGER[]",
+    "crop_size": "INTEGER[]",
+    "n_features": "INTEGER",
+    "elapsed_s": "DOUBLE",
+}
+
+#: One feature value (``radiomics_features``, long format).
+FEATURE_COLUMNS: dict[str, str] = {
+    "lesion_id": "VARCHAR",
+    "image_type": "VARCHAR",  # original | log-sigma-1-0-mm-3D | wavelet-LLH | ...
+    "feature_class": "VARCHAR",  # firstorder | shape | glcm | glrlm | glszm | gldm | ngtdm
+    "feature": "VARCHAR",
+    "value": "DOUBLE",
+}
+
+#: One failed extraction (``radiomics_errors``).
+EXTRACTION_ERROR_COLUMNS: dict[str, str] = {
+    "lesion_id": "VARCHAR",
+    "params_hash": "VARCHAR",
+    "source_fingerprint": "VARCHAR",
+    "message": "VARCHAR",
+}
+
+# ------------------------------------------------------------------------------------- reproducibility
+PERTURBATION_FEATURE_COLUMNS: dict[str, str] = {
+    "lesion_id": "VARCHAR", "perturbation": "INTEGER", "spec_hash": "VARCHAR", "params_hash": "VARCHAR",
+    "source_fingerprint": "VARCHAR", "feature": "VARCHAR", "value": "DOUBLE",
+}
+PERTURBATION_ERROR_COLUMNS: dict[str, str] = {
+    "lesion_id": "VARCHAR", "perturbation": "INTEGER", "spec_hash": "VARCHAR", "params_hash": "VARCHAR",
+    "source_fingerprint": "VARCHAR", "message": "VARCHAR",
+}
+ROBUSTNESS_COLUMNS: dict[str, str] = {
+    "feature": "VARCHAR", "image_type": "VARCHAR", "feature_class": "VARCHAR",
+    "analysis": "VARCHAR",  # 'perturbation' | 'test_retest'
+    "icc": "DOUBLE", "ci_low": "DOUBLE", "ci_high": "DOUBLE", "n_targets": "INTEGER", "k_raters": "INTEGER",
+}
+
+# ---------------------------------------------------------------------------------------------- vectors
+SCALER_COLUMNS: dict[str, str] = {
+    "feature_set_version": "VARCHAR", "feature_names": "VARCHAR[]", "mean": "DOUBLE[]", "std": "DOUBLE[]",
+    "n_lesions": "INTEGER", "fitted_at": "TIMESTAMP",
+    # added after the first release: a warehouse made before gets them as NULL (refit on the next run)
+    "center": "DOUBLE[]", "scale": "DOUBLE[]", "lambdas": "DOUBLE[]",
+}
+
+# --------------------------------------------------------------------------------------------- outcomes
+OUTCOME_COLUMNS: dict[str, str] = {
+    "patient_key": "VARCHAR", "time_months": "DOUBLE", "event": "INTEGER", "age": "DOUBLE", "sex": "VARCHAR",
+    "stage": "VARCHAR", "source_file": "VARCHAR", "loaded_at": "TIMESTAMP",
+}
+OUTCOME_REJECT_COLUMNS: dict[str, str] = {
+    "source_file": "VARCHAR", "row_number": "BIGINT", "reason": "VARCHAR", "loaded_at": "TIMESTAMP",
+}
+OUTCOME_FILE_COLUMNS: dict[str, str] = {
+    "source_file": "VARCHAR", "size": "BIGINT", "mtime_ns": "BIGINT", "sha256": "VARCHAR",
+    "loaded_at": "TIMESTAMP", "status": "VARCHAR", "n_rows": "BIGINT", "n_rejected": "BIGINT",
+}
+
+#: Phenotype clusters and their link to outcomes (replaced as a whole on each run).
+CLUSTER_TABLES: dict[str, dict[str, str]] = {
+    "phenotype_clusters": {"lesion_id": "VARCHAR", "patient_key": "VARCHAR", "cluster": "INTEGER",
+                           "feature_set_version": "VARCHAR", "k": "INTEGER", "method": "VARCHAR",
+                           "computed_at": "TIMESTAMP"},
+    # Cohen's d of each robust feature in vs out of the cluster
+    "cluster_profiles": {"cluster": "INTEGER", "rank": "INTEGER", "feature": "VARCHAR", "effect_size": "DOUBLE",
+                         "mean_in": "DOUBLE", "mean_out": "DOUBLE", "size": "INTEGER"},
+    "cluster_survival": {"cluster": "INTEGER", "patients": "INTEGER", "lesions": "INTEGER", "events": "INTEGER",
+                         "median_months": "DOUBLE", "median_ci_low": "DOUBLE", "median_ci_high": "DOUBLE"},
+    "cluster_cox": {"term": "VARCHAR", "hr": "DOUBLE", "ci_low": "DOUBLE", "ci_high": "DOUBLE", "p_value": "DOUBLE",
+                    "reference_cluster": "INTEGER", "n_patients": "INTEGER", "penalizer": "DOUBLE"},
+    "cluster_logrank": {"statistic": "DOUBLE", "p_value": "DOUBLE", "df": "INTEGER", "n_patients": "INTEGER",
+                        "n_clusters": "INTEGER", "note": "VARCHAR"},
+    # the lesion that represents each patient (the largest) and the patient's outcome
+    "cluster_patients": {"patient_key": "VARCHAR", "cluster": "INTEGER", "lesion_id": "VARCHAR",
+                         "lesions": "INTEGER", "time_months": "DOUBLE", "event": "INTEGER", "age": "DOUBLE",
+                         "stage": "VARCHAR"},
+}
+
+# ----------------------------------------------------------------------------------- cohorts and audit
+COHORT_REGISTRY_COLUMNS: dict[str, str] = {
+    "name": "VARCHAR", "table_name": "VARCHAR", "created_at": "TIMESTAMP", "user": "VARCHAR", "query": "VARCHAR",
+    "lance_version": "INTEGER", "feature_set_version": "VARCHAR", "n_rows": "INTEGER", "audit_id": "VARCHAR",
+}
+AUDIT_COLUMNS: dict[str, str] = {
+    "id": "VARCHAR", "logged_at": "TIMESTAMP", "user": "VARCHAR", "action": "VARCHAR", "query": "VARCHAR",
+    "params": "VARCHAR", "table_versions": "VARCHAR", "n_rows": "INTEGER", "status": "VARCHAR",
+}
+
+#: Columns the catalog tables add to the record fields.
+_CATALOG_EXTRA = {"status": "VARCHAR", "updated_at": "TIMESTAMP", "removed_at": "TIMESTAMP"}
+_STAMPED = {"created_at": "TIMESTAMP"}
+
+#: Every table of the warehouse, in creation order.
+TABLES: dict[str, Table] = {
+    "dicom_files": Table(FILE_COLUMNS, ("path",), _CATALOG_EXTRA),
+    "dicom_quarantine": Table(QUARANTINE_COLUMNS, ("path",), _CATALOG_EXTRA),
+    "imaging_series": Table(SERIES_COLUMNS, ("series_key",)),
+    "segmentations": Table(SEGMENTATION_COLUMNS, ("seg_key",)),
+    "lesions": Table(LESION_COLUMNS, ("lesion_id",)),
+    "radiomics_features": Table(FEATURE_COLUMNS, ("lesion_id", "image_type", "feature_class", "feature")),
+    "radiomics_provenance": Table(PROVENANCE_COLUMNS, ("lesion_id",), _STAMPED),
+    "radiomics_errors": Table(EXTRACTION_ERROR_COLUMNS, ("lesion_id",), _STAMPED),
+    "perturbation_features": Table(PERTURBATION_FEATURE_COLUMNS, ("lesion_id", "perturbation", "feature")),
+    "perturbation_errors": Table(PERTURBATION_ERROR_COLUMNS, ("lesion_id", "perturbation")),
+    "feature_robustness": Table(ROBUSTNESS_COLUMNS, ("feature", "analysis"), {"computed_at": "TIMESTAMP"}),
+    "test_retest_pairs": Table({"lesion_a": "VARCHAR", "lesion_b": "VARCHAR", "distance_mm": "DOUBLE"}),
+    "robust_feature_sets": Table({"version": "VARCHAR", "features": "VARCHAR[]", "n_features": "INTEGER",
+                                  "threshold": "DOUBLE", "rho": "DOUBLE", "n_candidates": "INTEGER"},
+                                 ("version",), _STAMPED),
+    "robust_feature_set_history": Table({"version": "VARCHAR", "activated_at": "TIMESTAMP"}),
+    "robust_feature_pruned": Table({"feature": "VARCHAR", "correlated_with": "VARCHAR", "rho": "DOUBLE"}),
+    "vector_scalers": Table(SCALER_COLUMNS, ("feature_set_version",)),
+    "clinical_outcomes": Table(OUTCOME_COLUMNS, ("patient_key", "source_file")),
+    "outcome_rejects": Table(OUTCOME_REJECT_COLUMNS),
+    "outcome_files": Table(OUTCOME_FILE_COLUMNS, ("source_file",)),
+    **{name: Table(columns) for name, columns in CLUSTER_TABLES.items()},
+    "cohorts": Table(COHORT_REGISTRY_COLUMNS, ("name",)),
+    "audit_log": Table(AUDIT_COLUMNS, ("id",)),
+}
+
+#: Views over the tables (name -> SELECT); created after the tables.
+VIEWS: dict[str, str] = {
+    # one row per patient across outcome files: the most recently loaded row (ties: greatest source_file)
+    "patient_outcomes": "SELECT * EXCLUDE (_rn) FROM (SELECT *, row_number() OVER (PARTITION BY patient_key "
+                        "ORDER BY loaded_at DESC, source_file DESC) AS _rn FROM clinical_outcomes) WHERE _rn = 1",
+}
+
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "VARCHAR": pa.string(),
+    "BIGINT": pa.int64(),
+    "INTEGER": pa.int32(),
+    "DOUBLE": pa.float64(),
+    "BOOLEAN": pa.bool_(),
+    "DATE": pa.string(),  # ISO strings; cast to DATE by DuckDB on insert
+    "DOUBLE[]": pa.list_(pa.float64()),
+    "DOUBLE[][]": pa.list_(pa.list_(pa.float64())),
+    "VARCHAR[]": pa.list_(pa.string()),
+    "INTEGER[]": pa.list_(pa.int32()),
+    "TIMESTAMP": pa.timestamp("us"),
+}
+
+
+def create_sql(name: str, table: Table) -> str:
+    """``CREATE TABLE IF NOT EXISTS`` for one declared table (identifiers only: no values)."""
+    cols = [f'"{c}" {t}' for c, t in table.all_columns.items()]
+    if table.primary_key:
+        cols.append("PRIMARY KEY (" + ", ".join(f'"{k}"' for k in table.primary_key) + ")")
+    return f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(cols)})"
+
+
+def ensure_schema(con: Any) -> None:
+    """Create missing tables and views and add columns declared after a table was made (idempotent)."""
+    present: dict[str, set[str]] = {}
+    for table_name, column in con.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main'").fetchall():
+        present.setdefault(table_name, set()).add(column)
+    for name, table in TABLES.items():
+        if name not in present:
+            con.execute(create_sql(name, table))
+            continue
+        for column, typ in table.all_columns.items():
+            if column not in present[name]:
+                con.execute(f'ALTER TABLE {name} ADD COLUMN IF NOT EXISTS "{column}" {typ}')
+    for name, select in VIEWS.items():
+        if name not in present:
+            con.execute(f"CREATE VIEW IF NOT EXISTS {name} AS {select}")
+
+
+def arrow_table(rows: Any, columns: Mapping[str, str]) -> pa.Table:
+    """Build an Arrow table with the declared column types from record dicts."""
+    schema = pa.schema([(c, ARROW_TYPES[t]) for c, t in columns.items()])
+    return pa.table({c: [r.get(c) for r in rows] for c in columns}, schema=schema)
