@@ -220,3 +220,19 @@ def test_find_similar_returns_a_ranked_polars_frame_without_the_same_patient(cha
     assert mine["lesion_id"][0] == lid and mine["distance"][0] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(KeyError):
         find_similar("no-such-lesion", warehouse=wh)
+
+
+def test_find_similar_honours_the_lance_uri_setting(chain, tmp_path, monkeypatch):
+    """The Lance tables somewhere else than <warehouse>/lance: the Python API finds them through the setting."""
+    import shutil
+
+    root = tmp_path / "wh"
+    root.mkdir()
+    shutil.copyfile(chain["db"], root / "warehouse.duckdb")
+    shutil.copytree(chain["lance"], tmp_path / "elsewhere")
+    lid = _q(chain["db"], "SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0][0]
+    monkeypatch.setenv("IMAGING_ASSETS_WAREHOUSE", str(root))
+    monkeypatch.setenv("IMAGING_ASSETS_LANCE_URI", str(tmp_path / "elsewhere"))
+    assert not (root / "lance").exists()
+    assert find_similar(lid, k=3).height == 3
+    assert find_similar(lid, k=3, warehouse=root).height == 3
