@@ -1,7 +1,7 @@
 # imaging_assets — every target sets itself up from a fresh clone (virtualenv, install, demo data).
 # `make demo`  generate the demo cohort if missing and materialize every asset on it
 # `make test`  lint (ruff) and run the whole test suite
-# `make dev`   the Dagster UI (http://127.0.0.1:3000) with a persistent DAGSTER_HOME under the repo
+# `make dev`   the Dagster UI (http://127.0.0.1:3000) with a persistent DAGSTER_HOME (yours, else .dagster_home)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -15,7 +15,13 @@ DAGSTER_HOME_DIR := $(CURDIR)/.dagster_home
 DEMO_DIR ?= data/demo
 DEMO_PATIENTS ?= 100
 PORT ?= 3000
-export DAGSTER_HOME := $(DAGSTER_HOME_DIR)
+# Your DAGSTER_HOME (environment or `make dev DAGSTER_HOME=...`) when set and not empty, else .dagster_home
+# in the repo (`?=` semantics); Dagster wants an absolute path, so a relative one is taken from the repo root.
+ifeq ($(strip $(DAGSTER_HOME)),)
+override DAGSTER_HOME := $(DAGSTER_HOME_DIR)
+endif
+override DAGSTER_HOME := $(abspath $(DAGSTER_HOME))
+export DAGSTER_HOME
 # Quieter, reproducible installs: exact versions come from constraints.txt.
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
@@ -24,7 +30,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 help:
 	@echo "make demo   - set up, generate data/demo if missing, materialize all assets, print a summary"
 	@echo "make test   - set up and run the whole test suite"
-	@echo "make dev    - Dagster UI on http://127.0.0.1:$(PORT) (DAGSTER_HOME=.dagster_home)"
+	@echo "make dev    - Dagster UI on http://127.0.0.1:$(PORT) (DAGSTER_HOME=$(DAGSTER_HOME))"
 
 install: $(STAMP)
 
@@ -40,11 +46,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
-$(DAGSTER_HOME_DIR)/dagster.yaml: dagster.yaml
-	@mkdir -p $(DAGSTER_HOME_DIR)
-	@cp dagster.yaml $(DAGSTER_HOME_DIR)/dagster.yaml
+# The repo's own .dagster_home follows dagster.yaml; a DAGSTER_HOME of yours gets it only when it has none.
+ifeq ($(DAGSTER_HOME),$(DAGSTER_HOME_DIR))
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(@D)
+	@cp dagster.yaml $@
+else
+$(DAGSTER_HOME)/dagster.yaml: | dagster.yaml
+	@mkdir -p $(@D)
+	@cp dagster.yaml $@
+	@echo "copied dagster.yaml to $@"
+endif
 
-demo: $(STAMP) $(DAGSTER_HOME_DIR)/dagster.yaml
+demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/imaging-assets demo-data --out $(DEMO_DIR) --patients $(DEMO_PATIENTS) --if-missing
 	IMAGING_ASSETS_DICOM_ROOTS=$(CURDIR)/$(DEMO_DIR)/dicom \
 	  $(BIN)/dagster asset materialize -m imaging_assets.definitions --select '*'
@@ -55,7 +69,8 @@ test: $(STAMP)
 	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-dev: $(STAMP) $(DAGSTER_HOME_DIR)/dagster.yaml
+dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	@echo "DAGSTER_HOME=$(DAGSTER_HOME)"
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
 clean-demo:

@@ -26,16 +26,24 @@ from imaging_assets import settings
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from imaging_assets.demo.generator import generate_cohort
+    from imaging_assets.demo.modalities import normalise_modalities
 
+    try:
+        modalities = normalise_modalities(args.modalities)
+    except ValueError as exc:
+        print(f"error: --modalities: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if args.if_missing and (out / "manifest.json").exists():
         print(f"demo cohort already present at {out} (delete it to regenerate)")
         return 0
     t0 = time.perf_counter()
-    cohort = generate_cohort(out, n_patients=args.patients, seed=args.seed, workers=args.workers)
+    cohort = generate_cohort(out, n_patients=args.patients, seed=args.seed, workers=args.workers,
+                             modalities=modalities)
     print(
-        f"wrote {cohort.n_patients} patients, {cohort.n_lesions} lesions, {cohort.n_files} files "
-        f"to {cohort.out_dir} in {time.perf_counter() - t0:.1f} s"
+        f"wrote {cohort.n_patients} patients, {cohort.n_lesions} lesions, {cohort.n_series} series "
+        f"(modalities {', '.join(modalities)}), {cohort.n_files} files to {cohort.out_dir} "
+        f"in {time.perf_counter() - t0:.1f} s"
     )
     return 0
 
@@ -58,12 +66,37 @@ def scan_paths(paths: list[str], workers: int | None = None) -> dict[str, Any]:
     files = sorted(result.records, key=lambda r: r["path"])
     series = assemble_series([f for f in files if f["kind"] == "image"])
     segs = link_segmentations([f for f in files if f["kind"] in ("seg", "rtstruct")], series, secret=secret)
+    for g in segs:
+        g["segments"] = segment_listing(g)
     return {
         "files": files,
         "quarantine": sorted(result.quarantined, key=lambda r: r["path"]),
         "series": series,
         "segmentations": segs,
     }
+
+
+def segment_listing(segmentation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The segments of a segmentation row: ``number`` (SEG segment / RTSTRUCT ROI number), ``name`` (as
+    stored) and ``roi_name`` (harmonised); ``extract --label`` takes the number, ``--segment`` either name."""
+    from imaging_assets.features.lesions import harmonise_roi_name
+
+    numbers = list(segmentation.get("segment_numbers") or [])
+    names = list(segmentation.get("segment_labels") or [])
+    return [{"number": int(n), "name": names[i] if i < len(names) else None,
+             "roi_name": harmonise_roi_name(names[i]) if i < len(names) else None}
+            for i, n in enumerate(numbers)]
+
+
+def _segments_text(segments: list[dict[str, Any]]) -> str:
+    parts = []
+    for item in segments:
+        name = item["name"]
+        text = f"{item['number']} {json.dumps(name, ensure_ascii=False)}" if name is not None else str(item["number"])
+        if name is not None and item["roi_name"] != name.strip():
+            text += f" ({item['roi_name']})"
+        parts.append(text)
+    return ", ".join(parts) or "none"
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
@@ -93,29 +126,72 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     for g in out["segmentations"][: args.show]:
         how = g["link_rule"] or f"UNLINKED: {g['unlinked_reason']}"
         print(f"  {g['kind']:8s} {g['path']}  -> {g['linked_series_key'] or '-'}  ({how})")
+        print(f"      segments: {_segments_text(g['segments'])}")
     return 0
 
 
+def _params_provenance(params: str | None, phash: str | None) -> dict[str, Any]:
+    """Which parameters an extraction used: the user's file (``--params``), else the modality preset whose
+    hash is the outcome's (the preset is chosen inside the extraction, by the image's modality)."""
+    from imaging_assets.features.params import MODALITY_PRESETS, PRESETS_DIR, load_params, params_hash, preset_path
+
+    if params:
+        path = Path(params)
+        if not path.is_file():
+            path = preset_path(params)  # a preset name ("ct", "mr.yaml"), as --params accepts
+        preset = path.name if path.resolve().parent == PRESETS_DIR.resolve() else None
+        return {"params_source": "preset" if preset else "file", "params_file": str(path.resolve()),
+                "preset": preset, "modality": None}
+    for path in sorted(PRESETS_DIR.glob("*.yaml")):
+        if params_hash(load_params(path)) == phash:
+            modalities = sorted(m for m, f in MODALITY_PRESETS.items() if f == path.name and len(m) == 2)
+            return {"params_source": "preset", "params_file": str(path.resolve()), "preset": path.name,
+                    "modality": modalities[0] if modalities else None}
+    return {"params_source": "unknown", "params_file": None, "preset": None, "modality": None}
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from imaging_assets.errors import MaskGeometryError
     from imaging_assets.features.pipeline import extract_one
 
     try:
         outcome = extract_one(args.image, args.mask, label=args.label, segment=args.segment,
-                              params=args.params, modality=args.modality)
-    except ValueError as exc:
+                              params=args.params, modality=args.modality, resample_mask=args.resample_mask)
+    except MaskGeometryError as exc:
+        print(f"error: {exc}; pass --resample-mask to resample it onto the image grid anyway", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:  # bad inputs, or a --params file that is not there
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not outcome.ok:
         print(f"error: {outcome.error}", file=sys.stderr)
         return 1
+    used = _params_provenance(args.params, outcome.params_hash)
     if args.json:
-        json.dump(outcome.features, sys.stdout, indent=1, sort_keys=True)
+        provenance = {
+            "lesion_id": outcome.lesion_id,
+            "image": str(args.image),
+            "mask": str(args.mask),
+            "label": args.label,
+            "segment": args.segment,
+            "pyradiomics_version": outcome.pyradiomics_version,
+            "params_hash": outcome.params_hash,
+            **used,
+            "image_hash": outcome.image_hash,
+            "mask_hash": outcome.mask_hash,
+            "crop_index": list(outcome.crop_index) if outcome.crop_index is not None else None,
+            "crop_size": list(outcome.crop_size) if outcome.crop_size is not None else None,
+            "resample_mask": bool(args.resample_mask),
+            "elapsed_s": round(outcome.elapsed_s, 3),
+        }
+        json.dump({"features": outcome.features, "provenance": provenance}, sys.stdout, indent=1, sort_keys=True)
         sys.stdout.write("\n")
     else:
         for name in sorted(outcome.features):
             print(f"{name}\t{outcome.features[name]:.10g}")
         print(f"# {len(outcome.features)} features in {outcome.elapsed_s:.2f} s, pyradiomics "
-              f"{outcome.pyradiomics_version}, params {outcome.params_hash}", file=sys.stderr)
+              f"{outcome.pyradiomics_version}, params {outcome.params_hash} ({used['preset'] or used['params_file']})",
+              file=sys.stderr)
     return 0
 
 
@@ -185,15 +261,19 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         return 2
     try:
         filters = _parse_filters((args.filter or []) + ([f"modality={args.modality}"] if args.modality else []))
-        vector = None
+        vector, space, header = None, args.space, None
         if args.lesion_id is None:
             if not (args.image and args.mask):
                 raise ValueError("give a lesion id, or --image and --mask of a new lesion")
-            vector, _ = query_vector(wh, args.image, args.mask, segment=args.segment)
+            q = query_vector(wh, args.image, args.mask, segment=args.segment, params=args.params, space=args.space,
+                             modality=args.image_modality, resample_mask=args.resample_mask)
+            vector, space = q.vector, q.space
+            header = {"space": q.space, "params_hash": q.params_hash, "params_source": q.params_source,
+                      "feature_set_version": q.feature_set_version}
         t0 = time.perf_counter()
         df = find_similar(lesion_id=args.lesion_id, vector=vector, k=args.k, where=filters,
                           exclude_same_patient=not args.include_same_patient, warehouse=wh,
-                          version=args.version)
+                          version=args.version, space=space)
         ms = (time.perf_counter() - t0) * 1000
     except (ValueError, KeyError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -203,7 +283,11 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
         return 0
-    print(f"{len(rows)} similar lesions ({ms:.0f} ms including audit)")
+    searched = rows[0]["space"] if rows else space
+    if header:
+        print(f"query extracted with the settings of space {header['space']} (params {header['params_hash'][:12]}, "
+              f"{header['params_source']}; robust set {header['feature_set_version']})")
+    print(f"{len(rows)} similar lesions in space {searched} ({ms:.0f} ms including audit)")
     for r in rows:
         print(f"{r['rank']:3d}  {r['lesion_id']}  d={r['distance']:.3f}  {r['patient_key']}  {r['modality']}  "
               f"{r['roi_name']} ({r['raw_label']}, segment {r['segment_number']})  {r['volume_mm3'] or 0:.0f} mm3  "
@@ -242,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     d.add_argument("--if-missing", action="store_true", help="do nothing when the cohort already exists")
+    d.add_argument("--modalities", default="CT", metavar="CT[,MR,PT]",
+                   help="image series per patient: CT (default, the CT-only demo) or e.g. CT,MR,PT for a mixed "
+                        "cohort (a T1 MR and an FDG PET series of the same lesions, each with its segmentation)")
     d.set_defaults(func=_cmd_demo_data)
 
     s = sub.add_parser("scan", help="catalog DICOM folders without Dagster or a warehouse")
@@ -259,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--segment", help="segment or ROI name (raw or harmonised, e.g. GTV)")
     e.add_argument("--params", help="pyradiomics YAML (default: the modality's preset in data/params)")
     e.add_argument("--modality", help="modality of a NIfTI/NRRD image (CT, MR, PT; default CT)")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--resample-mask", action="store_true",
+                   help="resample a NIfTI/NRRD mask whose grid does not belong to the image (default: refuse it)")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object: {\"features\": {name: value}, \"provenance\": {...}}")
     e.set_defaults(func=_cmd_extract)
 
     q = sub.add_parser("sql", help="read-only SQL over the warehouse (DuckDB tables + Lance views), audited")
@@ -279,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--image", help="or: image of a new lesion (DICOM folder, NIfTI, NRRD)")
     f.add_argument("--mask", help="... and its mask (SEG, RTSTRUCT, NIfTI, NRRD)")
     f.add_argument("--segment", help="segment / ROI name in the mask")
+    f.add_argument("--space", help="feature space to search (default: the lesion's own; for --image, the "
+                                   "warehouse's only space of the image's modality)")
+    f.add_argument("--params", help="for --image: a pyradiomics YAML; the warehouse must hold lesions extracted "
+                                    "with it (default: the settings of the space searched)")
+    f.add_argument("--image-modality", help="for a NIfTI/NRRD --image: its modality (CT, MR, PT)")
+    f.add_argument("--resample-mask", action="store_true",
+                   help="for --image: resample a NIfTI/NRRD mask whose grid does not belong to the image")
     f.add_argument("-k", type=int, default=10, help="number of neighbours (default 10)")
     f.add_argument("--filter", "--where", action="append", metavar="COL=VALUE", dest="filter",
                    help="modality=CT,MR | roi_name=GTV | body_part=CHEST | cluster=0,2 | "

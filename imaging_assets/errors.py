@@ -16,6 +16,11 @@ class SegmentationReadError(ValueError):
     """A segmentation file could not be read or is not a usable SEG/RTSTRUCT; the message says why."""
 
 
+class DicomRootsMissingError(FileNotFoundError):
+    """No configured DICOM root exists (or none is configured): discovery stops and leaves the catalog as
+    it was, so a mistyped or unmounted root cannot look like "every file was removed"."""
+
+
 class OutcomeFileError(ValueError):
     """An outcome file that cannot be read as a table with the required columns."""
 

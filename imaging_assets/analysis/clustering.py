@@ -14,13 +14,25 @@ Stable labels
 
 Choosing k
     ``KMeans(n_init=20, random_state=seed)`` for each k in ``k_range`` (inclusive, clipped to
-    ``[2, n - 1]``); the k with the highest silhouette wins (ties: the smaller k). The silhouette is
-    computed on at most 5,000 points (a seeded sample) because it is quadratic in n.
+    ``[2, n - 1]``); the k with the highest silhouette wins (ties: the smaller k) among the candidates
+    whose smallest cluster has at least :func:`min_cluster_size_for` lesions. The silhouette is computed on at
+    most 5,000 points (a seeded sample) because it is quadratic in n.
+
+Minimum cluster size (honest statistics)
+    Silhouette alone rewards splitting off outliers: k=6 on 17 lesions once gave two clusters of one
+    lesion. A candidate k whose smallest cluster is below ``max(MIN_CLUSTER_LESIONS, MIN_CLUSTER_SHARE *
+    n)`` lesions is not chosen (``ClusterResult.ineligible`` lists them with their smallest cluster). When
+    no candidate qualifies, the least unbalanced one (largest smallest cluster; then silhouette, then the
+    smaller k) is kept so that the downstream steps still run, with a ``note`` saying so and ``adequate``
+    False; the survival analysis then applies its own minimum group sizes. A configured ``k`` is honoured
+    but, when it violates the minimum, reported the same way; HDBSCAN's default ``min_cluster_size`` is the
+    same minimum.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +41,18 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SILHOUETTE_SAMPLE = 5000
+#: Fewest lesions in a cluster worth calling a phenotype: a smaller group is mostly the outliers k-means
+#: isolates to raise the silhouette, and its profile (Cohen's d) and survival curve rest on a handful of
+#: lesions that will not replicate.
+MIN_CLUSTER_LESIONS = 5
+#: ... and at least this share of the lesions: in a large cohort a cluster of under 5 % is still an outlier
+#: group, too small to carry its own survival estimate next to the others.
+MIN_CLUSTER_SHARE = 0.05
+
+
+def min_cluster_size_for(n: int) -> int:
+    """The smallest cluster accepted for ``n`` lesions: ``max(MIN_CLUSTER_LESIONS, ceil(MIN_CLUSTER_SHARE * n))``."""
+    return max(MIN_CLUSTER_LESIONS, math.ceil(MIN_CLUSTER_SHARE * n - 1e-9))
 
 
 @dataclass
@@ -54,7 +78,11 @@ class ClusterResult:
     n_noise
         Rows labelled ``-1`` (HDBSCAN only).
     note
-        Why the result is degenerate, else None.
+        Why the result is degenerate or below the minimum cluster size, else None.
+    min_size
+        The minimum cluster size applied (:func:`min_cluster_size_for` unless given).
+    ineligible
+        Candidate k not chosen because their smallest cluster was below ``min_size`` (k -> smallest size).
     """
 
     labels: np.ndarray
@@ -66,6 +94,13 @@ class ClusterResult:
     n_noise: int = 0
     note: str | None = None
     silhouette: float | None = field(default=None)
+    min_size: int = 0
+    ineligible: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def adequate(self) -> bool:
+        """True when there are at least two clusters and none is below :attr:`min_size` (noise aside)."""
+        return self.k >= 2 and bool(self.sizes) and min(self.sizes) >= self.min_size
 
 
 def _stable_relabel(vectors: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -108,6 +143,7 @@ def cluster_vectors(
     method: str = "kmeans",
     seed: int = 0,
     min_cluster_size: int | None = None,
+    min_size: int | None = None,
 ) -> ClusterResult:
     """Cluster lesion vectors with stable labels.
 
@@ -125,7 +161,10 @@ def cluster_vectors(
     seed
         ``random_state`` of k-means and of the silhouette sample.
     min_cluster_size
-        HDBSCAN's smallest cluster (default ``max(5, n // 50)``).
+        HDBSCAN's smallest cluster (default: ``min_size``).
+    min_size
+        The smallest cluster a k-means candidate may have to be chosen by silhouette, and the size below
+        which a configured k is reported (default :func:`min_cluster_size_for` of ``n``; 1 disables the rule).
 
     Returns
     -------
@@ -151,17 +190,22 @@ def cluster_vectors(
         raise ValueError(f"k_range must satisfy 2 <= low <= high, got {k_range}")
     n = len(x)
     n_distinct = len(np.unique(x, axis=0)) if n else 0
+    floor = min_cluster_size_for(n) if min_size is None else max(1, int(min_size))
+    rule = (f"{floor} lesions (max({MIN_CLUSTER_LESIONS}, {MIN_CLUSTER_SHARE:.0%} of {n}))" if min_size is None
+            else f"{floor} lesions (min_size)")
 
-    def single(note: str) -> ClusterResult:
+    def single(note: str, scores: dict[int, float] | None = None,
+               ineligible: dict[int, int] | None = None) -> ClusterResult:
         labels = np.zeros(n, dtype=int)
         centroids = x.mean(axis=0, keepdims=True) if n else np.zeros((0, x.shape[1]))
         logger.info("clustering: %s", note)
-        return ClusterResult(labels, 1 if n else 0, "single", {}, centroids, [n] if n else [], note=note)
+        return ClusterResult(labels, 1 if n else 0, "single", scores or {}, centroids, [n] if n else [],
+                             note=note, min_size=floor, ineligible=ineligible or {})
 
     if method == "hdbscan":
         from sklearn.cluster import HDBSCAN
 
-        mcs = min_cluster_size or max(5, n // 50)
+        mcs = min_cluster_size or floor
         if n < max(2, mcs):
             return single(f"{n} rows: fewer than min_cluster_size={mcs}, one cluster")
         raw = HDBSCAN(min_cluster_size=mcs, copy=True).fit_predict(x)
@@ -173,9 +217,11 @@ def cluster_vectors(
             keep = labels >= 0
             sil = _silhouette(x[keep], labels[keep], seed)
         note = None if kk else "HDBSCAN found no cluster: every row is noise (-1)"
+        if sizes and min(sizes) < floor:
+            note = f"HDBSCAN min_cluster_size={mcs} gave a cluster of {min(sizes)} lesion(s), below the minimum of {rule}"
         logger.info("HDBSCAN: %d clusters, %d noise rows of %d", kk, n_noise, n)
         return ClusterResult(labels, kk, "hdbscan", {kk: sil} if sil is not None else {}, centroids, sizes,
-                             n_noise=n_noise, note=note, silhouette=sil)
+                             n_noise=n_noise, note=note, silhouette=sil, min_size=floor)
 
     from sklearn.cluster import KMeans
 
@@ -186,31 +232,50 @@ def cluster_vectors(
         if n_distinct < 2 or k == 1:
             return single(f"k={k} with {n_distinct} distinct row(s): one cluster")
         kk = min(k, n_distinct)
-        note = None if kk == k else f"k={k} clipped to {kk} distinct rows"
+        notes = [] if kk == k else [f"k={k} clipped to {kk} distinct rows"]
         labels, centroids, sizes = _stable_relabel(x, fit(kk))
         sil = _silhouette(x, labels, seed)
+        if min(sizes) < floor:
+            notes.append(f"configured k={kk} gives a cluster of {min(sizes)} lesion(s), below the minimum of "
+                         f"{rule}: its profile and survival rest on too few lesions")
         return ClusterResult(labels, len(sizes), "kmeans-fixed", {len(sizes): sil} if sil is not None else {},
-                             centroids, sizes, note=note, silhouette=sil)
+                             centroids, sizes, note="; ".join(notes) or None, silhouette=sil, min_size=floor)
 
     hi_eff = min(hi, n - 1, n_distinct)
     if hi_eff < 2 or lo > hi_eff:
         return single(f"{n} rows ({n_distinct} distinct): too few to choose k in {k_range}")
     scores: dict[int, float] = {}
     fits: dict[int, np.ndarray] = {}
+    ineligible: dict[int, int] = {}
     for kk in range(lo, hi_eff + 1):
         raw = fit(kk)
         sil = _silhouette(x, raw, seed)
         if sil is None:
             continue
         scores[kk] = sil
-        fits[kk] = raw
+        smallest = int(np.bincount(raw).min()) if len(np.unique(raw)) == kk else 0
+        if smallest < floor:
+            ineligible[kk] = smallest
+        else:
+            fits[kk] = raw
     if not scores:
         return single(f"no k in {k_range} gave a valid silhouette: one cluster")
-    best = max(scores, key=lambda kk: (scores[kk], -kk))
-    labels, centroids, sizes = _stable_relabel(x, fits[best])
-    logger.info("k-means: k=%d chosen by silhouette %.3f (tried %s)", best, scores[best],
-                ", ".join(f"{kk}:{s:.3f}" for kk, s in scores.items()))
-    return ClusterResult(labels, len(sizes), "kmeans", scores, centroids, sizes, silhouette=scores[best])
+    note = None
+    if fits:
+        best = max(fits, key=lambda kk: (scores[kk], -kk))
+        chosen = fits[best]
+    else:  # none qualifies: the least unbalanced candidate, reported as below the minimum (adequate False)
+        best = max(ineligible, key=lambda kk: (ineligible[kk], scores[kk], -kk))
+        chosen = fit(best)
+        note = (f"no k in {lo}..{hi_eff} gives clusters of at least {rule} (smallest cluster per k: "
+                f"{', '.join(f'{kk}: {sz}' for kk, sz in ineligible.items())}); k={best} is kept as the least "
+                f"unbalanced, its smallest cluster ({ineligible[best]} lesions) is too small to be a phenotype")
+    labels, centroids, sizes = _stable_relabel(x, chosen)
+    logger.info("k-means: k=%d chosen by silhouette %.3f (tried %s; below the minimum cluster size %d: %s)",
+                best, scores[best], ", ".join(f"{kk}:{s:.3f}" for kk, s in scores.items()), floor,
+                ", ".join(str(kk) for kk in ineligible) or "none")
+    return ClusterResult(labels, len(sizes), "kmeans", scores, centroids, sizes, note=note,
+                         silhouette=scores[best], min_size=floor, ineligible=ineligible)
 
 
 def _finite(v: float) -> float | None:

@@ -13,7 +13,7 @@ Kaplan-Meier
     (exponential Greenwood). A median (or CI bound) that is not reached is None.
 
 Log-rank
-    :func:`lifelines.statistics.multivariate_logrank_test` across all clusters (df = clusters - 1).
+    :func:`lifelines.statistics.multivariate_logrank_test` across the compared clusters (df = clusters - 1).
 
 Cox model
     :class:`lifelines.CoxPHFitter` on one-hot cluster membership (terms ``cluster_<c>``, each versus the
@@ -28,8 +28,18 @@ Cox model
     towards 0 by roughly ``penalizer / (penalizer + information per patient)`` (a few percent for a
     balanced two-cluster cohort); pass ``penalizer=0`` for the plain partial-likelihood estimate.
 
-Degenerate input (no patients, one cluster, no events, fewer than :data:`MIN_COX_PATIENTS` patients) never
-raises: the affected parts are empty/None and ``notes`` / ``cox_note`` say why.
+Minimum sizes (honest statistics)
+    Kaplan-Meier summaries are given for every cluster (descriptive, with patients and events). A
+    *comparison* (log-rank, Cox) takes only the clusters with at least :data:`MIN_GROUP_PATIENTS` patients
+    (the others are named in a note); the log-rank test needs at least :data:`MIN_LOGRANK_EVENTS` events in
+    those clusters, and the Cox model at least :data:`MIN_EVENTS_PER_VARIABLE` events per estimated term
+    (cluster terms plus covariate terms, counted on the complete cases). Where a minimum is not met there
+    is no p-value / no Cox row, and a note gives the rule and the numbers. Each such reason is also in
+    ``SurvivalResult.inadequate`` (``adequate`` is False), as is a Cox fit that lifelines reports as not
+    converged, so a caller can flag the analysis instead of showing absurd hazard ratios.
+
+Degenerate input (no patients, one cluster, no events, too few patients) never raises: the affected parts
+are empty/None and ``notes`` / ``cox_note`` say why.
 """
 
 from __future__ import annotations
@@ -47,7 +57,23 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-MIN_COX_PATIENTS = 5
+#: Patients a cluster needs to be compared (log-rank, Cox): below 5 a Kaplan-Meier curve drops by 20 % or
+#: more at each event and a cluster's hazard ratio rests on one or two events, so one patient decides it.
+MIN_GROUP_PATIENTS = 5
+#: Events (in the compared clusters) a log-rank test needs: its chi-square compares observed with expected
+#: events per cluster, and with fewer than 5 events that approximation has no footing (Cochran's rule of
+#: 5 expected per cell) and the test no power: a p-value would only look like evidence.
+MIN_LOGRANK_EVENTS = 5
+#: Events per estimated Cox term: with fewer than 10 the coefficients are biased and their confidence
+#: intervals unreliable (Peduzzi et al. 1996, J Clin Epidemiol 49:1373); 6 patients with 3 events gave a
+#: hazard ratio of 526 (0.0124-22,354,930) before this rule.
+MIN_EVENTS_PER_VARIABLE = 10
+
+
+def minimums() -> str:
+    """The minimum sizes in words (for check metadata)."""
+    return (f">= {MIN_GROUP_PATIENTS} patients per compared cluster, >= {MIN_LOGRANK_EVENTS} events for the "
+            f"log-rank test, >= {MIN_EVENTS_PER_VARIABLE} events per Cox term")
 STAGE_ORDINAL = {"I": 1, "II": 2, "III": 3, "IV": 4}
 RULES = ("largest", "majority")
 
@@ -115,12 +141,22 @@ class SurvivalResult:
     covariates_used: list[str] = field(default_factory=list)
     n_cox: int = 0
     penalizer: float = 0.0
+    #: why the comparison is not to be trusted (a minimum not met, a fit not converged); [] when it is
+    inadequate: list[str] = field(default_factory=list)
+    #: the clusters the log-rank test and the Cox model compared (those with enough patients)
+    compared_clusters: list[int] = field(default_factory=list)
+
+    @property
+    def adequate(self) -> bool:
+        """True when the log-rank test and the Cox model were run on enough patients and events."""
+        return not self.inadequate
 
     def as_rows(self) -> dict[str, list[dict[str, Any]]]:
         """Table-ready rows: ``cluster_survival``, ``cluster_cox`` and ``cluster_logrank`` (one row)."""
         lr = {"statistic": self.logrank.get("statistic"), "p_value": self.logrank.get("p_value"),
               "df": self.logrank.get("df"), "n_patients": self.n_patients,
-              "n_clusters": len(self.per_cluster), "note": "; ".join(self.notes) or None}
+              "n_clusters": len(self.per_cluster),
+              "note": "; ".join(self.notes + ([self.cox_note] if self.cox_note else [])) or None}
         cox = [{**r, "reference_cluster": self.reference_cluster, "n_patients": self.n_cox,
                 "penalizer": self.penalizer} for r in self.cox]
         return {"cluster_survival": [dict(r) for r in self.per_cluster], "cluster_cox": cox,
@@ -306,7 +342,6 @@ def analyse_survival(
     df = df.assign(cluster=df["cluster"].astype(int), event=df["event"].astype(int),
                    lesions=pd.to_numeric(df["lesions"], errors="coerce").fillna(1).astype(int))
     n = len(df)
-    n_events = int(df["event"].sum()) if n else 0
     clusters = sorted(df["cluster"].unique().tolist())
 
     per_cluster: list[dict] = []
@@ -321,43 +356,76 @@ def analyse_survival(
                             "median_ci_high": hi})
         fits.append((int(c), kmf, grp))
 
+    sizes = {c: int((df["cluster"] == c).sum()) for c in clusters}
+    compared = [c for c in clusters if sizes[c] >= MIN_GROUP_PATIENTS]
+    small = [c for c in clusters if sizes[c] < MIN_GROUP_PATIENTS]
+    inadequate: list[str] = []
+    if small and len(clusters) >= 2:
+        listed = ", ".join(f"{c} ({sizes[c]} patient{'s' if sizes[c] != 1 else ''})" for c in small)
+        msg = (f"cluster(s) {listed} have fewer than {MIN_GROUP_PATIENTS} patients (MIN_GROUP_PATIENTS): "
+               "left out of the log-rank test and the Cox model")
+        notes.append(msg)
+        inadequate.append(msg)
+    cmp = df[df["cluster"].isin(compared)]
+    cmp_events = int(cmp["event"].sum())
+
     logrank: dict[str, Any] = {"statistic": None, "p_value": None, "df": None}
     if n == 0:
         notes.append("no patients to analyse")
+        inadequate.append("no patients with outcomes to analyse")
     elif len(clusters) < 2:
         notes.append("one cluster only: no log-rank test")
-    elif n_events == 0:
+        inadequate.append("one cluster only: nothing to compare")
+    elif len(compared) < 2:
+        msg = (f"{len(compared)} cluster(s) with at least {MIN_GROUP_PATIENTS} patients: no log-rank test "
+               "(it needs two)")
+        notes.append(msg)
+        inadequate.append(msg)
+    elif cmp_events == 0:
         notes.append("no events: no log-rank test")
+        inadequate.append("no events in the compared clusters")
+    elif cmp_events < MIN_LOGRANK_EVENTS:
+        msg = (f"{cmp_events} event(s) in the compared clusters: fewer than {MIN_LOGRANK_EVENTS} "
+               "(MIN_LOGRANK_EVENTS), no log-rank test")
+        notes.append(msg)
+        inadequate.append(msg)
     else:
-        res = multivariate_logrank_test(df["time_months"], df["cluster"], df["event"])
+        res = multivariate_logrank_test(cmp["time_months"], cmp["cluster"], cmp["event"])
         logrank = {"statistic": _num(res.test_statistic), "p_value": _num(res.p_value),
                    "df": int(res.degrees_of_freedom)}
 
-    sizes = {c: int((df["cluster"] == c).sum()) for c in clusters}
-    if reference_cluster is not None and reference_cluster not in sizes:
-        notes.append(f"reference cluster {reference_cluster} has no patients: using the largest cluster")
+    if reference_cluster is not None and reference_cluster not in compared:
+        notes.append(f"reference cluster {reference_cluster} is not among the compared clusters: using the largest")
         reference_cluster = None
     reference = reference_cluster if reference_cluster is not None else (
-        min(clusters, key=lambda c: (-sizes[c], c)) if clusters else None)
+        min(compared, key=lambda c: (-sizes[c], c)) if compared else
+        (min(clusters, key=lambda c: (-sizes[c], c)) if clusters else None))
 
     cox: list[dict] = []
     cox_note: str | None = None
     used: list[str] = []
     n_cox = 0
-    if n < MIN_COX_PATIENTS:
-        cox_note = f"{n} patient(s): fewer than {MIN_COX_PATIENTS}, no Cox model"
-    elif len(clusters) < 2:
-        cox_note = "one cluster only: no Cox model of cluster membership"
-    elif n_events == 0:
+    if len(compared) < 2:
+        cox_note = (f"{n} patient(s) in {len(clusters)} cluster(s), {len(compared)} with at least "
+                    f"{MIN_GROUP_PATIENTS} patients (fewer than {MIN_GROUP_PATIENTS} in a compared cluster or "
+                    "one cluster only): no Cox model of cluster membership")
+    elif cmp_events == 0:
         cox_note = "no events: no Cox model"
     else:
         cox_notes: list[str] = []
-        x, used = _design(df, covariates, int(reference), cox_notes)
+        x, used = _design(cmp, covariates, int(reference), cox_notes)
         n_cox = len(x)
         terms = [c for c in x.columns if c not in ("time_months", "event")]
-        if n_cox < MIN_COX_PATIENTS or x["event"].sum() == 0 or not any(t.startswith("cluster_") for t in terms):
-            cox_notes.append(f"after complete-case selection {n_cox} patient(s), {int(x['event'].sum())} "
-                             "event(s): no Cox model")
+        events = int(x["event"].sum())
+        if not any(t.startswith("cluster_") for t in terms) or events == 0:
+            cox_notes.append(f"after complete-case selection {n_cox} patient(s), {events} event(s): no Cox model")
+            inadequate.append(cox_notes[-1])
+        elif events < MIN_EVENTS_PER_VARIABLE * len(terms):
+            msg = (f"no Cox model: {events} event(s) for {len(terms)} term(s) ({', '.join(terms)}) = "
+                   f"{events / len(terms):.1f} events per term, fewer than {MIN_EVENTS_PER_VARIABLE} "
+                   f"(MIN_EVENTS_PER_VARIABLE; {MIN_EVENTS_PER_VARIABLE * len(terms)} events needed)")
+            cox_notes.append(msg)
+            inadequate.append(msg)
         else:
             try:
                 with warnings.catch_warnings(record=True) as caught:
@@ -366,6 +434,8 @@ def analyse_survival(
                 for w in caught:
                     if "lifelines" in type(w.message).__module__ or "converge" in str(w.message).lower():
                         cox_notes.append(f"lifelines: {str(w.message).splitlines()[0][:200]}")
+                        if "converge" in str(w.message).lower():
+                            inadequate.append(cox_notes[-1])
                 s = cph.summary
                 for term in terms:
                     cox.append({"term": term, "hr": _num(s.loc[term, "exp(coef)"]),
@@ -375,6 +445,7 @@ def analyse_survival(
                                 "se": _num(s.loc[term, "se(coef)"])})
             except Exception as exc:  # noqa: BLE001 - lifelines ConvergenceError, LinAlgError, ...
                 cox_notes.append(f"Cox model failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                inadequate.append(cox_notes[-1])
                 cox = []
         cox_note = "; ".join(cox_notes) or None
 
@@ -389,4 +460,5 @@ def analyse_survival(
         logger.info("survival: %s", note)
     return SurvivalResult(per_cluster=per_cluster, logrank=logrank, cox=cox, cox_note=cox_note, n_patients=n,
                           km_png=km_png, notes=notes, reference_cluster=None if reference is None else int(reference),
-                          covariates_used=used, n_cox=n_cox, penalizer=float(penalizer))
+                          covariates_used=used, n_cox=n_cox, penalizer=float(penalizer),
+                          inadequate=list(dict.fromkeys(inadequate)), compared_clusters=[int(c) for c in compared])

@@ -6,6 +6,7 @@ import dagster as dg
 
 from imaging_assets.defs.metadata import md_table
 from imaging_assets.defs.resources import DicomSourcesResource, WarehouseResource
+from imaging_assets.errors import DicomRootsMissingError
 from imaging_assets.stages import discovery
 
 GROUP = "ingest"
@@ -24,20 +25,35 @@ def dicom_files(
     """Catalog of every file under the DICOM roots (DuckDB tables `dicom_files` and `dicom_quarantine`).
 
     Incremental: only new or changed files (path, size, mtime) are read, in parallel, header only;
-    files gone from disk are marked `removed`. Files that cannot be used (not DICOM, truncated, missing
-    tags, unsupported SOP class, undecodable pixels) go to `dicom_quarantine` with a reason.
+    files gone from disk are marked `removed`. The configured roots define the catalog: files under a
+    root that is no longer configured are marked `out_of_roots` (kept as history; their lesions and
+    features leave downstream). Byte-identical copies of a file at other paths are recorded
+    (`duplicate_of` = the canonical path), counted once and never assembled or extracted twice. Files
+    that cannot be used (not DICOM, truncated, missing tags, unsupported SOP class, undecodable pixels)
+    go to `dicom_quarantine` with a reason. A missing root is reported by the `dicom_roots_present`
+    check; when no root exists the asset fails and leaves the catalog untouched.
     Patient ids are pseudonymised (keyed HMAC) on read: no raw identifier is stored.
     """
-    r = discovery.refresh_catalog(
-        warehouse.get_warehouse(),
-        dicom_sources.roots,
-        secret=dicom_sources.pseudonym_key,
-        workers=dicom_sources.worker_count(),
-    )
+    try:
+        r = discovery.refresh_catalog(
+            warehouse.get_warehouse(),
+            dicom_sources.roots,
+            secret=dicom_sources.pseudonym_key,
+            workers=dicom_sources.worker_count(),
+        )
+    except DicomRootsMissingError as exc:
+        raise dg.Failure(
+            description=str(exc),
+            metadata={"missing_roots": dg.MetadataValue.json(list(dicom_sources.roots))},
+            allow_retries=False,
+        ) from exc
     context.log.info(
         f"catalog: {r.seen} files seen, {r.read} read, {r.unchanged} unchanged, "
-        f"{r.removed} removed, {r.quarantined} quarantined in {r.elapsed_s} s"
+        f"{r.removed} removed, {r.out_of_roots} out of roots, {r.duplicates} copies, "
+        f"{r.quarantined} quarantined in {r.elapsed_s} s"
     )
+    if r.missing_roots:
+        context.log.warning(f"DICOM roots missing (nothing crawled there): {', '.join(r.missing_roots)}")
     reasons = [{"reason": k, "files": v} for k, v in r.quarantine_by_reason.items()]
     return dg.MaterializeResult(
         metadata={
@@ -46,6 +62,9 @@ def dicom_files(
             "files_read": r.read,
             "files_unchanged": r.unchanged,
             "files_removed": r.removed,
+            "files_out_of_roots": r.out_of_roots,
+            "files_kept_outside_roots": r.kept_outside_roots,
+            "duplicate_copies": r.duplicates,
             "catalogued_by_kind": dg.MetadataValue.json(r.catalogued_by_kind),
             "quarantined": r.quarantined,
             "quarantine_by_reason": dg.MetadataValue.md(md_table(reasons, ["reason", "files"])),
@@ -68,8 +87,9 @@ def imaging_series(context: dg.AssetExecutionContext, warehouse: WarehouseResour
     of reference, slices sorted along the slice normal, multi-frame supported.
 
     Geometry QC flags (duplicate positions, missing slices, non-uniform spacing, mixed orientation,
-    gantry tilt, too few slices, inconsistent spacing/size) are stored with reasons; flagged series stay
-    in the table with `usable = false` and are excluded from extraction.
+    gantry tilt, too few slices, inconsistent spacing/size, colour pixels) are stored with reasons;
+    flagged series stay in the table with `usable = false` and are excluded from extraction. Copies of a
+    file at other paths (`dicom_files.duplicate_of`) are not part of any series.
     """
     r = discovery.rebuild_series(warehouse.get_warehouse())
     context.log.info(f"{r.series} series, {r.flagged} flagged: {r.flag_counts}")
@@ -115,6 +135,29 @@ def segmentations(
             "unlinked_segmentations": dg.MetadataValue.md(md_table(r.unlinked_rows, ["path", "reason"])),
             "elapsed_s": r.elapsed_s,
         }
+    )
+
+
+@dg.asset_check(asset=dicom_files, pool="duckdb_writer",
+                description="Every configured DICOM root exists. Warns when some are missing (nothing is crawled "
+                "there and their files stay in the catalog); when none exists the dicom_files asset itself fails.")
+def dicom_roots_present(warehouse: WarehouseResource, dicom_sources: DicomSourcesResource) -> dg.AssetCheckResult:
+    """Missing roots, with the catalog rows kept under each and those kept outside every root."""
+    report = discovery.roots_report(warehouse.get_warehouse(), dicom_sources.roots)
+    kept = [{"root": root, "files_kept": n} for root, n in report.active_under_missing.items()]
+    return dg.AssetCheckResult(
+        passed=not report.missing,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "observed_missing": len(report.missing),
+            "roots": dg.MetadataValue.json(report.roots),
+            "missing_roots": dg.MetadataValue.json(report.missing),
+            "threshold": 0,
+            "files_kept_under_missing_roots": dg.MetadataValue.md(md_table(kept, ["root", "files_kept"])),
+            "files_kept_outside_roots": report.outside_roots,
+            "reason": "a missing root is not crawled: its files are neither updated nor removed, and files of "
+                      "roots no longer configured stay active until every configured root is present",
+        },
     )
 
 

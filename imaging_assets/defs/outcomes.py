@@ -21,31 +21,53 @@ def _round(rows: list[dict]) -> list[dict]:
     return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS, pool="duckdb_writer")
+def _warn(name: str, passed: bool, **metadata) -> dg.AssetCheckResult:
+    """A WARN check result computed by the asset itself (observed value, threshold, reason in metadata)."""
+    return dg.AssetCheckResult(check_name=name, passed=passed, severity=dg.AssetCheckSeverity.WARN,
+                               metadata=metadata)
+
+
+@dg.asset(group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS, pool="duckdb_writer",
+          check_specs=[dg.AssetCheckSpec(
+              "outcomes_source_present", asset="clinical_outcomes",
+              description="The configured outcome path exists and holds at least one outcome file (warns: a "
+              "missing path or a typo leaves the outcome table empty instead of failing the run).")])
 def clinical_outcomes(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                       outcome_sources: OutcomeSourcesResource) -> dg.MaterializeResult:
     """Outcome files (CSV / Parquet) from the configured folder in DuckDB `clinical_outcomes` (one row per
     patient key and source file; view `patient_outcomes`: one row per patient). Patient ids are
-    pseudonymised with the same keyed HMAC as discovery, so outcomes join to lesions. Rows that fail
-    validation (time >= 0, event in {0, 1}, age, sex, stage) go to `outcome_rejects` with the reason;
-    an unchanged file is skipped, a changed one is upserted in one transaction.
+    pseudonymised with the same keyed HMAC as discovery, so outcomes join to lesions. Follow-up comes from
+    `time_months` or from dates (diagnosis / baseline date to event or last follow-up date). A row whose
+    patient id, time or event is invalid is dropped; a bad age, sex, stage or date only empties that field;
+    each problem goes to `outcome_rejects` (field and kind, never the value). An unchanged file is
+    skipped, a changed one is upserted in one transaction, and the rows of a file that left the configured
+    source are removed. A missing source is a warning (check `outcomes_source_present`), not a failure.
     """
     from imaging_assets.stages import outcomes
 
     wh = warehouse.get_warehouse()
     s = outcomes.load_outcomes(wh, outcome_sources.path, secret=outcome_sources.pseudonym_key)
-    context.log.info(f"outcomes: {s.inserted} inserted, {s.updated} updated, {s.rejected} rejected")
+    context.log.info(f"outcomes: {s.inserted} inserted, {s.updated} updated, {s.rejected} rows rejected, "
+                     f"{s.fields_rejected} field(s) set to NULL, {s.files_gone} file(s) gone")
+    if s.source_problem:
+        context.log.warning(f"outcomes: {s.source_problem}")
     table = outcomes.outcome_table_report(wh)
     reasons = [{"reason": k, "rows": v} for k, v in s.rejects_by_reason.items()]
     return dg.MaterializeResult(metadata={
         "dagster/row_count": table.patients,
         "source": outcome_sources.path,
+        "source_problem": s.source_problem or "none",
         "files": s.files, "rows_read": s.rows_read, "inserted": s.inserted, "updated": s.updated,
-        "unchanged": s.unchanged, "rejected": s.rejected,
+        "unchanged": s.unchanged, "rejected": s.rejected, "fields_rejected": s.fields_rejected,
+        "files_gone": s.files_gone, "rows_removed": s.rows_removed,
         "rejects_by_reason": dg.MetadataValue.md(md_table(reasons, ["reason", "rows"])),
         "by_stage": dg.MetadataValue.md(md_table(table.by_stage, ["stage", "patients", "events"])),
         "elapsed_s": s.elapsed_s,
-    })
+    }, check_results=[_warn(
+        "outcomes_source_present", s.source_present, observed_files=s.files,
+        configured=dg.MetadataValue.json(s.sources), missing_paths=dg.MetadataValue.json(s.sources_missing),
+        threshold="every configured path exists, >= 1 outcome file",
+        reason=s.source_problem or "the outcome source is present")])
 
 
 class ClusterConfig(dg.Config):
@@ -59,14 +81,21 @@ class ClusterConfig(dg.Config):
 
 
 @dg.asset(deps=[lesion_vectors], group_name=GROUP, kinds={"python", "duckdb", "lancedb"}, owners=OWNERS,
-          pool="duckdb_writer", automation_condition=dg.AutomationCondition.eager())
+          pool="duckdb_writer", automation_condition=dg.AutomationCondition.eager(),
+          check_specs=[dg.AssetCheckSpec(
+              "clusters_adequate", asset="phenotype_clusters",
+              description="Every feature space has at least two clusters and none below the minimum cluster "
+              "size (max(5 lesions, 5 % of the space's lesions)); warns, e.g. for a configured k that splits "
+              "off outliers.")])
 def phenotype_clusters(context: dg.AssetExecutionContext, config: ClusterConfig,
                        warehouse: WarehouseResource) -> dg.MaterializeResult:
     """Phenotype clusters of the lesion vectors (DuckDB `phenotype_clusters`, profiles in
     `cluster_profiles`): k-means with k by silhouette (or configured; HDBSCAN optional), labels made
     stable across reruns (ordered by size, then centroid), top distinguishing robust features per
-    cluster with Cohen's d, and a PCA projection coloured by cluster. Re-runs by itself (eager automation)
-    when `lesion_vectors` changes.
+    cluster with Cohen's d, and a PCA projection coloured by cluster. A k whose smallest cluster is below
+    max(5 lesions, 5 % of the lesions) is not chosen by silhouette; when none qualifies, or a configured k
+    violates it, the check `clusters_adequate` warns. Re-runs by itself (eager automation) when
+    `lesion_vectors` changes.
     """
     from imaging_assets.stages.outcomes import build_clusters
 
@@ -85,7 +114,13 @@ def phenotype_clusters(context: dg.AssetExecutionContext, config: ClusterConfig,
         "profile": dg.MetadataValue.md(md_table(_round(s.profile), ["cluster", "rank", "feature",
                                                                     "effect_size", "size"], 40)),
         "elapsed_s": s.elapsed_s,
-    })
+        "adequate": not s.inadequate,
+        "inadequate_reasons": "; ".join(s.inadequate) or "none",
+    }, check_results=[_warn(
+        "clusters_adequate", not s.inadequate, observed_sizes=dg.MetadataValue.json(s.sizes),
+        spaces=dg.MetadataValue.json([{k: v for k, v in r.items() if k != "note"} for r in s.spaces]),
+        threshold="k >= 2 and every cluster >= min_size (per space, in `spaces`)",
+        reason="; ".join(s.inadequate) or "every space has clusters of the minimum size")])
 
 
 class SurvivalConfig(dg.Config):
@@ -95,14 +130,21 @@ class SurvivalConfig(dg.Config):
 
 
 @dg.asset(deps=[phenotype_clusters, clinical_outcomes], group_name=GROUP, kinds={"python", "duckdb"},
-          owners=OWNERS, pool="duckdb_writer", automation_condition=dg.AutomationCondition.eager())
+          owners=OWNERS, pool="duckdb_writer", automation_condition=dg.AutomationCondition.eager(),
+          check_specs=[dg.AssetCheckSpec(
+              "survival_model_adequate", asset="cluster_outcomes",
+              description="The log-rank test and the Cox model ran on enough data: outcomes present, >= 5 "
+              "patients per compared cluster, >= 5 events, >= 10 events per Cox term, a converged fit "
+              "(warns instead of showing absurd hazard ratios).")])
 def cluster_outcomes(context: dg.AssetExecutionContext, config: SurvivalConfig,
                      warehouse: WarehouseResource) -> dg.MaterializeResult:
     """Survival per phenotype cluster (DuckDB `cluster_survival`, `cluster_cox`, `cluster_logrank`,
     `cluster_patients`): patients, lesions, events, median survival with CI, Kaplan-Meier curves, the
     log-rank test across clusters and a Cox model of cluster membership adjusted for the covariates
     (hazard ratios with CIs). A patient with several lesions counts once, with the cluster of the
-    largest lesion.
+    largest lesion. Clusters with fewer than 5 patients are left out of the comparison, the log-rank test
+    needs 5 events and the Cox model 10 events per term; where a minimum is not met there is no p-value or
+    no Cox row, the notes say why and the check `survival_model_adequate` warns.
     """
     from imaging_assets.stages.outcomes import analyse_cluster_outcomes
 
@@ -122,9 +164,19 @@ def cluster_outcomes(context: dg.AssetExecutionContext, config: SurvivalConfig,
         "per_cluster": dg.MetadataValue.md(md_table(_round(s.per_cluster), [
             "cluster", "patients", "lesions", "events", "median_months", "median_ci_low", "median_ci_high"])),
         "cox": dg.MetadataValue.md(md_table(_round(s.cox), ["term", "hr", "ci_low", "ci_high", "p_value"])),
+        "survival_by_space": dg.MetadataValue.md(md_table(s.spaces, ["space", "patients", "events", "logrank_p",
+                                                                        "adequate"])),
         "notes": "; ".join(n for n in s.notes if n) or "none",
+        "events": s.events,
+        "compared_clusters": dg.MetadataValue.json(s.compared_clusters),
+        "adequate": s.adequate,
+        "inadequate_reasons": "; ".join(s.inadequate) or "none",
         "elapsed_s": s.elapsed_s,
-    })
+    }, check_results=[_warn(
+        "survival_model_adequate", s.adequate, observed_patients=s.n_patients, observed_events=s.events,
+        compared_clusters=dg.MetadataValue.json(s.compared_clusters),
+        threshold=s.thresholds,
+        reason="; ".join(s.inadequate) or "enough patients and events for the log-rank test and the Cox model")])
 
 
 @dg.asset_check(asset=cluster_outcomes, pool="duckdb_writer",

@@ -103,6 +103,8 @@ def radiomics_features(context: dg.AssetExecutionContext, config: RadiomicsConfi
         "max_s_per_lesion": table.max_s_per_lesion,
         "lesions_per_s": r.lesions_per_s or 0.0,
         "params_hashes": dg.MetadataValue.json(table.params_hashes),
+        "feature_spaces": dg.MetadataValue.md(md_table(table.spaces, ["space", "modality", "source", "lesions",
+                                                                      "features", "incomplete"])),
         "elapsed_s": r.elapsed_s,
     })
 

@@ -72,6 +72,8 @@ def feature_robustness(context: dg.AssetExecutionContext, config: RobustnessConf
         "lesions_reused_from_cache": r.reused_lesions,
         "features_with_ci_low_ge_0.75": r.robust_perturbation,
         "perturbation_spec": dg.MetadataValue.json(r.spec),
+        "by_space": dg.MetadataValue.md(md_table(r.spaces, ["space", "eligible", "incomplete", "sampled",
+                                                            "lesions_in_icc", "pairs", "robust_perturbation"])),
         "icc_plot": dg.MetadataValue.md(plot),
         "least_reproducible": dg.MetadataValue.md(md_table(
             [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()} for row in worst],
@@ -93,23 +95,35 @@ def robust_feature_set(context: dg.AssetExecutionContext, config: RobustSetConfi
     from imaging_assets.stages import reproducibility
 
     wh = warehouse.get_warehouse()
-    s = reproducibility.select_robust_set(wh, threshold=config.icc_threshold, rho=config.spearman_rho)
+    sel = reproducibility.select_robust_set(wh, threshold=config.icc_threshold, rho=config.spearman_rho)
+    sets = list(sel.by_space.values())
+    main = max(sets, key=lambda r: len(r.features)) if sets else None
+    features = [f for r in sets for f in r.features]
     with tempfile.TemporaryDirectory() as tmp:
-        png = robust_set_plot_png(reproducibility.feature_class_totals(wh), s.features, Path(tmp) / "classes.png")
+        png = robust_set_plot_png(reproducibility.feature_class_totals(wh), features, Path(tmp) / "classes.png")
         plot = png_markdown(png, "robust features per class")
-    context.log.info(f"robust set {s.version}: {len(s.features)} features "
-                     f"({'changed' if s.changed else 'unchanged'}; {s.n_candidates} before pruning)")
+    for r in sets:
+        context.log.info(f"robust set {r.space} {r.version}: {len(r.features)} features "
+                         f"({'changed' if r.changed else 'unchanged'}; {r.n_candidates} before pruning)")
+    per_space = [{"space": r.space, "version": r.version, "features": len(r.features), "changed": r.changed,
+                  "candidates": r.n_candidates, "pruned": len(r.pruned), "lesions": r.lesions,
+                  "provisional": r.provisional} for r in sets]
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": len(s.features),
-        "version": s.version,
-        "changed": s.changed,
-        "previous_version": s.previous_version or "",
-        "candidates_before_pruning": s.n_candidates,
-        "pruned_duplicates": len(s.pruned),
-        "features": dg.MetadataValue.md(md_table([{"feature": f} for f in s.features], ["feature"], 100)),
+        "dagster/row_count": len(features),
+        "spaces": dg.MetadataValue.md(md_table(per_space, ["space", "version", "features", "changed", "candidates",
+                                                           "pruned", "lesions", "provisional"])),
+        "provisional_spaces": dg.MetadataValue.json([r.space for r in sets if r.provisional]),
+        "version": main.version if main else "",
+        "changed": sel.changed,
+        "previous_version": (main.previous_version or "") if main else "",
+        "candidates_before_pruning": sum(r.n_candidates for r in sets),
+        "pruned_duplicates": sum(len(r.pruned) for r in sets),
+        "features": dg.MetadataValue.md(md_table([{"space": r.space, "feature": f} for r in sets for f in r.features],
+                                                 ["space", "feature"], 100)),
         "by_feature_class": dg.MetadataValue.md(plot),
-        "history": dg.MetadataValue.md(md_table(s.history, ["version", "activated_at"])),
-        "elapsed_s": s.elapsed_s,
+        "history": dg.MetadataValue.md(md_table([{"space": r.space, **h} for r in sets for h in r.history],
+                                                ["space", "version", "activated_at"])),
+        "elapsed_s": sel.elapsed_s,
     })
 
 
@@ -135,7 +149,12 @@ def radiomics_expectations(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "expected_features_per_lesion": report.expected_features,
             "robust_features_checked_finite": report.robust_checked if report.robust_checked else "all",
             "failures": dg.MetadataValue.md(md_table(rows, ["expectation", "column", "unexpected", "lesions", "detail"])),
-            "reason": "bad rows would poison the vectors: blocking",
+            "by_space": dg.MetadataValue.md(md_table(report.spaces, ["space", "lesions", "expected_features",
+                                                                    "incomplete", "robust_checked", "failed"])),
+            "incomplete_lesions": dg.MetadataValue.md(md_table(report.incomplete,
+                                                               ["lesion_id", "space", "missing_image_types"])),
+            "reason": "bad rows would poison the vectors: blocking (per feature space; a lesion lacking an image "
+                      "type pyradiomics skipped for it is incomplete, not failed)",
         },
     )
 
@@ -162,10 +181,14 @@ def robust_set_not_collapsed(warehouse: WarehouseResource) -> dg.AssetCheckResul
     from imaging_assets.stages import reproducibility
 
     minimum = 10
-    version, features = reproducibility.active_robust_set(warehouse.get_warehouse())
+    sets = reproducibility.active_robust_sets(warehouse.get_warehouse())
+    sizes = {space: len(f) for space, (_, f) in sets.items()}
+    smallest = min(sizes, key=sizes.get) if sizes else None
     return dg.AssetCheckResult(
-        passed=len(features) >= minimum,
-        metadata={"observed_features": len(features), "threshold": minimum, "version": version or "",
+        passed=bool(sizes) and min(sizes.values()) >= minimum,
+        metadata={"observed_features": sizes.get(smallest, 0) if smallest else 0, "threshold": minimum,
+                  "smallest_space": smallest or "", "features_by_space": dg.MetadataValue.json(sizes),
+                  "version": sets[smallest][0] if smallest else "",
                   "reason": "too few robust features make similar-case search meaningless"},
     )
 

@@ -3,6 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
+from imaging_assets.defs.metadata import md_table
 from imaging_assets.defs.reproducibility import robust_feature_set
 from imaging_assets.defs.resources import WarehouseResource
 
@@ -23,8 +24,9 @@ class VectorConfig(dg.Config):
           owners=OWNERS, pool="duckdb_writer")
 def lesion_vectors(context: dg.AssetExecutionContext, config: VectorConfig,
                    warehouse: WarehouseResource) -> dg.MaterializeResult:
-    """One row per extractable lesion in the LanceDB table `lesion_vectors`: the robust features
-    scaled (Yeo-Johnson power transform, then standardisation) with parameters fitted on the cohort
+    """One row per extractable lesion in the LanceDB table `lesion_vectors`, per feature space (a
+    `space` column; CT, MR and PET lesions are never compared): the space's robust features scaled
+    (Yeo-Johnson power transform, then standardisation) with parameters fitted on the space's lesions
     (stored in DuckDB `vector_scalers`, so a new lesion is scaled the same way) as a float32 vector,
     plus lesion_id, patient key, study date, modality, body part, harmonised ROI name, volume, series
     UID, feature-set version and cluster for filters.
@@ -45,6 +47,9 @@ def lesion_vectors(context: dg.AssetExecutionContext, config: VectorConfig,
         "feature_set_version": s.feature_set_version,
         "inserted": s.inserted, "updated": s.updated, "deleted": s.deleted, "unchanged": s.unchanged,
         "index": s.index,
+        "by_space": dg.MetadataValue.md(md_table(s.spaces, ["space", "rows", "dim", "feature_set_version",
+                                                            "excluded"])),
+        "excluded_lesions": dg.MetadataValue.md(md_table(s.excluded, ["lesion_id", "space", "reason"])),
         "lance_uri": wh.lance_uri,
         "elapsed_s": s.elapsed_s,
     })

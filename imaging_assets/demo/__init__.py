@@ -2,7 +2,9 @@
 
 ``imaging_assets.demo.generator.generate_cohort(out_dir, n_patients=100, seed=0, workers=None)`` writes a
 deterministic CT cohort with DICOM SEG / RTSTRUCT lesion segmentations, test-retest series, a few
-deliberately broken files, ``outcomes.csv``, ``ground_truth.csv`` and ``manifest.json``.
-Modules: ``phantom`` (analytic anatomy and lesion phenotypes), ``rtstruct`` (contours + RTSTRUCT),
-``seg`` (highdicom SEG, made deterministic), ``generator`` (cohort layout, process pool, tables).
+deliberately broken files, ``outcomes.csv``, ``ground_truth.csv`` and ``manifest.json``; with
+``modalities=("CT", "MR", "PT")`` every patient also gets a T1 MR and an FDG PET series of the same lesions.
+Modules: ``phantom`` (analytic anatomy and lesion phenotypes), ``modalities`` (MR and PET rendering and
+headers), ``rtstruct`` (contours + RTSTRUCT), ``seg`` (highdicom SEG, made deterministic), ``generator``
+(cohort layout, process pool, tables).
 """

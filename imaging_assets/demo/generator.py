@@ -1,9 +1,11 @@
-"""Synthetic CT cohort with lesion segmentations, test-retest scans, broken files and outcomes.
+"""Synthetic CT cohort with lesion segmentations, test-retest scans, broken files and outcomes; optionally
+MR and PET series of the same lesions (a mixed cohort, several feature spaces).
 
 This is the embedded default dataset (``make demo`` and many tests). Public entry point::
 
     from imaging_assets.demo.generator import generate_cohort, DemoCohort
-    cohort = generate_cohort(out_dir, n_patients=100, seed=0, workers=None)
+    cohort = generate_cohort(out_dir, n_patients=100, seed=0, workers=None)            # CT only
+    mixed = generate_cohort(out_dir, n_patients=6, seed=0, modalities=("CT", "MR", "PT"))
 
 Layout written under ``out_dir``::
 
@@ -11,9 +13,13 @@ Layout written under ``out_dir``::
     dicom/case_<NNNN>/study_<StudyDate>/SE002_CT/...               test-retest series (some patients)
     dicom/case_<NNNN>/study_<StudyDate>/SE101_SEG/SEG0001.dcm      DICOM SEG of series 1 (or
     dicom/case_<NNNN>/study_<StudyDate>/SE101_RTSTRUCT/RS0001.dcm  RTSTRUCT of series 1), SE102_* for 2
+    dicom/case_<NNNN>/study_<StudyDate>/SE003_MR/, SE004_PT/       mixed cohorts only: T1 MR, FDG PET
+    dicom/case_<NNNN>/study_<StudyDate>/SE103_*/, SE104_*/         ... and their SEG / RTSTRUCT
     outcomes.csv       patient_id, time_months, event, age, sex, stage
-    ground_truth.csv   one row per written segment / ROI (never read by the pipeline)
+    ground_truth.csv   one row per written segment / ROI (never read by the pipeline); mixed cohorts add a
+                       last column ``modality``
     manifest.json      seed, n_patients, generator version, file counts, the deliberately broken files
+                       (mixed cohorts: ``modalities``, ``n_series_by_modality``)
 
 Folder names carry no identifier (case number and study date only): discovery stores paths, and the
 analytic tables must never hold a PatientID, PatientName or birth date.
@@ -32,7 +38,11 @@ and its noise from ``default_rng([seed, i, 1, series])``, so patients are indepe
   folder, patient 2 a truncated CT slice (``SE901_CT``) and a CT slice without PixelData (``SE902_CT``),
   patient 3's primary series lacks one middle slice (a lesion-free one where possible);
 * outcomes: Weibull proportional hazards on stage, age and the phenotype of the patient's *largest*
-  lesion (outer volume by quadrature), with administrative and random censoring.
+  lesion (outer volume by quadrature), with administrative and random censoring;
+* mixed cohorts (:mod:`imaging_assets.demo.modalities`): every patient also gets an MR and a PET series in
+  the same study, with the patient's segmentation kind and labels, drawn from their own random streams, so
+  the CT series, segmentations and outcomes are byte-identical to the CT-only cohort of the same seed
+  (only the two tables gain the modality). Broken files and test-retest series stay CT-only.
 
 UIDs are ``2.25.<uuid>`` values whose UUID is a SHA-256 hash of the seed and the object's role (note that
 ``pydicom.uid.generate_uid(prefix=None, ...)`` ignores ``entropy_srcs`` and is random).
@@ -50,6 +60,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -60,7 +71,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from imaging_assets.demo import modalities as extra
 from imaging_assets.demo import phantom
+from imaging_assets.demo.modalities import ModalityPlan, normalise_modalities
 from imaging_assets.demo.phantom import PHENOTYPES, Anatomy, Grid, Lesion
 
 logger = logging.getLogger(__name__)
@@ -516,6 +529,73 @@ def _ct_dataset(spec: PatientSpec, plan: SeriesPlan, k: int, hu_slice: np.ndarra
     return ds
 
 
+#: Random-stream code of each extra modality: ``default_rng([seed, patient, 2 | 3, code])``.
+_MODALITY_STREAM = {"MR": 1, "PT": 2}
+
+
+def _seconds(tm: str) -> int:
+    return int(tm[:2]) * 3600 + int(tm[2:4]) * 60 + int(tm[4:6])
+
+
+def modality_plans(spec: PatientSpec, modalities: Any = ("CT",)) -> tuple[ModalityPlan, ...]:
+    """The MR / PET series of a patient in a cohort of ``modalities`` (none for a CT-only cohort).
+
+    Each is drawn from its own generator ``default_rng([seed, index, 2, code])``, so the CT series,
+    segmentations and outcomes of the patient are the same with or without them. Every patient of a mixed
+    cohort gets every requested modality, in the same study, with the patient's segmentation kind and labels.
+
+    Parameters
+    ----------
+    spec : PatientSpec
+    modalities : iterable of str
+        See :func:`~imaging_assets.demo.modalities.normalise_modalities`.
+
+    Returns
+    -------
+    tuple of ModalityPlan
+    """
+    plans = []
+    study = date(int(spec.study_date[:4]), int(spec.study_date[4:6]), int(spec.study_date[6:]))
+    primary = spec.series[0]
+    for modality in normalise_modalities(modalities):
+        if modality == "CT":
+            continue
+        rng = np.random.default_rng([spec.seed, spec.index, 2, _MODALITY_STREAM[modality]])
+        grid, shift, acq = extra.sample_acquisition(rng, modality, primary.grid, spec.lesions, spec.sex)
+        offset = int(rng.integers(1800, 3600)) if modality == "MR" else int(rng.integers(300, 900))
+        number = extra.SERIES_NUMBERS[modality]
+        seg_day = study + timedelta(days=int(rng.integers(1, 15)))
+        s, i = spec.seed, spec.index
+        plans.append(ModalityPlan(
+            modality=modality,
+            grid=grid,
+            shift=shift,
+            series_number=number,
+            series_time=_fmt_time(_seconds(spec.study_time) + offset),
+            series_instance_uid=demo_uid(s, i, "series", modality),
+            # PET/CT: one couch, one frame of reference; MR: the patient was repositioned elsewhere
+            frame_of_reference_uid=(primary.frame_of_reference_uid if modality == "PT"
+                                    else demo_uid(s, i, "frame-of-reference", modality)),
+            sop_instance_uids=tuple(demo_uid(s, i, modality.lower(), k) for k in range(len(grid.z_positions))),
+            seg_series_number=100 + number,
+            seg_series_instance_uid=demo_uid(s, i, "seg-series", modality),
+            seg_sop_instance_uid=demo_uid(s, i, "seg-sop", modality),
+            seg_date=_fmt_date(seg_day),
+            seg_time=_fmt_time(int(rng.integers(8 * 3600, 17 * 3600))),
+            dimension_organization_uid=demo_uid(s, i, "seg-dimension-organization", modality),
+            acquisition=acq,
+        ))
+    return tuple(plans)
+
+
+def render_modality(spec: PatientSpec, plan: ModalityPlan) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Render one MR (uint16 a.u.) or PET (float32 Bq/ml) series and its lesion masks, as written to DICOM
+    (PET before the per-slice uint16 quantisation)."""
+    noise_rng = np.random.default_rng([spec.seed, spec.index, 3, _MODALITY_STREAM[plan.modality]])
+    render = extra.render_mr if plan.modality == "MR" else extra.render_pet
+    return render(plan, spec.anatomy, list(spec.lesions), noise_rng)
+
+
 def _lesion_free_middle_slice(masks: list[np.ndarray], nz: int) -> int:
     occupied = np.zeros(nz, dtype=bool)
     for m in masks:
@@ -526,13 +606,84 @@ def _lesion_free_middle_slice(masks: list[np.ndarray], nz: int) -> int:
     return min(candidates, key=lambda k: (abs(k - nz // 2), k))
 
 
-def _write_patient(out_dir: Path, seed: int, index: int, n_patients: int) -> dict[str, Any]:
-    """Render and write one patient; returns rows and counts for the cohort tables."""
+def _write_segmentation(study_dir: Path, spec: PatientSpec, plan: SeriesPlan | ModalityPlan,
+                        images: list[Dataset], masks: list[np.ndarray], dimension_organization_uid: str) -> Path:
+    """Write the patient's SEG or RTSTRUCT (``spec.seg_kind``) of one image series; returns its path."""
     from imaging_assets.demo.rtstruct import build_rtstruct
     from imaging_assets.demo.seg import build_seg
 
+    if spec.seg_kind == "seg":
+        obj = build_seg(
+            images, masks, list(spec.labels),
+            series_instance_uid=plan.seg_series_instance_uid,
+            sop_instance_uid=plan.seg_sop_instance_uid,
+            dimension_organization_uid=dimension_organization_uid,
+            series_number=plan.seg_series_number,
+            content_date=plan.seg_date,
+            content_time=plan.seg_time,
+            manufacturer=MANUFACTURER,
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        )
+        seg_path = study_dir / f"SE{plan.seg_series_number:03d}_SEG" / "SEG0001.dcm"
+    else:
+        obj = build_rtstruct(
+            images, masks, list(spec.labels),
+            series_instance_uid=plan.seg_series_instance_uid,
+            sop_instance_uid=plan.seg_sop_instance_uid,
+            series_number=plan.seg_series_number,
+            structure_set_date=plan.seg_date,
+            structure_set_time=plan.seg_time,
+            manufacturer=MANUFACTURER,
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        )
+        seg_path = study_dir / f"SE{plan.seg_series_number:03d}_RTSTRUCT" / "RS0001.dcm"
+    seg_path.parent.mkdir(parents=True, exist_ok=True)
+    obj.save_as(seg_path, enforce_file_format=True)
+    return seg_path
+
+
+def _ground_truth_rows(spec: PatientSpec, plan: SeriesPlan | ModalityPlan, masks: list[np.ndarray], largest: int,
+                       modality: str | None) -> list[dict[str, Any]]:
+    """One ground-truth row per lesion mask of a series; ``modality`` is added for mixed cohorts only."""
+    g = plan.grid
+    voxel_mm3 = g.pixel_spacing**2 * g.slice_spacing
+    rows = []
+    for li, (les, m) in enumerate(zip(spec.lesions, masks, strict=True)):
+        kk, jj, ii = np.nonzero(m)
+        row = {
+            "patient_id": spec.patient_id,
+            "lesion_index": li,
+            "phenotype": les.phenotype,
+            "location": les.location,
+            "has_hole": les.hollow,
+            "study_instance_uid": spec.study_instance_uid,
+            "series_instance_uid": plan.series_instance_uid,
+            "frame_of_reference_uid": plan.frame_of_reference_uid,
+            "is_retest": plan.is_retest,
+            "seg_kind": spec.seg_kind,
+            "seg_series_instance_uid": plan.seg_series_instance_uid,
+            "seg_sop_instance_uid": plan.seg_sop_instance_uid,
+            "segment_number": li + 1,
+            "segment_label": spec.labels[li],
+            "volume_voxels": int(len(kk)),
+            "volume_mm3": f"{len(kk) * voxel_mm3:.2f}",
+            "center_x": f"{g.origin_x + ii.mean() * g.pixel_spacing:.3f}",
+            "center_y": f"{g.origin_y + jj.mean() * g.pixel_spacing:.3f}",
+            "center_z": f"{float(np.interp(kk.mean(), np.arange(len(g.z_positions)), g.zs())):.3f}",
+            "largest_lesion": li == largest,
+        }
+        if modality is not None:
+            row["modality"] = modality
+        rows.append(row)
+    return rows
+
+
+def _write_patient(out_dir: Path, seed: int, index: int, n_patients: int,
+                   modalities: tuple[str, ...] = ("CT",)) -> dict[str, Any]:
+    """Render and write one patient; returns rows and counts for the cohort tables."""
     rendered = render_patient(seed, index)
     spec = rendered.spec
+    mixed = modalities != ("CT",)
     study_dir = out_dir / "dicom" / spec.case_folder / spec.study_folder
     with_broken = n_patients >= 4
     broken: list[dict[str, Any]] = []
@@ -564,61 +715,10 @@ def _write_patient(out_dir: Path, seed: int, index: int, n_patients: int) -> dic
                 ds.save_as(series_dir / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
                 n_files += 1
 
-        if spec.seg_kind == "seg":
-            obj = build_seg(
-                cts, masks, list(spec.labels),
-                series_instance_uid=plan.seg_series_instance_uid,
-                sop_instance_uid=plan.seg_sop_instance_uid,
-                dimension_organization_uid=demo_uid(seed, index, "seg-dimension-organization", plan.series_index),
-                series_number=plan.seg_series_number,
-                content_date=plan.seg_date,
-                content_time=plan.seg_time,
-                manufacturer=MANUFACTURER,
-                implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-            )
-            seg_path = study_dir / f"SE{plan.seg_series_number:03d}_SEG" / "SEG0001.dcm"
-        else:
-            obj = build_rtstruct(
-                cts, masks, list(spec.labels),
-                series_instance_uid=plan.seg_series_instance_uid,
-                sop_instance_uid=plan.seg_sop_instance_uid,
-                series_number=plan.seg_series_number,
-                structure_set_date=plan.seg_date,
-                structure_set_time=plan.seg_time,
-                manufacturer=MANUFACTURER,
-                implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-            )
-            seg_path = study_dir / f"SE{plan.seg_series_number:03d}_RTSTRUCT" / "RS0001.dcm"
-        seg_path.parent.mkdir(parents=True, exist_ok=True)
-        obj.save_as(seg_path, enforce_file_format=True)
+        _write_segmentation(study_dir, spec, plan, cts, masks,
+                            demo_uid(seed, index, "seg-dimension-organization", plan.series_index))
         n_files += 1
-
-        g = plan.grid
-        voxel_mm3 = g.pixel_spacing**2 * g.slice_spacing
-        for li, (les, m) in enumerate(zip(spec.lesions, masks, strict=True)):
-            kk, jj, ii = np.nonzero(m)
-            gt_rows.append({
-                "patient_id": spec.patient_id,
-                "lesion_index": li,
-                "phenotype": les.phenotype,
-                "location": les.location,
-                "has_hole": les.hollow,
-                "study_instance_uid": spec.study_instance_uid,
-                "series_instance_uid": plan.series_instance_uid,
-                "frame_of_reference_uid": plan.frame_of_reference_uid,
-                "is_retest": plan.is_retest,
-                "seg_kind": spec.seg_kind,
-                "seg_series_instance_uid": plan.seg_series_instance_uid,
-                "seg_sop_instance_uid": plan.seg_sop_instance_uid,
-                "segment_number": li + 1,
-                "segment_label": spec.labels[li],
-                "volume_voxels": int(len(kk)),
-                "volume_mm3": f"{len(kk) * voxel_mm3:.2f}",
-                "center_x": f"{g.origin_x + ii.mean() * g.pixel_spacing:.3f}",
-                "center_y": f"{g.origin_y + jj.mean() * g.pixel_spacing:.3f}",
-                "center_z": f"{float(np.interp(kk.mean(), np.arange(len(g.z_positions)), g.zs())):.3f}",
-                "largest_lesion": li == largest,
-            })
+        gt_rows.extend(_ground_truth_rows(spec, plan, masks, largest, "CT" if mixed else None))
 
         if with_broken and index == 0 and plan.series_index == 0:
             path = series_dir / "NOTES.dcm"
@@ -657,6 +757,23 @@ def _write_patient(out_dir: Path, seed: int, index: int, n_patients: int) -> dic
                 broken.append({"path": rel(path), "kind": kind, "detail": detail,
                                "sop_instance_uid": sop})
 
+    n_series = len(spec.series)
+    for mplan in modality_plans(spec, modalities):
+        pixels, masks = render_modality(spec, mplan)
+        series_dir = study_dir / mplan.folder
+        series_dir.mkdir(parents=True, exist_ok=True)
+        images = [extra.modality_dataset(spec, mplan, k, pixels[k], manufacturer=MANUFACTURER,
+                                         implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                                         software_versions=GENERATOR_VERSION)
+                  for k in range(pixels.shape[0])]
+        for k, ds in enumerate(images):
+            ds.save_as(series_dir / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
+            n_files += 1
+        _write_segmentation(study_dir, spec, mplan, images, masks, mplan.dimension_organization_uid)
+        n_files += 1
+        n_series += 1
+        gt_rows.extend(_ground_truth_rows(spec, mplan, masks, largest, mplan.modality))
+
     outcome = {
         "patient_id": spec.patient_id,
         "time_months": f"{spec.time_months:.2f}",
@@ -671,7 +788,7 @@ def _write_patient(out_dir: Path, seed: int, index: int, n_patients: int) -> dic
         "ground_truth": gt_rows,
         "n_files": n_files,
         "n_lesions": len(spec.lesions),
-        "n_series": len(spec.series),
+        "n_series": n_series,
         "broken": broken,
     }
 
@@ -696,9 +813,10 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 
 def generate_cohort(
-    out_dir: Path, n_patients: int = 100, seed: int = 0, workers: int | None = None
+    out_dir: Path, n_patients: int = 100, seed: int = 0, workers: int | None = None,
+    modalities: Any = ("CT",),
 ) -> DemoCohort:
-    """Generate the synthetic demo cohort (DICOM CT + SEG/RTSTRUCT, outcomes, ground truth).
+    """Generate the synthetic demo cohort (DICOM CT [+ MR, PET] + SEG/RTSTRUCT, outcomes, ground truth).
 
     Parameters
     ----------
@@ -711,6 +829,11 @@ def generate_cohort(
         Non-negative seed; the same seed gives byte-identical files.
     workers : int or None
         Worker processes (default ``os.cpu_count()``); 1 generates in this process.
+    modalities : iterable of str or str
+        ``("CT",)`` (default, the CT-only cohort) or e.g. ``("CT", "MR", "PT")`` / ``"CT,MR,PT"``: every
+        patient also gets a T1 MR and an FDG PET series of the same lesions, each with its own SEG or
+        RTSTRUCT (:mod:`imaging_assets.demo.modalities`); ``ground_truth.csv`` then has a ``modality``
+        column and ``manifest.json`` a ``modalities`` list. The CT part is the same either way.
 
     Returns
     -------
@@ -721,17 +844,20 @@ def generate_cohort(
         raise ValueError(f"n_patients must be >= 1, got {n_patients}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    modalities = normalise_modalities(modalities)
+    mixed = modalities != ("CT",)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
     n_workers = max(1, min(workers if workers is not None else (os.cpu_count() or 1), n_patients))
 
     if n_workers == 1:
-        results = [_write_patient(out_dir, seed, i, n_patients) for i in range(n_patients)]
+        results = [_write_patient(out_dir, seed, i, n_patients, modalities) for i in range(n_patients)]
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_write_patient, out_dir, seed, i, n_patients) for i in range(n_patients)]
+            futures = [pool.submit(_write_patient, out_dir, seed, i, n_patients, modalities)
+                       for i in range(n_patients)]
             results = [f.result() for f in futures]
     results.sort(key=lambda r: r["index"])
 
@@ -746,7 +872,7 @@ def generate_cohort(
     ground_truth_csv = out_dir / "ground_truth.csv"
     manifest_json = out_dir / "manifest.json"
     _write_csv(outcomes_csv, OUTCOME_COLUMNS, outcomes)
-    _write_csv(ground_truth_csv, GROUND_TRUTH_COLUMNS, gt_rows)
+    _write_csv(ground_truth_csv, GROUND_TRUTH_COLUMNS + (("modality",) if mixed else ()), gt_rows)
     manifest = {
         "generator": "imaging_assets.demo.generator",
         "generator_version": GENERATOR_VERSION,
@@ -761,6 +887,10 @@ def generate_cohort(
         "outcome_phenotype_rule": "phenotype of the patient's largest lesion (outer volume)",
         "broken": broken,
     }
+    if mixed:  # the CT-only manifest stays as it was
+        manifest["modalities"] = list(modalities)
+        series_modality = {(r["series_instance_uid"], r["modality"]) for r in gt_rows}
+        manifest["n_series_by_modality"] = dict(sorted(Counter(m for _, m in series_modality).items()))
     manifest_json.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     elapsed = time.perf_counter() - t0

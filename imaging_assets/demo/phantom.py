@@ -322,6 +322,39 @@ def _in_lung(an: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.nda
     return ex * ex + ey * ey <= 1.0
 
 
+#: Tissue classes of :func:`anatomy_labels` (index = label value); later ones are drawn over earlier ones.
+TISSUES: tuple[str, ...] = ("air", "fat", "muscle", "heart", "lung", "vessel", "aorta", "rib", "bone", "marrow")
+
+
+def anatomy_labels(an: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Tissue class (index into :data:`TISSUES`) at broadcastable anatomy-frame coordinates (mm).
+
+    The same geometry for every modality: :func:`anatomy_hu` maps it to HU, the MR and PET renderers of
+    :mod:`imaging_assets.demo.modalities` to their own intensities.
+    """
+    x, y, z = np.broadcast_arrays(x, y, z)
+    t = {name: i for i, name in enumerate(TISSUES)}
+    lab = np.zeros(x.shape, dtype=np.uint8)
+    lab[(x / an.body_ax) ** 2 + (y / an.body_ay) ** 2 <= 1.0] = t["fat"]
+    inner_ax = an.body_ax - an.fat_thickness
+    inner_ay = an.body_ay - an.fat_thickness
+    lab[(x / inner_ax) ** 2 + (y / inner_ay) ** 2 <= 1.0] = t["muscle"]
+    lab[((x - an.heart_cx) / an.heart_ax) ** 2 + ((y - an.heart_cy) / an.heart_ay) ** 2 <= 1.0] = t["heart"]
+    lung = _in_lung(an, x, y, z)
+    lab[lung] = t["lung"]
+    for vx, vy, sx, sy, vr in an.vessels:
+        dz = z - an.z_center
+        ves = (x - (vx + sx * dz)) ** 2 + (y - (vy + sy * dz)) ** 2 <= vr * vr
+        lab[ves & lung] = t["vessel"]
+    lab[(x - an.aorta_cx) ** 2 + (y - an.aorta_cy) ** 2 <= an.aorta_r**2] = t["aorta"]
+    for rx, ry, rr in an.ribs:
+        lab[(x - rx) ** 2 + (y - ry) ** 2 <= rr * rr] = t["rib"]
+    d2 = x**2 + (y - an.spine_cy) ** 2
+    lab[d2 <= an.spine_r**2] = t["bone"]
+    lab[d2 <= (0.7 * an.spine_r) ** 2] = t["marrow"]  # trabecular core
+    return lab
+
+
 def anatomy_hu(an: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     """Noise-free background density (HU) at broadcastable anatomy-frame coordinates.
 
@@ -336,31 +369,9 @@ def anatomy_hu(an: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.n
     numpy.ndarray of float32
         Densities with the broadcast shape.
     """
-    x, y, z = np.broadcast_arrays(x, y, z)
-    hu = np.full(x.shape, -1000.0, dtype=np.float32)
-    body = (x / an.body_ax) ** 2 + (y / an.body_ay) ** 2 <= 1.0
-    hu[body] = an.hu_fat
-    inner_ax = an.body_ax - an.fat_thickness
-    inner_ay = an.body_ay - an.fat_thickness
-    inner = (x / inner_ax) ** 2 + (y / inner_ay) ** 2 <= 1.0
-    hu[inner] = an.hu_muscle
-    heart = ((x - an.heart_cx) / an.heart_ax) ** 2 + ((y - an.heart_cy) / an.heart_ay) ** 2 <= 1.0
-    hu[heart] = an.hu_heart
-    lung = _in_lung(an, x, y, z)
-    hu[lung] = an.hu_lung
-    for vx, vy, sx, sy, vr in an.vessels:
-        dz = z - an.z_center
-        ves = (x - (vx + sx * dz)) ** 2 + (y - (vy + sy * dz)) ** 2 <= vr * vr
-        hu[ves & lung] = an.hu_heart
-    aorta = (x - an.aorta_cx) ** 2 + (y - an.aorta_cy) ** 2 <= an.aorta_r**2
-    hu[aorta] = an.hu_heart + 5.0
-    for rx, ry, rr in an.ribs:
-        rib = (x - rx) ** 2 + (y - ry) ** 2 <= rr * rr
-        hu[rib] = an.hu_bone - 150.0
-    d2 = x**2 + (y - an.spine_cy) ** 2
-    hu[d2 <= an.spine_r**2] = an.hu_bone
-    hu[d2 <= (0.7 * an.spine_r) ** 2] = an.hu_bone - 150.0  # trabecular core (700..850 HU)
-    return hu
+    lut = np.array([-1000.0, an.hu_fat, an.hu_muscle, an.hu_heart, an.hu_lung, an.hu_heart, an.hu_heart + 5.0,
+                    an.hu_bone - 150.0, an.hu_bone, an.hu_bone - 150.0], dtype=np.float32)  # TISSUES order
+    return lut[anatomy_labels(an, x, y, z)]
 
 
 def _texture(rng: np.random.Generator, wavelength: float, m: int = 10) -> tuple[np.ndarray, np.ndarray]:

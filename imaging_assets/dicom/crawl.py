@@ -30,7 +30,7 @@ from imaging_assets.dicom.pseudonym import pseudonym_secret
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CrawlResult", "crawl", "iter_files", "read_chunk"]
+__all__ = ["CrawlResult", "crawl", "iter_files", "read_chunk", "resolve_duplicates", "same_bytes", "under_roots"]
 
 #: Below this many files to read, a process pool costs more than it saves.
 IN_PROCESS_THRESHOLD = 200
@@ -390,3 +390,106 @@ def crawl(
         result.elapsed_s,
     )
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# roots and copies
+# --------------------------------------------------------------------------------------------------
+def under_roots(path: str, roots: Sequence[str | os.PathLike[str]]) -> bool:
+    """Is ``path`` one of ``roots`` or inside one of them (absolute, not symlink-resolved, as the crawl
+    stores paths)?"""
+    for root in _root_paths(list(roots)):
+        if path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep):
+            return True
+    return False
+
+
+def same_bytes(a: str, b: str) -> bool:
+    """Do two files hold the same bytes? Reads both until the first difference; False when either cannot
+    be read."""
+    import filecmp
+
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError as exc:
+        logger.warning("cannot compare %s with %s: %s", a, b, exc)
+        return False
+
+
+DuplicateRow = Mapping[str, object]
+
+
+def resolve_duplicates(
+    rows: Sequence[DuplicateRow],
+    same: Callable[[str, str], bool] = same_bytes,
+) -> dict[str, str | None]:
+    """Decide which active files are copies of which: one canonical path per content, the others point to it.
+
+    Parameters
+    ----------
+    rows
+        Active catalog rows of one *group* of files that may be copies (same SOP Instance UID; for the
+        quarantine: same reason, size and message), each with ``path``, ``size``, ``duplicate_of`` (the
+        stored decision, None for a canonical or unique file), ``checked`` (optional: True when the row
+        was compared with the others since it was last read) and ``rank`` (any sortable value, least
+        first; discovery passes ``(time the row was last read, -files of its series in its folder)``, so
+        the copy read first stays canonical and, among copies read together, the one beside its series).
+    same
+        Content test for two paths of equal size (default :func:`same_bytes`).
+
+    Returns
+    -------
+    dict
+        ``path -> canonical path`` for every copy and ``path -> None`` for every canonical / unique file.
+
+    Notes
+    -----
+    Two files are one instance only when they hold the same bytes (a SOP Instance UID is not proof: rt-utils
+    writes three different RTSTRUCTs with one UID). Stored links are trusted without reading the files
+    again, also when their canonical left the catalog (its copies are still copies of each other): the
+    catalog clears the links of a file that was read again. Two contents whose rows are all ``checked``
+    were already found to differ and are not compared again; everything else of equal size is.
+    Within one content the canonical is the row of least ``(rank, path)``: an existing canonical keeps
+    its place when a new copy appears, even at a smaller path (so series files, lesion fingerprints and
+    features stay as they are), and copies found in the same crawl choose the smallest path.
+    """
+    ordered = sorted(rows, key=lambda r: (r["rank"], str(r["path"])))
+    parent: dict[str, str] = {}
+
+    def find(p: str) -> str:
+        while parent.setdefault(p, p) != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    for r in ordered:  # stored links: the same content, already verified
+        find(str(r["path"]))
+        if r["duplicate_of"]:
+            a, b = find(str(r["path"])), find(str(r["duplicate_of"]))
+            if a != b:
+                parent[b] = a
+    classes: dict[str, list[DuplicateRow]] = {}
+    for r in ordered:
+        classes.setdefault(find(str(r["path"])), []).append(r)
+    kept: list[list[DuplicateRow]] = []  # contents in order of their best member
+    def settled(members: list[DuplicateRow]) -> bool:
+        return all(bool(m.get("checked")) for m in members)
+
+    for members in classes.values():
+        first = members[0]
+        for other in kept:
+            if other[0]["size"] != first["size"] or (settled(other) and settled(members)):
+                continue
+            if same(str(other[0]["path"]), str(first["path"])):
+                other.extend(members)
+                break
+        else:
+            kept.append(list(members))
+    out: dict[str, str | None] = {}
+    for members in kept:
+        members.sort(key=lambda r: (r["rank"], str(r["path"])))
+        canonical = str(members[0]["path"])
+        out[canonical] = None
+        for r in members[1:]:
+            out[str(r["path"])] = canonical
+    return out

@@ -779,6 +779,12 @@ def _iso_date(s: str | None) -> str | None:
         return None
 
 
+def _photometric(value: str | None) -> str | None:
+    """PhotometricInterpretation upper-cased without padding (``'RGB'``, ``'MONOCHROME2'``), or None."""
+    text = (value or "").strip(" \x00").upper()
+    return text or None
+
+
 def _vec(v: list[float] | None, n: int) -> list[float] | None:
     return v if v is not None and len(v) == n else None
 
@@ -932,6 +938,10 @@ def _build(
         "slice_thickness": thickness[0] if thickness and kind != "rtstruct" else None,
         "frame_positions": frame_positions,
         "referenced_series_uids": referenced,
+        # SamplesPerPixel is type 1 for pixel objects; a missing one means 1, as _check_pixels reads it
+        "samples_per_pixel": (values.get("SamplesPerPixel") or 1) if kind != "rtstruct" else None,
+        "photometric_interpretation": _photometric(values.get("PhotometricInterpretation"))
+        if kind != "rtstruct" else None,
     }
     return record  # same keys, same order as records.FILE_FIELDS (checked by the tests)
 

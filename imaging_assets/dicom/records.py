@@ -41,6 +41,8 @@ FILE_FIELDS: tuple[str, ...] = (
     "slice_thickness",
     "frame_positions",  # multi-frame only: per-frame ImagePositionPatient, else None
     "referenced_series_uids",  # SEG / RTSTRUCT: series they reference (may be empty)
+    "samples_per_pixel",  # images / SEG: SamplesPerPixel (1 when absent); None for RTSTRUCT
+    "photometric_interpretation",  # images / SEG: e.g. MONOCHROME2, RGB, PALETTE COLOR; None when absent
 )
 
 #: One row of the quarantine table.
@@ -100,6 +102,7 @@ GEOMETRY_FLAGS: dict[str, str] = {
     "inconsistent_pixel_spacing": "slices disagree on PixelSpacing",
     "inconsistent_size": "slices disagree on Rows/Columns",
     "missing_geometry": "position/orientation/spacing missing",
+    "color_pixels": "colour pixels (SamplesPerPixel > 1 or a colour PhotometricInterpretation): no grey values",
 }
 
 #: One row of the ``segmentations`` table.

@@ -42,6 +42,10 @@ Geometry flags (codes of :data:`~imaging_assets.dicom.records.GEOMETRY_FLAGS`, e
     * ``inconsistent_size``: Rows/Columns differ between slices.
     * ``missing_geometry``: a slice lacks ImagePositionPatient, ImageOrientationPatient or PixelSpacing
       (or a multi-frame file has no per-frame positions).
+    * ``color_pixels``: a file holds colour pixels: ``samples_per_pixel`` > 1 (RGB, YBR) or a
+      PhotometricInterpretation other than MONOCHROME1/2 (PALETTE COLOR holds palette indices, not grey
+      values). Radiomics needs one grey value per voxel; such a series would only fail at extraction.
+      Records without these fields (catalogued before they existed) are not flagged.
 
 ``usable`` is True when there is no flag. Slice numbers in the sentences are 1-based, in slice order.
 """
@@ -132,6 +136,17 @@ def _slice_label(s: _Slice) -> str:
     name = os.path.basename(s.path)
     n_frames = _int(s.record.get("number_of_frames")) or 1
     return f"{name} frame {s.frame + 1}" if n_frames > 1 or s.frame > 0 else name
+
+
+#: PhotometricInterpretation values whose pixels are grey values.
+_GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
+
+
+def _colour(record: dict[str, Any]) -> bool:
+    """Does this file hold colour pixels (several samples per pixel, or a non-grey photometric)?"""
+    spp = _int(record.get("samples_per_pixel"))
+    photometric = (record.get("photometric_interpretation") or "").strip().upper()
+    return (spp is not None and spp > 1) or bool(photometric and photometric not in _GREY)
 
 
 def _more(items: list[str], total: int) -> str:
@@ -386,6 +401,19 @@ def _qc_and_row(
             "inconsistent_size",
             "Rows x Columns vary between " + what + ": "
             + ", ".join(f"{r}x{c} ({v} {_noun(what, v)})" for (r, c), v in sizes.most_common()),
+        )
+
+    # ---- colour pixels -------------------------------------------------------------------------------
+    colour = [r for r in {id(s.record): s.record for s in slices}.values() if _colour(r)]
+    if colour:
+        n_records = len({id(s.record) for s in slices})
+        ex = colour[0]
+        flag(
+            "color_pixels",
+            f"{len(colour)} of {n_records} {_noun('files', n_records)} hold colour pixels, e.g. "
+            f"{os.path.basename(ex.get('path') or '')} (PhotometricInterpretation "
+            f"{ex.get('photometric_interpretation') or 'absent'}, SamplesPerPixel "
+            f"{ex.get('samples_per_pixel') or 'absent'}); radiomics needs one grey value per voxel",
         )
 
     # ---- positions along the normal ------------------------------------------------------------------

@@ -52,7 +52,9 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -335,3 +337,142 @@ def crop_margin_mm(params: Mapping[str, Any], spacing: Sequence[float] = (1.0, 1
     if vox is None:
         return math.inf
     return float(max(v * float(s) for v, s in zip(vox, spacing, strict=True)))
+
+
+# ----------------------------------------------------------------------------------- resolved settings
+#: Modality codes as feature spaces name them (DICOM codes; synonyms folded).
+_MODALITY_CODES = {"MRI": "MR", "PET": "PT"}
+
+
+def modality_code(modality: str | None) -> str:
+    """``CT``, ``MR``, ``PT``, ... (upper case, synonyms folded; ``OT`` when unknown)."""
+    key = (modality or "").strip().upper() or "OT"
+    return _MODALITY_CODES.get(key, key)
+
+
+@dataclass(frozen=True, eq=False)
+class ExtractionSettings:
+    """One validated, hashed set of pyradiomics parameters for one modality: it names its feature space.
+
+    Built once at the edge by :func:`extraction_settings` (a preset or a user's file), then passed down;
+    lesions extracted with the same settings form one feature space (:attr:`space`), and robustness, the
+    robust set, scaling, vectors, clusters and search work per space, so a CT lesion is never compared
+    with an MR lesion's vector.
+    """
+
+    modality: str
+    params: dict[str, Any] = field(repr=False)
+    params_hash: str
+    source: str
+
+    @property
+    def space(self) -> str:
+        """``<modality>-<first 8 hex of the params hash>``, e.g. ``CT-1a2b3c4d``."""
+        return space_name(self.modality, self.params_hash)
+
+
+def space_name(modality: str | None, phash: str) -> str:
+    """The feature space of a modality and params hash (see :class:`ExtractionSettings`)."""
+    return f"{modality_code(modality)}-{phash[:8]}"
+
+
+def validate_params(params: Mapping[str, Any], source: str) -> None:
+    """Validate ``params`` with pyradiomics' own schema (``radiomics/schemas/paramSchema.yaml``) before any
+    extraction, so a typo stops the run at its start instead of failing every lesion.
+
+    Raises
+    ------
+    ValueError
+        Naming ``source`` (the file), the key or value that is wrong, and the closest valid key.
+    """
+    import difflib
+
+    import pykwalify.core
+    from pykwalify.errors import SchemaError
+    from radiomics import getParameterValidationFiles
+
+    schema_file, schema_funcs = getParameterValidationFiles()
+    quiet = logging.getLogger("pykwalify")
+    level, quiet.level = quiet.level, logging.CRITICAL  # it logs every error itself; we raise one message
+    try:
+        pykwalify.core.Core(source_data=_canonical(params), schema_files=[schema_file],
+                            extensions=[schema_funcs]).validate(raise_exception=True)
+    except SchemaError as exc:
+        problems = []
+        for line in str(exc.msg if hasattr(exc, "msg") else exc).splitlines():
+            line = line.strip(" -")
+            if not line or line.startswith(("validation.invalid", "Schema validation failed")):
+                continue
+            m = re.search(r"Key '([^']+)' was not defined\. Path: '([^']*)'", line)
+            if m:
+                key, path = m.group(1), m.group(2)
+                section = path.strip("/").split("/")[0] if path.strip("/") else ""
+                known = _known_keys(section)
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"unknown key {key!r} in {section or 'the top level'}{hint}")
+            else:
+                problems.append(line)
+        raise ValueError(f"{source}: invalid pyradiomics parameters: {'; '.join(problems) or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a schema function (interpolator, wavelet, ...) refused a value
+        raise ValueError(f"{source}: invalid pyradiomics parameters: {exc}") from None
+    finally:
+        quiet.level = level
+
+
+def _known_keys(section: str) -> list[str]:
+    """Keys pyradiomics' schema allows in a section (``setting``, ``imageType``, ``featureClass``, top)."""
+    import yaml as _yaml
+    from radiomics import getParameterValidationFiles
+
+    schema_file, _ = getParameterValidationFiles()
+    with open(schema_file, encoding="utf-8") as fh:
+        schema = _yaml.safe_load(fh)
+    mapping = schema.get("mapping", {})
+    if not section:
+        return list(mapping)
+    node = mapping.get(section, {})
+    return list(node.get("mapping", {}) or {})
+
+
+_SETTINGS_CACHE: dict[tuple[str, str, int], ExtractionSettings] = {}
+
+
+def extraction_settings(modality: str | None, override: str | Path | Mapping[str, Any] | None = None
+                        ) -> ExtractionSettings:
+    """The settings a lesion of ``modality`` is extracted with: the user's parameters when given, else the
+    modality's preset; validated (:func:`validate_params`) and hashed once.
+
+    Parameters
+    ----------
+    modality
+        DICOM modality code of the image (``CT``, ``MR``, ``PT``; others use ``default.yaml``).
+    override
+        A pyradiomics YAML path (or preset name), or a parameter mapping, used for every modality.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        The file is not valid pyradiomics parameters; the message names the file and the key.
+    """
+    if isinstance(override, Mapping):
+        params = resolve_params(override)
+        validate_params(params, "params")
+        return ExtractionSettings(modality_code(modality), params, params_hash(params), "params")
+    if not override:
+        path = preset_for_modality(modality)
+    elif Path(override).is_file():
+        path = Path(override)
+    elif len(Path(override).parts) == 1 and Path(override).suffix in ("", ".yaml", ".yml"):
+        path = preset_path(str(override))  # a preset name: "ct", "mr.yaml"
+    else:
+        raise FileNotFoundError(f"pyradiomics parameter file {override} does not exist")
+    key = (modality_code(modality), str(path), path.stat().st_mtime_ns)
+    cached = _SETTINGS_CACHE.get(key)
+    if cached is None:
+        params = load_params(path)
+        validate_params(params, str(path))
+        cached = _SETTINGS_CACHE[key] = ExtractionSettings(key[0], params, params_hash(params), str(path))
+    return cached

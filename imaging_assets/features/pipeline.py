@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from imaging_assets.dicom.records import NRRD_SUFFIXES, VOLUME_SUFFIXES
 from imaging_assets.features.extract import ExtractionJob, default_workers
 from imaging_assets.features.lesions import LesionMask, load_lesions
-from imaging_assets.features.params import params_hash, preset_for_modality, resolve_params
+from imaging_assets.features.params import ExtractionSettings, extraction_settings
 from imaging_assets.features.volumes import load_series_image
 
 logger = logging.getLogger(__name__)
@@ -235,34 +235,30 @@ class SeriesLesionLoader:
         raise ValueError(f"{seg.get('path')}: segment {self.segment_number} component {self.component} not found")
 
 
-def params_for(modality: str | None, override: str | Path | None = None) -> dict[str, Any]:
-    """pyradiomics parameters for a modality: the user's YAML when given, else the modality preset."""
-    return resolve_params(override if override else preset_for_modality(modality))
-
-
 def extraction_jobs(
     lesions: Iterable[Mapping[str, Any]],
     series_rows: Sequence[Mapping[str, Any]],
     segmentation_rows: Sequence[Mapping[str, Any]],
     params_override: str | Path | None = None,
     options: LesionOptions = LesionOptions(),
-) -> list[tuple[ExtractionJob, str]]:
-    """One (job, params hash) per extractable lesion, sorted by series so workers reuse loaded images."""
+) -> list[tuple[ExtractionJob, ExtractionSettings]]:
+    """One (job, settings) per extractable lesion, sorted by series so workers reuse loaded images.
+
+    The settings of every modality are resolved and validated first (:func:`extraction_settings`), so a
+    bad parameter file raises here, naming the file and the key, before anything is extracted or stored.
+    """
     series_by_key = {s["series_key"]: s for s in series_rows}
     seg_by_key = {s["seg_key"]: s for s in segmentation_rows}
-    params_cache: dict[str | None, dict[str, Any]] = {}
+    todo = [les for les in sorted(lesions, key=lambda r: (r["series_key"], r["lesion_id"])) if les.get("extractable")]
+    settings = {m: extraction_settings(m, params_override)
+                for m in sorted({series_by_key[les["series_key"]].get("modality") or "" for les in todo})}
     jobs = []
-    for les in sorted(lesions, key=lambda r: (r["series_key"], r["lesion_id"])):
-        if not les.get("extractable"):
-            continue
+    for les in todo:
         series = series_by_key[les["series_key"]]
-        modality = series.get("modality")
-        if modality not in params_cache:
-            params_cache[modality] = params_for(modality, params_override)
-        params = params_cache[modality]
+        chosen = settings[series.get("modality") or ""]
         loader = SeriesLesionLoader(dict(series), dict(seg_by_key[les["seg_key"]]),
                                     int(les["segment_number"]), int(les["component"]), options)
-        jobs.append((ExtractionJob(les["lesion_id"], loader, params=params), params_hash(params)))
+        jobs.append((ExtractionJob(les["lesion_id"], loader, params=chosen.params), chosen))
     return jobs
 
 
@@ -409,7 +405,7 @@ def extract_one(image: str | Path, mask: str | Path, label: int | None = None, s
     number = choose_segment(seg, label, segment)
     if not resample_mask:
         check_volume_mask(seg, series, image_name=str(image))
-    p = params_for(series.get("modality") or modality, params)
+    p = extraction_settings(series.get("modality") or modality, params).params
     lid = lesion_id(str(series.get("series_instance_uid") or series["series_key"]),
                     str(seg.get("sop_instance_uid") or seg["seg_key"]), number, 0)
     loader = SeriesLesionLoader(dict(series), dict(seg), number, options=LesionOptions(resample_mask=resample_mask))

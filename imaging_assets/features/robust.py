@@ -208,8 +208,10 @@ def pair_test_retest(lesions: Sequence[Mapping[str, Any]], max_distance_mm: floa
     """Test-retest pairs of lesions: the same lesion seen in two series of one study.
 
     Rule: candidate pairs are two lesions with the same ``patient_key`` and study (``study_instance_uid``
-    when present, else ``study_date``; a lesion with neither is never paired), different ``series_key``,
-    both with a ``centroid_mm`` and centroids at most ``max_distance_mm`` apart. Candidates are taken
+    when present, else ``study_date``; a lesion with neither is never paired), the same ``modality`` and
+    feature ``space`` where the rows carry them (a CT and the MR of one patient share a frame of reference
+    but are not a re-scan: an ICC over CT-vs-MR values is meaningless), different ``series_key``, both with
+    a ``centroid_mm`` and centroids at most ``max_distance_mm`` apart (the same lesion, overlapping extent). Candidates are taken
     greedily in the order (same harmonised ``roi_name`` first, then distance, then ids), skipping any
     whose lesion is already paired, so each lesion is in at most one pair and the nearest matches win.
     Lesions whose ``status`` is present and not ``"ok"`` are ignored.
@@ -220,7 +222,7 @@ def pair_test_retest(lesions: Sequence[Mapping[str, Any]], max_distance_mm: floa
         ``(test_id, retest_id)`` with the test lesion from the series that sorts first by
         ``(series_key, lesion_id)``; the list sorted.
     """
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = {}
     for r in lesions:
         if r.get("status") not in (None, "ok"):
             continue
@@ -228,7 +230,8 @@ def pair_test_retest(lesions: Sequence[Mapping[str, Any]], max_distance_mm: floa
         centroid = r.get("centroid_mm")
         if study is None or r.get("patient_key") is None or centroid is None or len(centroid) != 3:
             continue
-        groups.setdefault((str(r["patient_key"]), study), []).append(r)
+        groups.setdefault((str(r["patient_key"]), study, str(r.get("modality") or "").upper(),
+                           str(r.get("space") or "")), []).append(r)
     candidates = []
     for members in groups.values():
         for i in range(len(members)):

@@ -32,7 +32,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 #: Columns of a :func:`find_similar` answer, in order (``distance``: L2 on the scaled robust features).
 RESULT_COLUMNS = ("rank", "lesion_id", "distance", "patient_key", "series_instance_uid", "segment_number",
                   "raw_label", "roi_name", "modality", "body_part", "volume_mm3", "study_date", "cluster",
-                  "feature_set_version")
+                  "feature_set_version", "space")
 
 
 @dataclass(frozen=True)
@@ -66,30 +66,101 @@ def _warehouse(warehouse: Warehouse | str | Path | None) -> Warehouse:
     return Warehouse.from_settings(root=warehouse)
 
 
-def query_vector(wh: Warehouse, image: str | Path, mask: str | Path, label: int | None = None,
-                 segment: str | None = None) -> tuple[np.ndarray, str]:
-    """Vector of a lesion from a new image + mask: features by the pipeline's code, the active robust set,
-    the stored scaler. Returns (vector, feature-set version)."""
-    from imaging_assets.features.pipeline import extract_one
-    from imaging_assets.stages.reproducibility import current_robust_set
-    from imaging_assets.stages.vectors import load_scaler
+@dataclass(frozen=True)
+class QueryVector:
+    """A new lesion as a query: its vector (padded to the table's dimension) and the space it belongs to."""
+
+    vector: np.ndarray
+    feature_set_version: str
+    space: str
+    params_hash: str
+    params_source: str
+
+
+def feature_spaces(wh: Warehouse) -> list[dict[str, Any]]:
+    """The warehouse's feature spaces with an active robust set: space, modality, params hash, source, the
+    robust-set version and size, lesions with vectors' worth of features."""
+    from imaging_assets.stages.reproducibility import current_robust_sets
 
     with wh.connect(read_only=True) as con:
-        scaler = load_scaler(con)
-        version, _ = current_robust_set(con)
-    if scaler is None:
-        raise RuntimeError("no vector scaler stored yet: materialize lesion_vectors first")
-    outcome = extract_one(image, mask, label=label, segment=segment)
+        sets = current_robust_sets(con)
+        rows = con.execute("SELECT s.space, s.modality, s.params_hash, s.source, s.params_json, "
+                           "(SELECT count(*) FROM radiomics_provenance p WHERE p.space = s.space) AS lesions "
+                           "FROM feature_spaces s ORDER BY 1").fetchdf().to_dict("records")
+    return [{**r, "feature_set_version": sets[r["space"]][0], "robust_features": len(sets[r["space"]][1])}
+            for r in rows if r["space"] in sets]
+
+
+def query_vector(wh: Warehouse, image: str | Path, mask: str | Path, label: int | None = None,
+                 segment: str | None = None, params: str | Path | None = None, space: str | None = None,
+                 modality: str | None = None, resample_mask: bool = False) -> QueryVector:
+    """Vector of a new lesion (image + mask), extracted with **the settings of the feature space it is
+    compared with** (read from ``feature_spaces``), then the space's robust set and stored scaler.
+
+    The space is ``space`` when given; else the one made by ``params`` (a pyradiomics file) for the image's
+    modality; else the warehouse's only space of that modality (a DICOM image names its modality; a NIfTI /
+    NRRD image takes ``modality``, or the warehouse's only space).
+
+    Raises
+    ------
+    ValueError
+        No or several matching spaces (the message lists the warehouse's spaces), or the extraction failed.
+    """
+    import json
+
+    from imaging_assets.features.params import extraction_settings, modality_code
+    from imaging_assets.features.pipeline import extract_one, resolve_inputs
+    from imaging_assets.stages.vectors import load_scaler
+    from imaging_assets.store.lance import open_db
+
+    spaces = {r["space"]: r for r in feature_spaces(wh)}
+    listing = ", ".join(f"{k} ({v['modality']}, {Path(str(v['source'])).name})" for k, v in sorted(spaces.items()))
+    if not spaces:
+        raise RuntimeError("no feature space with a robust set yet: materialize lesion_vectors first")
+    if space is None:
+        series, _ = resolve_inputs(image, mask, modality)
+        is_volume = str(image).lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"))
+        image_modality = modality or (None if is_volume else series.get("modality"))
+        if params is not None:
+            chosen = extraction_settings(image_modality or next(iter(spaces.values()))["modality"], params)
+            space = chosen.space
+            if space not in spaces:
+                raise ValueError(f"{params}: the warehouse has no lesions extracted with these settings "
+                                 f"(space {space}); its spaces: {listing}")
+        else:
+            matches = [k for k, v in spaces.items()
+                       if image_modality is None or v["modality"] == modality_code(image_modality)]
+            if len(matches) != 1:
+                what = f"modality {image_modality}" if image_modality else "this image"
+                raise ValueError(f"{len(matches)} feature spaces match {what}; name one with --space "
+                                 f"(or --params): {listing}")
+            space = matches[0]
+    if space not in spaces:
+        raise ValueError(f"unknown feature space {space!r}; the warehouse's spaces: {listing}")
+    info = spaces[space]
+    stored = json.loads(info["params_json"])
+    outcome = extract_one(image, mask, label=label, segment=segment, params=stored, modality=info["modality"],
+                          resample_mask=resample_mask)
     if not outcome.ok:
         raise ValueError(f"{mask}: extraction failed: {outcome.error}")
+    with wh.connect(read_only=True) as con:
+        scaler = load_scaler(con, info["feature_set_version"])
+    if scaler is None:
+        raise RuntimeError(f"no vector scaler stored for space {space}: materialize lesion_vectors first")
     values = np.array([[outcome.features.get(n, np.nan) for n in scaler.feature_names]], dtype=float)
-    return scaler.transform(values)[0], str(version)
+    vec = scaler.transform(values)[0].astype(np.float32)
+    from imaging_assets.store.lance import VECTOR_TABLE
+
+    dim = open_db(wh.lance_uri).open_table(VECTOR_TABLE).schema.field("vector").type.list_size
+    padded = np.zeros(dim, np.float32)
+    padded[: len(vec)] = vec
+    return QueryVector(padded, str(info["feature_set_version"]), space, str(info["params_hash"]), str(info["source"]))
 
 
 def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None, k: int = 10,
                  where: dict[str, Any] | None = None, exclude_same_patient: bool = True,
                  warehouse: Warehouse | str | Path | None = None, version: int | None = None,
-                 action: str = "search", extra_params: dict[str, Any] | None = None):
+                 action: str = "search", extra_params: dict[str, Any] | None = None, space: str | None = None):
     """The lesions most similar to a lesion (or a vector), as a polars DataFrame ranked by distance.
 
     Parameters
@@ -110,6 +181,9 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
         configured one (``IMAGING_ASSETS_WAREHOUSE`` and ``IMAGING_ASSETS_LANCE_URI``).
     version
         Search an older version of the Lance table (the audit log names the version of every answer).
+    space
+        The feature space searched. A lesion id searches its own space (always: a CT lesion is never
+        compared with an MR lesion's vector); a vector needs it unless the table holds one space only.
     action, extra_params
         What the audit row calls this search (``search`` | ``cohort``) and extra parameters it records.
 
@@ -132,7 +206,7 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
     if (lesion_id is None) == (vector is None):
         raise ValueError("give either a lesion_id or a vector")
     params: dict[str, Any] = {"lesion_id": lesion_id, "k": k, "filters": where or {}, "version": version,
-                              "exclude_same_patient": exclude_same_patient, **(extra_params or {})}
+                              "exclude_same_patient": exclude_same_patient, "space": space, **(extra_params or {})}
     query: str | np.ndarray = lesion_id if lesion_id is not None else np.asarray(vector, np.float32)
     if vector is not None:
         vec = np.asarray(vector, np.float32)
@@ -144,20 +218,31 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
         ensure_schema(con)
         # pin the table version first: the audit names exactly the version that was searched
         pinned = version if version is not None else lance.table_version(wh.lance_uri)
-        fs_version, _ = current_robust_set(con)
-        versions = {"lesion_vectors": pinned, "robust_feature_set": fs_version}
+        versions: dict[str, Any] = {"lesion_vectors": pinned}
         try:
             patient, extra = None, 0
-            if lesion_id is not None and exclude_same_patient:
-                ds = lance.lance_dataset(wh.lance_uri, version=pinned)
-                row = ds.to_table(columns=["patient_key"],
+            ds = lance.lance_dataset(wh.lance_uri, version=pinned)
+            if lesion_id is not None:
+                row = ds.to_table(columns=["patient_key", "space"],
                                   filter=f"lesion_id = {lance.sql_string(lesion_id)}").to_pylist()
                 if not row:
                     raise KeyError(f"lesion {lesion_id!r} is not in the vector table at {wh.lance_uri}")
-                patient = row[0]["patient_key"]
+                if space is not None and row[0]["space"] != space:
+                    raise ValueError(f"lesion {lesion_id!r} is in feature space {row[0]['space']}, not {space}")
+                space = row[0]["space"]
+                patient = row[0]["patient_key"] if exclude_same_patient else None
                 if patient is not None:  # fetch enough rows to still return k after dropping the patient's own
                     extra = ds.count_rows(filter=f"patient_key = {lance.sql_string(patient)}")
-            rows = lance.nearest(wh.lance_uri, query, k=k + extra, filters=where or None, version=pinned,
+            elif space is None:
+                stored = sorted({s for s in ds.to_table(columns=["space"]).column("space").to_pylist() if s})
+                if len(stored) > 1:
+                    raise ValueError(f"the vector table holds {len(stored)} feature spaces ({', '.join(stored)}): "
+                                     "a query vector needs its space")
+                space = stored[0] if stored else None
+            versions["robust_feature_set"] = current_robust_set(con, space)[0] if space else None
+            params["space"] = space
+            filters = {**(where or {}), **({"space": [space]} if space is not None else {})}
+            rows = lance.nearest(wh.lance_uri, query, k=k + extra, filters=filters or None, version=pinned,
                                  exclude_self=exclude_same_patient)
         except Exception as exc:
             audit.record_on(con, action, "find_similar", params, versions, 0, status=f"error: {exc}")
@@ -185,11 +270,12 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
         "study_date": [r.get("study_date") for r in rows],
         "cluster": [r.get("cluster") for r in rows],
         "feature_set_version": [r.get("feature_set_version") for r in rows],
+        "space": [r.get("space") for r in rows],
     }, schema_overrides={"rank": pl.Int64, "lesion_id": pl.String, "distance": pl.Float64,
                          "patient_key": pl.String, "series_instance_uid": pl.String, "segment_number": pl.Int32,
                          "raw_label": pl.String, "roi_name": pl.String, "modality": pl.String,
                          "body_part": pl.String, "volume_mm3": pl.Float64, "study_date": pl.Date,
-                         "cluster": pl.Int32, "feature_set_version": pl.String})
+                         "cluster": pl.Int32, "feature_set_version": pl.String, "space": pl.String})
 
 
 def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = None, image: str | None = None,
@@ -205,15 +291,21 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
 
     t0 = time.perf_counter()
     table = cohort_table_name(name)
-    vector, fs_version = None, None
+    vector, fs_version, space = None, None, None
     if reference_lesion_id is None:
         if not (image and mask):
             raise ValueError("a cohort needs reference_lesion_id, or image and mask of a new lesion")
-        vector, fs_version = query_vector(wh, image, mask, segment=segment)
+        q = query_vector(wh, image, mask, segment=segment)
+        vector, fs_version, space = q.vector, q.feature_set_version, q.space
     lance_version = table_version(wh.lance_uri)
-    found = find_similar(reference_lesion_id, vector=vector, k=k, where=filters, warehouse=wh,
-                         exclude_same_patient=exclude_same_patient, version=lance_version, action="cohort",
-                         extra_params={"name": name, "image": image, "mask": mask, "segment": segment})
+    try:
+        found = find_similar(reference_lesion_id, vector=vector, k=k, where=filters, warehouse=wh,
+                             exclude_same_patient=exclude_same_patient, version=lance_version, action="cohort",
+                             extra_params={"name": name, "image": image, "mask": mask, "segment": segment},
+                             space=space)
+    except KeyError as exc:  # a mistyped id in the launchpad: say what to do, not a raw KeyError
+        raise ValueError(f"{exc.args[0]}: copy a lesion_id from the `lesions` asset's preview, or give image + "
+                         "mask of a new lesion") from None
     df = found.to_pandas()
     query = {"reference_lesion_id": reference_lesion_id, "image": image, "mask": mask, "k": k,
              "filters": filters or {}, "exclude_same_patient": exclude_same_patient}

@@ -16,12 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imaging_assets.dicom.crawl import crawl
+from imaging_assets.dicom.crawl import crawl, resolve_duplicates, under_roots
 from imaging_assets.dicom.pseudonym import pseudonym_secret
 from imaging_assets.dicom.records import VOLUME_SUFFIXES
 from imaging_assets.dicom.segmentations import link_segmentations, read_manifest
 from imaging_assets.dicom.series import assemble_series
-from imaging_assets.store.catalog import active_files, apply_crawl, known_files, unreadable_rows
+from imaging_assets.errors import DicomRootsMissingError
+from imaging_assets.store.catalog import (
+    active_counts_under,
+    active_files,
+    apply_crawl,
+    duplicate_candidates,
+    known_files,
+    outdated_paths,
+    paths_outside,
+    set_duplicates,
+    unreadable_rows,
+)
 from imaging_assets.store.warehouse import Warehouse, replace_table, table_rows
 
 logger = logging.getLogger(__name__)
@@ -29,7 +40,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CatalogResult:
-    """One crawl: files seen/read/unchanged/removed, active catalog rows by kind, quarantine by reason."""
+    """One crawl: files seen/read/unchanged/removed, active catalog rows by kind, quarantine by reason
+    (copies counted once), rows that left because their root is no longer configured (``out_of_roots``)
+    or stayed although outside every root because a root is missing (``kept_outside_roots``), active
+    copies of other files (``duplicates``)."""
 
     seen: int
     read: int
@@ -41,6 +55,20 @@ class CatalogResult:
     quarantine_by_reason: dict[str, int]
     missing_roots: list[str]
     elapsed_s: float
+    out_of_roots: int = 0
+    kept_outside_roots: int = 0
+    duplicates: int = 0
+
+
+@dataclass(frozen=True)
+class RootsReport:
+    """What the ``dicom_roots_present`` check reports: the configured roots, the missing ones, active rows
+    kept under each missing root, and active rows outside every configured root (kept while one is missing)."""
+
+    roots: list[str]
+    missing: list[str]
+    active_under_missing: dict[str, int]
+    outside_roots: int
 
 
 @dataclass(frozen=True)
@@ -94,6 +122,16 @@ class LinkReport:
     segmentations: int
 
 
+def _configured_roots(roots: Sequence[str | Path]) -> list[tuple[str, str]]:
+    """``(as configured, absolute)`` per root, duplicates dropped (absolute as the crawl stores paths)."""
+    out: list[tuple[str, str]] = []
+    for r in roots:
+        absolute = os.path.abspath(os.fspath(r))
+        if absolute not in {a for _, a in out}:
+            out.append((str(r), absolute))
+    return out
+
+
 def refresh_catalog(
     wh: Warehouse,
     roots: Sequence[str | Path],
@@ -102,60 +140,154 @@ def refresh_catalog(
 ) -> CatalogResult:
     """Crawl ``roots`` incrementally and bring ``dicom_files`` / ``dicom_quarantine`` up to date.
 
-    Only new or changed files (by path, size and mtime) are read; files gone from disk are marked
-    removed. Missing roots are reported, not fatal.
+    The configured roots define the catalog:
+
+    * only new or changed files (by path, size and mtime) are read; files gone from disk under a crawled
+      root are marked ``removed``;
+    * active rows outside every configured root (a root that was dropped or replaced) are marked
+      ``out_of_roots`` with ``removed_at`` (kept as history, re-read if their root comes back), so their
+      series, segmentations, lesions and features leave downstream, which rebuilds from active files;
+    * a missing root is reported (``missing_roots``; the ``dicom_roots_present`` check warns) and its
+      files stay active; while any root is missing nothing leaves as ``out_of_roots`` either (a mistyped
+      root must not retire the files it was meant to name and drop their features): they are counted in
+      ``kept_outside_roots``;
+    * when no configured root exists at all the catalog is not touched and
+      :class:`~imaging_assets.errors.DicomRootsMissingError` is raised;
+    * byte-identical copies of one file at several paths are one instance: the copies get
+      ``duplicate_of`` = the canonical path (the row read first; among copies read together, the one in
+      the folder holding most files of its series, then the smallest path; see
+      :func:`~imaging_assets.dicom.crawl.resolve_duplicates`), are counted once and are never assembled,
+      linked or extracted. A canonical keeps its place when a new copy appears, so series files, lesion
+      fingerprints and features do not change.
 
     Returns
     -------
     CatalogResult
+
+    Raises
+    ------
+    DicomRootsMissingError
+        When ``roots`` is empty or none of them exists.
     """
     t0 = time.perf_counter()
-    existing = [str(r) for r in roots if Path(r).exists()]
-    missing = [str(r) for r in roots if not Path(r).exists()]
+    configured = _configured_roots(roots)
+    if not configured:
+        raise DicomRootsMissingError(
+            "no DICOM roots are configured (IMAGING_ASSETS_DICOM_ROOTS / dicom_sources.roots is empty); "
+            "the catalog was left as it was")
+    existing = [a for _, a in configured if os.path.exists(a)]
+    missing = [given for given, a in configured if not os.path.exists(a)]
+    if not existing:
+        raise DicomRootsMissingError(
+            f"none of the configured DICOM roots exists: {', '.join(missing)}; the catalog was left as it was "
+            "(no file marked removed). Fix IMAGING_ASSETS_DICOM_ROOTS (or the dicom_sources resource) or mount "
+            "the archive, then materialize again")
     for r in missing:
-        logger.warning("DICOM root %s does not exist; nothing crawled there", r)
+        logger.warning("DICOM root %s does not exist; nothing crawled there, its files stay in the catalog", r)
     with wh.connect() as con:
         known = known_files(con)
         retried = unreadable_rows(con)
+        outdated = outdated_paths(con)
+        outside = paths_outside(con, [a for _, a in configured], os.sep)
+        leftover_copies = duplicate_candidates(con)
         before = _catalog_summary(con)
     result = crawl(existing, known=known, secret=pseudonym_secret(secret), workers=workers)
-    # unreadable rows are not in `known` (so they are retried); those that vanished are removed here
+    # unreadable and outdated rows are not in `known` (so they are read again); those that vanished are
+    # removed here
     seen = set(result.unchanged) | {r["path"] for r in result.records} | {q["path"] for q in result.quarantined}
-    roots_abs = [os.path.abspath(r) for r in existing]
-    vanished = [p for p in retried if p not in seen
-                and any(p == r or p.startswith(os.path.join(r, "")) for r in roots_abs)]
+    vanished = [p for p in [*retried, *outdated] if p not in seen and under_roots(p, existing)]
     result.removed = sorted(set(result.removed) | set(vanished))
     changed_quarantine = [q for q in result.quarantined
                           if retried.get(q["path"]) != (q["size"], q["mtime_ns"], q["reason"], q["message"])]
-    if result.records or changed_quarantine or result.removed:
+    retire = [] if missing else outside
+    if missing and outside:
+        logger.warning("%d catalogued files lie outside the configured roots; they stay active while %s "
+                       "missing", len(outside), ", ".join(missing) + (" is" if len(missing) == 1 else " are"))
+    summary = before  # nothing written: the counts are those read before the crawl
+    candidates = leftover_copies  # copies left undecided by an earlier run that stopped half way
+    if result.records or changed_quarantine or result.removed or retire:
         with wh.connect() as con:
-            apply_crawl(con, result.records, changed_quarantine, result.removed)
-            by_kind, by_reason = _catalog_summary(con)
-    else:  # nothing to write: no second connection, the counts are those read before the crawl
-        by_kind, by_reason = before
-    catalogued = sum(by_kind.values())
+            apply_crawl(con, result.records, changed_quarantine, result.removed, out_of_roots=retire)
+            candidates = duplicate_candidates(con)
+            summary = _catalog_summary(con)
+    if candidates:  # decided with no connection open: comparing copies reads files
+        links = _decide_copies(candidates, workers)
+        with wh.connect() as con:
+            for table, table_links in links.items():
+                set_duplicates(con, table, table_links)
+            summary = _catalog_summary(con)
+    by_kind, by_reason, n_copies = summary
     return CatalogResult(
         seen=result.seen,
         read=result.read,
         unchanged=len(result.unchanged),
         removed=len(result.removed),
-        catalogued=int(catalogued),
+        catalogued=int(sum(by_kind.values())),
         catalogued_by_kind=by_kind,
         quarantined=int(sum(by_reason.values())),
         quarantine_by_reason=by_reason,
         missing_roots=missing,
         elapsed_s=round(time.perf_counter() - t0, 3),
+        out_of_roots=len(retire),
+        kept_outside_roots=len(outside) if missing else 0,
+        duplicates=n_copies,
     )
 
 
-def _catalog_summary(con: Any) -> tuple[dict[str, int], dict[str, int]]:
-    """Active catalog rows by kind, active quarantine rows by reason."""
+def _decide_copies(candidates: dict[str, dict[str, list[dict[str, Any]]]],
+                   workers: int | None) -> dict[str, dict[str, str | None]]:
+    """``table -> path -> canonical`` for the candidate groups; groups are compared in threads (the
+    comparisons read files)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: dict[str, dict[str, str | None]] = {}
+    for table, groups in candidates.items():
+        # the copy read first stays canonical; among copies read together, the one beside most files of
+        # its series (a slice copied elsewhere must not pull its series apart), then the smallest path
+        ranked = [[{**r, "rank": (r["read_at"], -int(r["siblings"]))} for r in rows] for rows in groups.values()]
+        links: dict[str, str | None] = {}
+        if len(ranked) < 8:
+            for rows in ranked:
+                links.update(resolve_duplicates(rows))
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, min(8, workers or os.cpu_count() or 1))) as pool:
+                for decided in pool.map(resolve_duplicates, ranked):
+                    links.update(decided)
+        copies = sum(v is not None for v in links.values())
+        if copies:
+            logger.info("%s: %d files are copies of other files (counted once)", table, copies)
+        out[table] = links
+    return out
+
+
+def _catalog_summary(con: Any) -> tuple[dict[str, int], dict[str, int], int]:
+    """Active catalog rows by kind, active quarantine rows by reason (copies counted once), active copies."""
     by_kind = dict(con.execute(
-        "SELECT kind, count(*) FROM dicom_files WHERE status = 'active' GROUP BY kind ORDER BY kind").fetchall())
+        "SELECT kind, count(*) FROM dicom_files WHERE status = 'active' AND duplicate_of IS NULL "
+        "GROUP BY kind ORDER BY kind").fetchall())
     by_reason = dict(con.execute(
-        "SELECT reason, count(*) FROM dicom_quarantine WHERE status = 'active' "
+        "SELECT reason, count(*) FROM dicom_quarantine WHERE status = 'active' AND duplicate_of IS NULL "
         "GROUP BY reason ORDER BY count(*) DESC, reason").fetchall())
-    return by_kind, by_reason
+    copies = con.execute(
+        "SELECT (SELECT count(*) FROM dicom_files WHERE status = 'active' AND duplicate_of IS NOT NULL) + "
+        "(SELECT count(*) FROM dicom_quarantine WHERE status = 'active' AND duplicate_of IS NOT NULL)").fetchone()[0]
+    return by_kind, by_reason, int(copies)
+
+
+def roots_report(wh: Warehouse, roots: Sequence[str | Path]) -> RootsReport:
+    """Which configured roots are missing, and what the catalog keeps because of them (for the
+    ``dicom_roots_present`` check)."""
+    configured = _configured_roots(roots)
+    missing = [(given, a) for given, a in configured if not os.path.exists(a)]
+    under: dict[str, int] = {}
+    outside = 0
+    if wh.duckdb_path.exists():
+        with wh.connect(read_only=True) as con:
+            counts = active_counts_under(con, [a for _, a in missing], os.sep)
+            under = {given: counts.get(a, 0) for given, a in missing}
+            outside = len(paths_outside(con, [a for _, a in configured], os.sep)) if configured else 0
+    return RootsReport(roots=[g for g, _ in configured], missing=[g for g, _ in missing],
+                       active_under_missing=under, outside_roots=outside)
 
 
 def rebuild_series(wh: Warehouse) -> SeriesResult:

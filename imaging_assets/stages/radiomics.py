@@ -71,6 +71,8 @@ class FeatureTableReport:
     mean_s_per_lesion: float
     max_s_per_lesion: float
     params_hashes: list[str]
+    #: per feature space: space, modality, source (preset / file), lesions, features, incomplete lesions
+    spaces: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -160,8 +162,15 @@ def _feature_rows(lesion_id: str, features: Mapping[str, float]) -> list[dict[st
     return rows
 
 
-def write_outcomes(con: duckdb.DuckDBPyConnection, outcomes: Sequence[Any], fingerprints: Mapping[str, str]) -> None:
-    """Replace features, provenance and errors of a batch of lesions in one transaction."""
+def write_outcomes(con: duckdb.DuckDBPyConnection, outcomes: Sequence[Any], fingerprints: Mapping[str, str],
+                   spaces: Mapping[str, str] | None = None) -> None:
+    """Write a batch of extraction outcomes in one transaction.
+
+    A success replaces the lesion's features, provenance and error row. A failure records the error and
+    **keeps the lesion's last good features and provenance** (a failed re-extraction never removes stored
+    features; the failure-share check reports it).
+    """
+    spaces = spaces or {}
     feats, prov, errs = [], [], []
     for o in outcomes:
         fp = fingerprints[o.lesion_id]
@@ -172,17 +181,59 @@ def write_outcomes(con: duckdb.DuckDBPyConnection, outcomes: Sequence[Any], fing
                 "params_hash": o.params_hash, "image_hash": o.image_hash, "mask_hash": o.mask_hash,
                 "source_fingerprint": fp, "crop_index": list(o.crop_index or []) or None,
                 "crop_size": list(o.crop_size or []) or None, "n_features": len(o.features),
-                "elapsed_s": float(o.elapsed_s),
+                "elapsed_s": float(o.elapsed_s), "space": spaces.get(o.lesion_id), "missing_image_types": None,
             })
         else:
             errs.append({"lesion_id": o.lesion_id, "params_hash": o.params_hash, "source_fingerprint": fp,
-                         "message": o.error})
+                         "message": o.error, "space": spaces.get(o.lesion_id)})
     stamp = {"created_at": "(now() AT TIME ZONE 'UTC')"}
     with transaction(con):
-        _delete_for(con, _DERIVED, [o.lesion_id for o in outcomes])
+        _delete_for(con, _DERIVED, [o.lesion_id for o in outcomes if o.ok])
+        _delete_for(con, ("radiomics_errors",), [o.lesion_id for o in outcomes if not o.ok])
         insert_rows(con, "radiomics_features", feats)
         insert_rows(con, "radiomics_provenance", prov, stamp)
         insert_rows(con, "radiomics_errors", errs, stamp)
+
+
+def record_spaces(con: duckdb.DuckDBPyConnection, spaces: Mapping[str, Any]) -> None:
+    """Upsert the settings of each feature space in use (``feature_spaces``: modality, params hash, source
+    file, the resolved parameters as JSON), so a new lesion can be extracted exactly like them."""
+    import json
+
+    from imaging_assets.features.params import _canonical
+
+    with transaction(con):
+        for space, st in spaces.items():
+            params_json = json.dumps(_canonical(st.params), sort_keys=True)
+            # a rerun with the same settings writes nothing (reruns leave every table identical)
+            known = con.execute("SELECT source FROM feature_spaces WHERE space = ?", [space]).fetchone()
+            if known is None:
+                con.execute("INSERT INTO feature_spaces (space, modality, params_hash, source, params_json, "
+                            "first_seen) VALUES (?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'))",
+                            [space, st.modality, st.params_hash, st.source, params_json])
+            elif known[0] != st.source:  # the same parameters from another file: name the latest
+                con.execute("UPDATE feature_spaces SET source = ? WHERE space = ?", [st.source, space])
+
+
+def mark_missing_image_types(con: duckdb.DuckDBPyConnection) -> int:
+    """Record on each lesion the image types it lacks against its space (pyradiomics skips a filter it
+    cannot apply, e.g. LoG on a box thinner than 4 voxels): ``radiomics_provenance.missing_image_types``.
+    Such a lesion is incomplete, not faulty; the expectations and the vectors treat it so. Returns the
+    number of incomplete lesions."""
+    with transaction(con):
+        con.execute("UPDATE radiomics_provenance SET missing_image_types = NULL")
+        con.execute(
+            "WITH have AS (SELECT DISTINCT p.space, f.lesion_id, f.image_type FROM radiomics_features f "
+            "JOIN radiomics_provenance p USING (lesion_id)), "
+            "types AS (SELECT DISTINCT space, image_type FROM have), "
+            "lack AS (SELECT p.lesion_id, list(t.image_type ORDER BY t.image_type) AS missing "
+            "FROM radiomics_provenance p JOIN types t ON t.space IS NOT DISTINCT FROM p.space "
+            "WHERE NOT EXISTS (SELECT 1 FROM have h WHERE h.lesion_id = p.lesion_id AND h.image_type = t.image_type) "
+            "GROUP BY p.lesion_id) "
+            "UPDATE radiomics_provenance SET missing_image_types = lack.missing FROM lack "
+            "WHERE radiomics_provenance.lesion_id = lack.lesion_id")
+        return int(con.execute("SELECT count(*) FROM radiomics_provenance WHERE missing_image_types IS NOT NULL"
+                               ).fetchone()[0])
 
 
 def refresh_wide_view(con: duckdb.DuckDBPyConnection) -> int:
@@ -245,10 +296,15 @@ def extract_features(
         failed = {r[0]: (r[1], r[2]) for r in con.execute(
             "SELECT lesion_id, params_hash, source_fingerprint FROM radiomics_errors").fetchall()}
     fingerprints = {r["lesion_id"]: r["source_fingerprint"] for r in lesions}
+    # settings are resolved and validated here, before anything is written: a bad parameter file stops
+    # the run with the file and the key named, and every stored feature stays as it was
     all_jobs = extraction_jobs(lesions, series, segs, params_override, options)
+    spaces = {job.lesion_id: settings.space for job, settings in all_jobs}
+    with wh.connect() as con:
+        record_spaces(con, {settings.space: settings for _, settings in all_jobs})
     todo, skipped_current, skipped_failed = [], 0, 0
-    for job, phash in all_jobs:
-        state = (phash, fingerprints[job.lesion_id])
+    for job, settings in all_jobs:
+        state = (settings.params_hash, fingerprints[job.lesion_id])
         if done.get(job.lesion_id) == state:
             skipped_current += 1
         elif failed.get(job.lesion_id) == state and not retry_failed:
@@ -262,7 +318,7 @@ def extract_features(
     def flush() -> None:
         if buffer:
             with wh.connect() as con:
-                write_outcomes(con, buffer, fingerprints)
+                write_outcomes(con, buffer, fingerprints, spaces)
             buffer.clear()
 
     for outcome in extract_many(todo, workers=workers, progress=progress):
@@ -276,6 +332,7 @@ def extract_features(
             flush()
     flush()
     with wh.connect() as con:
+        mark_missing_image_types(con)
         n_columns = refresh_wide_view(con)
     elapsed = time.perf_counter() - t0
     return ExtractionResult(
@@ -311,9 +368,16 @@ def feature_table_report(wh: Warehouse) -> FeatureTableReport:
         timing = con.execute("SELECT avg(elapsed_s), max(elapsed_s) FROM radiomics_provenance").fetchone()
         versions = [r[0] for r in con.execute(
             "SELECT DISTINCT params_hash FROM radiomics_provenance ORDER BY 1").fetchall()]
+        spaces = con.execute(
+            "SELECT p.space, any_value(s.modality) AS modality, any_value(s.source) AS source, "
+            "count(*) AS lesions, max(p.n_features) AS features, "
+            "count(*) FILTER (WHERE p.missing_image_types IS NOT NULL) AS incomplete "
+            "FROM radiomics_provenance p LEFT JOIN feature_spaces s USING (space) GROUP BY 1 ORDER BY 1"
+        ).fetchdf().to_dict("records")
     return FeatureTableReport(rows=int(n_rows), lesions_with_features=int(n_lesions),
                               features_by_image_type=per_class, mean_s_per_lesion=round(float(timing[0] or 0.0), 3),
-                              max_s_per_lesion=round(float(timing[1] or 0.0), 3), params_hashes=versions)
+                              max_s_per_lesion=round(float(timing[1] or 0.0), 3), params_hashes=versions,
+                              spaces=spaces)
 
 
 def failure_share(wh: Warehouse) -> FailureShare:

@@ -1,5 +1,9 @@
 """Vectors: the step behind ``lesion_vectors`` (the Lance table of scaled robust features) and its check.
 
+Per feature space: the space's robust set, its own scaler, its lesions. All spaces share one Lance table
+with a ``space`` column; a space with fewer robust features than the table's dimension is zero-padded
+(L2 distances within a space are unchanged) and every search filters on its space.
+
 Each extractable lesion becomes one float32 vector: its robust features (the active
 ``robust_feature_sets`` version, in sorted name order) scaled by a
 :class:`~imaging_assets.features.scaling.Scaler` (Yeo-Johnson, then standardisation) fitted on the cohort.
@@ -17,9 +21,15 @@ from typing import Any
 import numpy as np
 
 from imaging_assets.errors import NoRobustSetError
-from imaging_assets.stages.reproducibility import _has_table, current_robust_set, feature_matrix
+from imaging_assets.stages.reproducibility import (
+    _has_table,
+    current_robust_set,
+    current_robust_sets,
+    feature_matrix,
+    lesion_spaces,
+)
 from imaging_assets.store.schema import ensure_schema
-from imaging_assets.store.warehouse import Warehouse, table_rows, transaction
+from imaging_assets.store.warehouse import Warehouse, table_rows
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +51,10 @@ class VectorsResult:
     table_version: int | None
     index: str
     elapsed_s: float
+    #: per feature space: space, rows, dim, feature_set_version, excluded (lesions left out)
+    spaces: list[dict[str, Any]]
+    #: lesions left out of the vectors, with the reason (lesion_id, space, reason)
+    excluded: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -52,16 +66,16 @@ class VectorIntegrity:
     problems: list[str]
 
 
-def load_scaler(con: Any, version: str | None = None):
+def load_scaler(con: Any, version: str | None = None, space: str | None = None):
     """The stored :class:`~imaging_assets.features.scaling.Scaler` of a feature-set version (default: the
-    active one), or None (none stored, or one stored before the power transform existed: the vectors
-    must be rebuilt by materializing ``lesion_vectors``)."""
+    active one of ``space``, or of the only space), or None (none stored, or one stored before the power
+    transform existed: the vectors must be rebuilt by materializing ``lesion_vectors``)."""
     from imaging_assets.features.scaling import Scaler
 
     if not _has_table(con, "vector_scalers"):
         return None
     if version is None:
-        version, _ = current_robust_set(con)
+        version, _ = current_robust_set(con, space)
     columns = {r[0] for r in con.execute("DESCRIBE vector_scalers").fetchall()}
     if not set(_SCALER_ADDED) <= columns:
         return None
@@ -73,12 +87,16 @@ def load_scaler(con: Any, version: str | None = None):
 
 
 def build_lesion_vectors(wh: Warehouse, exact_threshold: int | None = None) -> VectorsResult:
-    """Standardise the robust features of every extractable lesion and sync them into LanceDB.
+    """Per feature space, standardise the robust features of every extractable lesion with the space's own
+    scaler, and sync all spaces into the Lance table (zero-padded to the largest space's dimension).
+
+    A lesion that lacks one of its space's robust features (pyradiomics skipped a filter for it) is left
+    out, with the reason in ``excluded``.
 
     Raises
     ------
     NoRobustSetError
-        When ``robust_feature_set`` has not produced a set yet, or the set is empty.
+        When ``robust_feature_set`` has not produced a set yet, or every set is empty.
     """
     from imaging_assets.features.scaling import fit_scaler
     from imaging_assets.store.lance import sync_vectors
@@ -86,44 +104,66 @@ def build_lesion_vectors(wh: Warehouse, exact_threshold: int | None = None) -> V
     t0 = time.perf_counter()
     with wh.connect() as con:
         ensure_schema(con)
-        version, features = current_robust_set(con)
-        if not version or not features:
-            raise NoRobustSetError("no robust feature set yet (or it is empty): materialize robust_feature_set "
-                                   "and check its `robust_set_not_collapsed` result")
+        sets = {space: vf for space, vf in current_robust_sets(con).items() if vf[1]}
+        if not sets:
+            raise NoRobustSetError("no robust feature set yet (or every one is empty): materialize "
+                                   "robust_feature_set and check its `robust_set_not_collapsed` result")
         lesions = {r["lesion_id"]: r for r in table_rows(con, "lesions") if r["extractable"]}
-        wide = feature_matrix(con)
+        spaces_of = lesion_spaces(con)
+        wides = {space: feature_matrix(con, space=space) for space in sets}
         clusters: dict[str, int] = dict(con.execute(
-            "SELECT lesion_id, cluster FROM phenotype_clusters WHERE feature_set_version = ?", [version]).fetchall())
-    ids = [i for i in wide.index if i in lesions] if not wide.empty else []
-    missing = [f for f in features if f not in wide.columns]
-    if missing:
-        raise NoRobustSetError(f"robust features missing from radiomics_features: {missing[:5]}")
-    values = wide.loc[ids, features].to_numpy(dtype=float) if ids else np.zeros((0, len(features)))
-    scaler = fit_scaler(values, list(features))
-    vectors = scaler.transform(values).astype(np.float32)
-    rows = []
-    for i, lid in enumerate(ids):
-        les = lesions[lid]
-        rows.append({
-            "lesion_id": lid, "vector": vectors[i].tolist(), "patient_key": les["patient_key"],
-            "study_date": les["study_date"], "modality": les["modality"], "body_part": les["body_part"],
-            "roi_name": les["roi_name"], "volume_mm3": les["volume_mm3"],
-            "series_instance_uid": les["series_instance_uid"], "feature_set_version": version,
-            "cluster": clusters.get(lid),
-        })
-    with wh.connect() as con:
-        stored = scaler.to_dict()
-        with transaction(con):
+            "SELECT lesion_id, cluster FROM phenotype_clusters WHERE list_contains(?, feature_set_version)",
+            [[v for v, _ in sets.values()]]).fetchall())
+    dim = max(len(f) for _, f in sets.values())
+    rows: list[dict[str, Any]] = []
+    excluded: list[dict[str, Any]] = []
+    space_rows: list[dict[str, Any]] = []
+    scalers = []
+    for space, (version, features) in sorted(sets.items()):
+        wide = wides[space]
+        ids = [i for i in wide.index if i in lesions] if not wide.empty else []
+        missing = [f for f in features if f not in wide.columns]
+        if missing:
+            raise NoRobustSetError(f"space {space}: robust features missing from radiomics_features: {missing[:5]}")
+        values = wide.loc[ids, features].to_numpy(dtype=float) if ids else np.zeros((0, len(features)))
+        ok = np.isfinite(values).all(axis=1) if len(ids) else np.zeros(0, bool)
+        for lid, good in zip(ids, ok):
+            if not good:
+                lacks = spaces_of.get(lid, {}).get("missing_image_types") or []
+                excluded.append({"lesion_id": lid, "space": space, "reason": (
+                    f"lacks robust features of image types {', '.join(lacks)} (skipped by pyradiomics)" if lacks
+                    else "a robust feature is not finite")})
+        ids = [lid for lid, good in zip(ids, ok) if good]
+        values = values[ok] if len(ok) else values
+        scaler = fit_scaler(values, list(features))
+        scalers.append((version, features, scaler, len(ids)))
+        vectors = scaler.transform(values).astype(np.float32)
+        padded = np.zeros((len(ids), dim), np.float32)
+        padded[:, : len(features)] = vectors
+        for i, lid in enumerate(ids):
+            les = lesions[lid]
+            rows.append({
+                "lesion_id": lid, "vector": padded[i].tolist(), "patient_key": les["patient_key"],
+                "study_date": les["study_date"], "modality": les["modality"], "body_part": les["body_part"],
+                "roi_name": les["roi_name"], "volume_mm3": les["volume_mm3"],
+                "series_instance_uid": les["series_instance_uid"], "feature_set_version": version,
+                "cluster": clusters.get(lid), "space": space,
+            })
+        space_rows.append({"space": space, "rows": len(ids), "dim": len(features), "feature_set_version": version,
+                           "excluded": sum(1 for e in excluded if e["space"] == space)})
+    with wh.transaction() as con:
+        for version, features, scaler, n in scalers:
+            stored = scaler.to_dict()
             con.execute("DELETE FROM vector_scalers WHERE feature_set_version = ?", [version])
             con.execute(
                 "INSERT INTO vector_scalers (feature_set_version, feature_names, mean, std, n_lesions, fitted_at, "
                 "center, scale, lambdas) VALUES (?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'), ?, ?, ?)",
-                [version, list(features), stored["mean"], stored["std"], len(ids),
+                [version, list(features), stored["mean"], stored["std"], n,
                  stored["center"], stored["scale"], stored["lambdas"]])
-    report = sync_vectors(wh.lance_uri, rows, dim=len(features), exact_threshold=exact_threshold)
+    report = sync_vectors(wh.lance_uri, rows, dim=dim, exact_threshold=exact_threshold)
     return VectorsResult(
-        feature_set_version=version,
-        dim=len(features),
+        feature_set_version=", ".join(sorted(v for v, _ in sets.values())),
+        dim=dim,
         rows=report.rows,
         inserted=report.inserted,
         updated=report.updated,
@@ -132,6 +172,8 @@ def build_lesion_vectors(wh: Warehouse, exact_threshold: int | None = None) -> V
         table_version=report.version,
         index=report.index,
         elapsed_s=round(time.perf_counter() - t0, 3),
+        spaces=space_rows,
+        excluded=excluded,
     )
 
 
@@ -149,13 +191,24 @@ def vectors_frame(lance_uri: str):
 
 
 def vector_integrity(wh: Warehouse) -> VectorIntegrity:
-    """Compare the Lance table with the DuckDB lesions and the active robust set: one row per extractable
-    lesion with features, no duplicates, finite values, the set's dimension and version."""
+    """Compare the Lance table with the DuckDB lesions and the active robust sets: one row per extractable
+    lesion with complete robust features, no duplicates, finite values, each space's version, and zeros
+    beyond each space's dimension."""
     tbl, mat = vectors_frame(wh.lance_uri)
     with wh.connect(read_only=True) as con:
-        version, features = current_robust_set(con)
-        expected = {r[0] for r in con.execute(
-            "SELECT lesion_id FROM lesions JOIN radiomics_provenance USING (lesion_id) WHERE extractable").fetchall()}
+        sets = {space: vf for space, vf in current_robust_sets(con).items() if vf[1]}
+        with_features = {r[0]: r[1] for r in con.execute(
+            "SELECT lesion_id, p.space FROM lesions JOIN radiomics_provenance p USING (lesion_id) "
+            "WHERE extractable").fetchall()}
+        wides = {space: feature_matrix(con, space=space) for space in sets}
+    expected = set()
+    for space, (_, features) in sets.items():
+        wide = wides[space]
+        if wide.empty:
+            continue
+        present = wide.reindex(columns=features)
+        complete = present.index[np.isfinite(present.to_numpy(float)).all(axis=1)]
+        expected |= {lid for lid in complete if lid in with_features}
     ids = tbl.column("lesion_id").to_pylist() if tbl is not None else []
     problems = []
     if len(ids) != len(set(ids)):
@@ -164,9 +217,17 @@ def vector_integrity(wh: Warehouse) -> VectorIntegrity:
         problems.append(f"{len(expected - set(ids))} lesions missing, {len(set(ids) - expected)} extra")
     if mat is not None and mat.size and not np.isfinite(mat).all():
         problems.append("non-finite vector values")
-    if mat is not None and mat.shape[1] != len(features):
-        problems.append(f"dimension {mat.shape[1]} != robust set size {len(features)}")
-    versions = set(tbl.column("feature_set_version").to_pylist()) if tbl is not None else set()
-    if versions and versions != {version}:
-        problems.append(f"feature-set versions {sorted(versions)} != active {version}")
+    if tbl is not None and len(tbl):
+        spaces = tbl.column("space").to_pylist()
+        versions = tbl.column("feature_set_version").to_pylist()
+        for space in sorted(set(spaces), key=str):
+            if space not in sets:
+                problems.append(f"rows of space {space} without an active robust set")
+                continue
+            version, features = sets[space]
+            mine = np.array([s == space for s in spaces])
+            if {v for v, m in zip(versions, mine) if m} != {version}:
+                problems.append(f"space {space}: feature-set versions differ from the active {version}")
+            if mat is not None and (mat.shape[1] < len(features) or np.any(mat[mine][:, len(features):] != 0)):
+                problems.append(f"space {space}: dimension does not match its robust set of {len(features)}")
     return VectorIntegrity(rows=len(ids), expected_rows=len(expected), problems=problems)

@@ -23,6 +23,9 @@ class Table:
     columns: Mapping[str, str]
     primary_key: tuple[str, ...] = ()
     extra: Mapping[str, str] = field(default_factory=dict)
+    #: Recomputed from other tables on every run: when a stored copy lacks a key column (its primary key
+    #: changed in a later release), :func:`ensure_schema` drops and recreates it instead of failing.
+    derived: bool = False
 
     @property
     def all_columns(self) -> dict[str, str]:
@@ -59,6 +62,10 @@ FILE_COLUMNS: dict[str, str] = {
     "slice_thickness": "DOUBLE",
     "frame_positions": "DOUBLE[][]",  # multi-frame only: per-frame ImagePositionPatient, else None
     "referenced_series_uids": "VARCHAR[]",  # SEG / RTSTRUCT: series they reference (may be empty)
+    # added after the first release (a warehouse made before gets them as NULL; those image / SEG rows are
+    # read again once by the next crawl, see store.catalog.known_files)
+    "samples_per_pixel": "INTEGER",  # images / SEG: SamplesPerPixel (1 when absent); None for RTSTRUCT
+    "photometric_interpretation": "VARCHAR",  # images / SEG: MONOCHROME2, RGB, PALETTE COLOR, ...
 }
 
 #: One row of the quarantine table.
@@ -155,6 +162,9 @@ PROVENANCE_COLUMNS: dict[str, str] = {
     "crop_size": "INTEGER[]",
     "n_features": "INTEGER",
     "elapsed_s": "DOUBLE",
+    "space": "VARCHAR",  # feature space: modality + params hash (imaging_assets.features.params.space_name)
+    # image types the lesion lacks against its space (pyradiomics skipped a filter, e.g. LoG on a thin box)
+    "missing_image_types": "VARCHAR[]",
 }
 
 #: One feature value (``radiomics_features``, long format).
@@ -172,6 +182,15 @@ EXTRACTION_ERROR_COLUMNS: dict[str, str] = {
     "params_hash": "VARCHAR",
     "source_fingerprint": "VARCHAR",
     "message": "VARCHAR",
+    "space": "VARCHAR",
+}
+
+#: The settings of every feature space (so a new lesion can be extracted exactly like the space's lesions).
+FEATURE_SPACE_COLUMNS: dict[str, str] = {
+    "space": "VARCHAR", "modality": "VARCHAR", "params_hash": "VARCHAR",
+    "source": "VARCHAR",  # the preset or the user's parameter file
+    "params_json": "VARCHAR",  # the resolved pyradiomics parameters (canonical JSON)
+    "first_seen": "TIMESTAMP",
 }
 
 # ------------------------------------------------------------------------------------- reproducibility
@@ -184,6 +203,7 @@ PERTURBATION_ERROR_COLUMNS: dict[str, str] = {
     "source_fingerprint": "VARCHAR", "message": "VARCHAR",
 }
 ROBUSTNESS_COLUMNS: dict[str, str] = {
+    "space": "VARCHAR",
     "feature": "VARCHAR", "image_type": "VARCHAR", "feature_class": "VARCHAR",
     "analysis": "VARCHAR",  # 'perturbation' | 'test_retest'
     "icc": "DOUBLE", "ci_low": "DOUBLE", "ci_high": "DOUBLE", "n_targets": "INTEGER", "k_raters": "INTEGER",
@@ -201,31 +221,44 @@ SCALER_COLUMNS: dict[str, str] = {
 OUTCOME_COLUMNS: dict[str, str] = {
     "patient_key": "VARCHAR", "time_months": "DOUBLE", "event": "INTEGER", "age": "DOUBLE", "sex": "VARCHAR",
     "stage": "VARCHAR", "source_file": "VARCHAR", "loaded_at": "TIMESTAMP",
+    # added after the first release (NULL in rows loaded before): 'time_months' (given) or 'dates' (computed)
+    "time_from": "VARCHAR",
 }
+#: One row per problem of a data row (or one per unreadable file); see stages.outcomes.
 OUTCOME_REJECT_COLUMNS: dict[str, str] = {
     "source_file": "VARCHAR", "row_number": "BIGINT", "reason": "VARCHAR", "loaded_at": "TIMESTAMP",
+    # added after the first release (NULL in rejects recorded before)
+    "field": "VARCHAR", "problem": "VARCHAR", "row_kept": "BOOLEAN",
 }
 OUTCOME_FILE_COLUMNS: dict[str, str] = {
     "source_file": "VARCHAR", "size": "BIGINT", "mtime_ns": "BIGINT", "sha256": "VARCHAR",
     "loaded_at": "TIMESTAMP", "status": "VARCHAR", "n_rows": "BIGINT", "n_rejected": "BIGINT",
+    # added after the first release: fields set to NULL in kept rows; when the file left the source
+    # (status 'gone')
+    "n_fields_rejected": "BIGINT", "gone_at": "TIMESTAMP",
 }
 
 #: Phenotype clusters and their link to outcomes (replaced as a whole on each run).
 CLUSTER_TABLES: dict[str, dict[str, str]] = {
-    "phenotype_clusters": {"lesion_id": "VARCHAR", "patient_key": "VARCHAR", "cluster": "INTEGER",
+    "phenotype_clusters": {"space": "VARCHAR", "lesion_id": "VARCHAR", "patient_key": "VARCHAR",
+                           "cluster": "INTEGER",
                            "feature_set_version": "VARCHAR", "k": "INTEGER", "method": "VARCHAR",
                            "computed_at": "TIMESTAMP"},
     # Cohen's d of each robust feature in vs out of the cluster
-    "cluster_profiles": {"cluster": "INTEGER", "rank": "INTEGER", "feature": "VARCHAR", "effect_size": "DOUBLE",
+    "cluster_profiles": {"space": "VARCHAR", "cluster": "INTEGER", "rank": "INTEGER", "feature": "VARCHAR",
+                         "effect_size": "DOUBLE",
                          "mean_in": "DOUBLE", "mean_out": "DOUBLE", "size": "INTEGER"},
-    "cluster_survival": {"cluster": "INTEGER", "patients": "INTEGER", "lesions": "INTEGER", "events": "INTEGER",
+    "cluster_survival": {"space": "VARCHAR", "cluster": "INTEGER", "patients": "INTEGER", "lesions": "INTEGER",
+                         "events": "INTEGER",
                          "median_months": "DOUBLE", "median_ci_low": "DOUBLE", "median_ci_high": "DOUBLE"},
-    "cluster_cox": {"term": "VARCHAR", "hr": "DOUBLE", "ci_low": "DOUBLE", "ci_high": "DOUBLE", "p_value": "DOUBLE",
+    "cluster_cox": {"space": "VARCHAR", "term": "VARCHAR", "hr": "DOUBLE", "ci_low": "DOUBLE", "ci_high": "DOUBLE",
+                    "p_value": "DOUBLE",
                     "reference_cluster": "INTEGER", "n_patients": "INTEGER", "penalizer": "DOUBLE"},
-    "cluster_logrank": {"statistic": "DOUBLE", "p_value": "DOUBLE", "df": "INTEGER", "n_patients": "INTEGER",
+    "cluster_logrank": {"space": "VARCHAR", "statistic": "DOUBLE", "p_value": "DOUBLE", "df": "INTEGER",
+                        "n_patients": "INTEGER",
                         "n_clusters": "INTEGER", "note": "VARCHAR"},
     # the lesion that represents each patient (the largest) and the patient's outcome
-    "cluster_patients": {"patient_key": "VARCHAR", "cluster": "INTEGER", "lesion_id": "VARCHAR",
+    "cluster_patients": {"space": "VARCHAR", "patient_key": "VARCHAR", "cluster": "INTEGER", "lesion_id": "VARCHAR",
                          "lesions": "INTEGER", "time_months": "DOUBLE", "event": "INTEGER", "age": "DOUBLE",
                          "stage": "VARCHAR"},
 }
@@ -240,8 +273,14 @@ AUDIT_COLUMNS: dict[str, str] = {
     "params": "VARCHAR", "table_versions": "VARCHAR", "n_rows": "INTEGER", "status": "VARCHAR",
 }
 
-#: Columns the catalog tables add to the record fields.
-_CATALOG_EXTRA = {"status": "VARCHAR", "updated_at": "TIMESTAMP", "removed_at": "TIMESTAMP"}
+#: Columns the catalog tables add to the record fields. ``status``: 'active' (in the catalog),
+#: 'removed' (gone from disk under a crawled root) or 'out_of_roots' (its root is no longer configured);
+#: ``removed_at``: when it left the active catalog. ``duplicate_of``: the canonical path of a byte-identical
+#: copy (same SOP instance in dicom_files; same reason and content in dicom_quarantine), NULL for a
+#: canonical or unique file; ``copy_checked``: the row was compared with its possible copies since it was
+#: last read (see store.catalog and stages.discovery.refresh_catalog).
+_CATALOG_EXTRA = {"status": "VARCHAR", "updated_at": "TIMESTAMP", "removed_at": "TIMESTAMP",
+                  "duplicate_of": "VARCHAR", "copy_checked": "BOOLEAN"}
 _STAMPED = {"created_at": "TIMESTAMP"}
 
 #: Every table of the warehouse, in creation order.
@@ -256,18 +295,22 @@ TABLES: dict[str, Table] = {
     "radiomics_errors": Table(EXTRACTION_ERROR_COLUMNS, ("lesion_id",), _STAMPED),
     "perturbation_features": Table(PERTURBATION_FEATURE_COLUMNS, ("lesion_id", "perturbation", "feature")),
     "perturbation_errors": Table(PERTURBATION_ERROR_COLUMNS, ("lesion_id", "perturbation")),
-    "feature_robustness": Table(ROBUSTNESS_COLUMNS, ("feature", "analysis"), {"computed_at": "TIMESTAMP"}),
-    "test_retest_pairs": Table({"lesion_a": "VARCHAR", "lesion_b": "VARCHAR", "distance_mm": "DOUBLE"}),
+    "feature_spaces": Table(FEATURE_SPACE_COLUMNS, ("space",)),
+    "feature_robustness": Table(ROBUSTNESS_COLUMNS, ("space", "feature", "analysis"),
+                                {"computed_at": "TIMESTAMP"}, derived=True),
+    "test_retest_pairs": Table({"space": "VARCHAR", "lesion_a": "VARCHAR", "lesion_b": "VARCHAR",
+                                "distance_mm": "DOUBLE"}),
     "robust_feature_sets": Table({"version": "VARCHAR", "features": "VARCHAR[]", "n_features": "INTEGER",
-                                  "threshold": "DOUBLE", "rho": "DOUBLE", "n_candidates": "INTEGER"},
-                                 ("version",), _STAMPED),
-    "robust_feature_set_history": Table({"version": "VARCHAR", "activated_at": "TIMESTAMP"}),
-    "robust_feature_pruned": Table({"feature": "VARCHAR", "correlated_with": "VARCHAR", "rho": "DOUBLE"}),
+                                  "threshold": "DOUBLE", "rho": "DOUBLE", "n_candidates": "INTEGER",
+                                  "space": "VARCHAR"}, ("version",), _STAMPED),
+    "robust_feature_set_history": Table({"version": "VARCHAR", "activated_at": "TIMESTAMP", "space": "VARCHAR"}),
+    "robust_feature_pruned": Table({"space": "VARCHAR", "feature": "VARCHAR", "correlated_with": "VARCHAR",
+                                    "rho": "DOUBLE"}),
     "vector_scalers": Table(SCALER_COLUMNS, ("feature_set_version",)),
     "clinical_outcomes": Table(OUTCOME_COLUMNS, ("patient_key", "source_file")),
     "outcome_rejects": Table(OUTCOME_REJECT_COLUMNS),
     "outcome_files": Table(OUTCOME_FILE_COLUMNS, ("source_file",)),
-    **{name: Table(columns) for name, columns in CLUSTER_TABLES.items()},
+    **{name: Table(columns, derived=True) for name, columns in CLUSTER_TABLES.items()},
     "cohorts": Table(COHORT_REGISTRY_COLUMNS, ("name",)),
     "audit_log": Table(AUDIT_COLUMNS, ("id",)),
 }
@@ -309,6 +352,9 @@ def ensure_schema(con: Any) -> None:
             "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main'").fetchall():
         present.setdefault(table_name, set()).add(column)
     for name, table in TABLES.items():
+        if name in present and table.derived and not set(table.primary_key) <= present[name]:
+            con.execute(f"DROP TABLE {name}")  # a derived table whose key changed: recomputed on the next run
+            del present[name]
         if name not in present:
             con.execute(create_sql(name, table))
             continue

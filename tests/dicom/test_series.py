@@ -262,6 +262,12 @@ def _missing_geometry():
     return recs
 
 
+def _colour():
+    recs = stack(10)
+    recs[3].update(samples_per_pixel=3, photometric_interpretation="RGB")
+    return recs
+
+
 BROKEN = {
     "duplicate_positions": (_duplicate, ["slices 5-6 at -38.00 mm", "s004.dcm", "copy_of_s004.dcm"]),
     "missing_slices": (_gap, ["gap of 6.0 mm between slices 5 and 6 (median step 3.0 mm"]),
@@ -272,6 +278,7 @@ BROKEN = {
     "inconsistent_pixel_spacing": (_pixel_spacing, ["[0.8, 0.8] mm (1 slice)", "[0.7, 0.7] mm (9 slices)"]),
     "inconsistent_size": (_size, ["64x64 (9 slices)", "128x128 (1 slice)"]),
     "missing_geometry": (_missing_geometry, ["1 of 10 slices lack ImagePositionPatient", "InstanceNumber"]),
+    "color_pixels": (_colour, ["1 of 10 files hold colour pixels", "s003.dcm", "PhotometricInterpretation RGB"]),
 }
 
 

@@ -158,7 +158,7 @@ def test_extract_command_matches_the_asset_values(small_cohort, demo_warehouse):
                              "WHERE l.lesion_id = ?", [lid])[0][0]).parent
     out = _cli("extract", "--image", str(series_dir), "--mask", path, "--segment", label, "--json")
     assert out.returncode == 0, out.stderr
-    features = json.loads(out.stdout)
+    features = json.loads(out.stdout)["features"]
     stored = {f"{a}_{b}_{c}": v for a, b, c, v in _q(
         db, "SELECT image_type, feature_class, feature, value FROM radiomics_features WHERE lesion_id = ?", [lid])}
     assert set(features) == set(stored)

@@ -110,10 +110,10 @@ def mode_chain(args: argparse.Namespace) -> int:
     flushes = {"n": 0}
     real_write, real_insert = features_mod.write_outcomes, features_mod.insert_rows
 
-    def write_outcomes(con, outcomes, fingerprints):
+    def write_outcomes(con, outcomes, fingerprints, spaces=None):
         flushes["n"] += 1
         say("FLUSH_BEGIN", flushes["n"], len(outcomes))
-        real_write(con, outcomes, fingerprints)
+        real_write(con, outcomes, fingerprints, spaces)
         say("FLUSH_END", flushes["n"])
 
     def insert_rows(con, table, rows, extra_sql=None):

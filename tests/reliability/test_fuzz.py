@@ -425,6 +425,9 @@ def _copy_ct(dst: Path) -> Path:
     from pydicom.data import get_testdata_file
 
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    # an instance of its own: byte-identical files would be one instance at several paths (copies)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(dst)])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     dst.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(dst, enforce_file_format=True)
     return dst

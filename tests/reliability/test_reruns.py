@@ -46,7 +46,9 @@ def test_rerun_reads_and_extracts_nothing(reruns):
 def test_rerun_leaves_every_duckdb_table_identical(reruns):
     clean_db, _ = reruns["clean"]
     assert len(clean_db) >= 20 and all(rows > 0 for t, (rows, _) in clean_db.items()
-                                       if t not in {"radiomics_errors", "perturbation_errors", "outcome_rejects"})
+                                       if t not in {"radiomics_errors", "perturbation_errors", "outcome_rejects",
+                                                    # no Cox model on 6 patients (too few events per variable)
+                                                    "cluster_cox"})
     assert rh.diff_hashes(reruns["after_second"][0], clean_db) == {}
     assert rh.diff_hashes(reruns["after_third"][0], clean_db) == {}
 

@@ -33,7 +33,7 @@ def chain(small_cohort, tmp_path_factory):
     out = run_chain(wh, ChainSettings(dicom_roots=[small_cohort.dicom_dir], outcomes=small_cohort.outcomes_csv,
                                       workers=2, spec=SPEC, max_lesions=40, png_dir=root))
     return {"db": wh.duckdb_path, "lance": wh.lance_uri, "wh": wh, "robustness": out["feature_robustness"],
-            "robust": out["robust_feature_set"], "vectors": out["lesion_vectors"],
+            "robust": out["robust_feature_set"].single(), "vectors": out["lesion_vectors"],
             "clusters": out["phenotype_clusters"], "survival": out["cluster_outcomes"]}
 
 
@@ -69,7 +69,7 @@ def test_perturbations_are_cached(chain):
 def test_robust_set_is_versioned_pruned_and_stable(chain):
     db, wh, s = chain["db"], chain["wh"], chain["robust"]
     assert len(s.features) >= 10 and s.changed and s.previous_version is None
-    again = select_robust_set(wh)
+    again = select_robust_set(wh).single()
     assert again.version == s.version and not again.changed
     assert _q(db, "SELECT count(*) FROM robust_feature_set_history")[0][0] == 1
     with connect(db, read_only=True) as con:
@@ -83,9 +83,9 @@ def test_robust_set_is_versioned_pruned_and_stable(chain):
     low = dict(_q(db, "SELECT feature, min(ci_low) FROM feature_robustness GROUP BY 1"))
     assert all(low[f] >= 0.75 for f in feats)
     # a stricter threshold makes a new version, visible in the history
-    stricter = select_robust_set(wh, threshold=0.9)
+    stricter = select_robust_set(wh, threshold=0.9).single()
     assert stricter.changed and stricter.version != s.version
-    back = select_robust_set(wh)
+    back = select_robust_set(wh).single()
     assert back.version == s.version and back.changed
     assert _q(db, "SELECT count(*) FROM robust_feature_set_history")[0][0] == 3
 

@@ -16,14 +16,15 @@ from imaging_assets.store.catalog import apply_crawl, known_files
 from imaging_assets.store.warehouse import Warehouse, connect
 
 
-def _copy_ct(dst: Path, n: int) -> list[Path]:
-    """n copies of pydicom's CT_small with distinct SOP instance UIDs in one series."""
+def _copy_ct(dst: Path, n: int, uid_tag: str = "") -> list[Path]:
+    """n copies of pydicom's CT_small with distinct SOP instance UIDs in one series (``uid_tag`` makes the
+    UIDs differ from another call's; without it two calls write byte-identical files, i.e. copies)."""
     src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     dst.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
         ds = src.copy()
-        ds.SOPInstanceUID = f"{src.SOPInstanceUID}.{i + 1}"
+        ds.SOPInstanceUID = f"{src.SOPInstanceUID}.{uid_tag}{i + 1}"
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = i + 1
         ds.ImagePositionPatient = [0.0, 0.0, float(i) * 5.0]
@@ -51,7 +52,7 @@ def test_incremental_refresh_add_modify_delete(tmp_path):
     assert again.read == 0 and again.unchanged == 6 and again.removed == 0
 
     # add one, modify one (now truncated -> quarantined), delete one
-    _copy_ct(root / "series2", 1)
+    _copy_ct(root / "series2", 1, uid_tag="2")
     data = files[1].read_bytes()
     files[1].write_bytes(data[: len(data) // 2])
     os.utime(files[1], ns=(1, 1))
@@ -76,10 +77,67 @@ def test_incremental_refresh_add_modify_delete(tmp_path):
 
 
 def test_missing_root_is_reported_not_fatal(tmp_path):
+    root = tmp_path / "archive"
+    _copy_ct(root, 2)
     wh = Warehouse(tmp_path / "wh")
-    summary = discovery.refresh_catalog(wh, [tmp_path / "nope"], workers=1)
+    summary = discovery.refresh_catalog(wh, [root, tmp_path / "nope"], workers=1)
     assert summary.missing_roots == [str(tmp_path / "nope")]
-    assert summary.catalogued == 0
+    assert summary.catalogued == 2
+
+
+def test_no_existing_root_is_an_error_that_writes_nothing(tmp_path):
+    from imaging_assets.errors import DicomRootsMissingError
+
+    wh = Warehouse(tmp_path / "wh")
+    with pytest.raises(DicomRootsMissingError, match="nope"):
+        discovery.refresh_catalog(wh, [tmp_path / "nope"], workers=1)
+    assert not wh.duckdb_path.exists()
+
+
+def test_catalog_of_an_older_schema_gains_the_new_columns_and_reads_images_once(tmp_path):
+    root = tmp_path / "archive"
+    _copy_ct(root, 3)
+    wh = Warehouse(tmp_path / "wh")
+    discovery.refresh_catalog(wh, [root], workers=1)
+    with connect(wh.duckdb_path) as con:  # as a warehouse made before these columns existed
+        for column in ("samples_per_pixel", "photometric_interpretation", "duplicate_of", "copy_checked"):
+            con.execute(f"ALTER TABLE dicom_files DROP COLUMN {column}")
+        for column in ("duplicate_of", "copy_checked"):
+            con.execute(f"ALTER TABLE dicom_quarantine DROP COLUMN {column}")
+    again = discovery.refresh_catalog(wh, [root], workers=1)
+    assert again.read == 3 and again.catalogued == 3 and again.removed == 0
+    assert _table(wh.duckdb_path, "SELECT DISTINCT samples_per_pixel, photometric_interpretation, duplicate_of "
+                                  "FROM dicom_files") == [(1, "MONOCHROME2", None)]
+    assert discovery.refresh_catalog(wh, [root], workers=1).read == 0
+    # an outdated row whose file is gone is removed, not forgotten
+    with connect(wh.duckdb_path) as con:
+        con.execute("UPDATE dicom_files SET samples_per_pixel = NULL")
+    gone = sorted(root.iterdir())[0]
+    gone.unlink()
+    third = discovery.refresh_catalog(wh, [root], workers=1)
+    assert third.read == 2 and third.removed == 1
+    assert _table(wh.duckdb_path, "SELECT status FROM dicom_files WHERE path = ?", [str(gone)]) == [("removed",)]
+
+
+def test_apply_crawl_marks_out_of_roots_and_unlinks_copies_of_a_reread_file(tmp_path):
+    from imaging_assets.store.catalog import active_files, paths_outside, set_duplicates
+
+    root = tmp_path / "archive"
+    files = [str(p) for p in _copy_ct(root, 3)]
+    wh = Warehouse(tmp_path / "wh")
+    discovery.refresh_catalog(wh, [root], workers=1)
+    with connect(wh.duckdb_path) as con:
+        record = active_files(con)[0]
+        assert set_duplicates(con, "dicom_files", {files[1]: files[0], files[2]: files[0]}) == 2
+        assert [r["path"] for r in active_files(con)] == [files[0]]
+        assert paths_outside(con, [str(root / "sub")]) == files and paths_outside(con, [str(root)]) == []
+        counts = apply_crawl(con, [record], [], removed=[], out_of_roots=[files[2]])
+        assert counts["out_of_roots"] == 1
+        rows = con.execute("SELECT path, status, duplicate_of, removed_at IS NOT NULL FROM dicom_files "
+                           "ORDER BY path").fetchall()
+    # the re-read file's copies are unlinked (compared again by the next refresh); the retired row is kept
+    assert rows == [(files[0], "active", None, False), (files[1], "active", None, False),
+                    (files[2], "out_of_roots", None, True)]
 
 
 def test_failed_write_keeps_previous_state(tmp_path):

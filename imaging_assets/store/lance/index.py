@@ -72,6 +72,7 @@ DEFAULT_SCALAR_INDEXES: dict[str, str] = {
     "roi_name": "BITMAP",
     "cluster": "BITMAP",
     "feature_set_version": "BITMAP",
+    "space": "BITMAP",
 }
 
 #: Lance index type names as ``list_indices()`` reports them -> the names used here.

@@ -42,6 +42,9 @@ METADATA_TYPES: dict[str, pa.DataType] = {
     "series_instance_uid": pa.string(),
     "feature_set_version": pa.string(),
     "cluster": pa.int32(),
+    # the feature space (modality + extraction settings); a search never crosses spaces. Spaces with fewer
+    # robust features than the table's dimension are zero-padded: L2 distances within a space are unchanged.
+    "space": pa.string(),
 }
 METADATA_COLUMNS: list[str] = list(METADATA_TYPES)
 
