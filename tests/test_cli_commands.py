@@ -165,3 +165,14 @@ def test_make_dev_uses_your_dagster_home_and_keeps_its_dagster_yaml(tmp_path: Pa
     out = _make_dev_dry_run(None)  # unset (or empty): the repository's own instance
     assert f'echo "DAGSTER_HOME={REPO}/.dagster_home"' in out
     assert f'echo "DAGSTER_HOME={REPO}/.dagster_home"' in _make_dev_dry_run("")
+
+
+def test_extract_takes_relative_paths(cohort: DemoCohort, capsys: pytest.CaptureFixture,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`extract --image series/ --mask seg.dcm` from the folder a user is in (the crawl records absolute paths)."""
+    image, seg = _primary(cohort)
+    monkeypatch.chdir(image.parent)
+    rel_image, rel_seg = os.path.relpath(image), os.path.relpath(seg)
+    assert not os.path.isabs(rel_image) and not os.path.isabs(rel_seg)
+    assert main(["extract", "--image", rel_image, "--mask", rel_seg, "--label", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["features"]["original_shape_VoxelVolume"] > 0

@@ -310,7 +310,8 @@ def resolve_inputs(image: str | Path, mask: str | Path, modality: str | None = N
         raise ValueError(f"{image}: expected a folder of one DICOM series, a NIfTI or an NRRD file")
     roots = [str(image)] + ([] if _is_volume(mask) else [str(mask)])
     result = crawl(roots, workers=1)
-    images = [r for r in result.records if r["kind"] == "image" and r["path"].startswith(str(image))]
+    inside = os.path.join(os.path.abspath(image), "")  # the crawl records absolute paths
+    images = [r for r in result.records if r["kind"] == "image" and os.path.abspath(r["path"]).startswith(inside)]
     series = assemble_series(images)
     if not series:
         why = "; ".join(f"{q['path']}: {q['message']}" for q in result.quarantined[:3])
@@ -326,9 +327,12 @@ def resolve_inputs(image: str | Path, mask: str | Path, modality: str | None = N
                "segment_numbers": [], "segment_labels": [], "image_path": None,
                "linked_series_key": s["series_key"], "link_rule": "manifest", "unlinked_reason": None}
         return s, seg
-    seg_files = [r for r in result.records if r["kind"] in ("seg", "rtstruct") and r["path"] == str(mask)]
+    mask_abs = os.path.abspath(mask)
+    seg_files = [r for r in result.records
+                 if r["kind"] in ("seg", "rtstruct") and os.path.abspath(r["path"]) == mask_abs]
     if not seg_files:
-        why = next((q["message"] for q in result.quarantined if q["path"] == str(mask)), "not a SEG or RTSTRUCT")
+        why = next((q["message"] for q in result.quarantined if os.path.abspath(q["path"]) == mask_abs),
+                   "not a SEG or RTSTRUCT")
         raise ValueError(f"{mask}: {why}")
     seg = link_segmentations(seg_files, series)[0]
     if not seg["linked_series_key"]:
