@@ -320,6 +320,10 @@ VIEWS: dict[str, str] = {
     # one row per patient across outcome files: the most recently loaded row (ties: greatest source_file)
     "patient_outcomes": "SELECT * EXCLUDE (_rn) FROM (SELECT *, row_number() OVER (PARTITION BY patient_key "
                         "ORDER BY loaded_at DESC, source_file DESC) AS _rn FROM clinical_outcomes) WHERE _rn = 1",
+    # the active robust set of every feature space, one row per feature (what the vectors are made of)
+    "active_robust_features": "SELECT h.space, s.version, unnest(s.features) AS feature FROM (SELECT space, "
+                              "version FROM robust_feature_set_history QUALIFY row_number() OVER (PARTITION BY "
+                              "space ORDER BY activated_at DESC) = 1) h JOIN robust_feature_sets s USING (version)",
 }
 
 ARROW_TYPES: dict[str, pa.DataType] = {
