@@ -68,11 +68,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 
 from imaging_assets.demo import modalities as extra
 from imaging_assets.demo import phantom
+from imaging_assets.demo.dataset import new_dataset, set_slice_plane
 from imaging_assets.demo.modalities import ModalityPlan, normalise_modalities
 from imaging_assets.demo.phantom import PHENOTYPES, Anatomy, Grid, Lesion
 
@@ -454,16 +455,7 @@ def render_patient(seed: int, index: int) -> RenderedPatient:
 def _ct_dataset(spec: PatientSpec, plan: SeriesPlan, k: int, hu_slice: np.ndarray) -> Dataset:
     g = plan.grid
     sop_uid = plan.sop_instance_uids[k]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = "IA_DEMO_1"
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds = new_dataset(CTImageStorage, sop_uid, IMPLEMENTATION_CLASS_UID)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.InstanceCreationDate = spec.study_date
     ds.InstanceCreationTime = plan.series_time
@@ -499,22 +491,7 @@ def _ct_dataset(spec: PatientSpec, plan: SeriesPlan, k: int, hu_slice: np.ndarra
     ds.SoftwareVersions = GENERATOR_VERSION
     ds.PatientPosition = "HFS"
     ds.ConvolutionKernel = "STANDARD"
-    ds.StudyInstanceUID = spec.study_instance_uid
-    ds.SeriesInstanceUID = plan.series_instance_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = plan.series_number
-    ds.AcquisitionNumber = 1
-    ds.InstanceNumber = k + 1
-    ds.ImagePositionPatient = [f"{g.origin_x:g}", f"{g.origin_y:g}", f"{g.z_positions[k]:g}"]
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.FrameOfReferenceUID = plan.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SliceLocation = f"{g.z_positions[k]:g}"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = g.rows
-    ds.Columns = g.columns
-    ds.PixelSpacing = [f"{g.pixel_spacing:g}", f"{g.pixel_spacing:g}"]
+    set_slice_plane(ds, spec.study_instance_uid, plan, k)
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15

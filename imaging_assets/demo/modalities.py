@@ -36,11 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PositronEmissionTomographyImageStorage
+from pydicom.uid import MRImageStorage, PositronEmissionTomographyImageStorage
 from scipy import ndimage
 
+from imaging_assets.demo.dataset import new_dataset, set_slice_plane
 from imaging_assets.demo.phantom import TISSUES, Anatomy, Grid, Lesion, anatomy_labels
 
 logger = logging.getLogger(__name__)
@@ -367,16 +368,7 @@ def modality_dataset(spec: Any, plan: ModalityPlan, k: int, pixels: np.ndarray, 
     g = plan.grid
     sop_class = MRImageStorage if plan.modality == "MR" else PositronEmissionTomographyImageStorage
     sop_uid = plan.sop_instance_uids[k]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = implementation_class_uid
-    meta.ImplementationVersionName = "IA_DEMO_1"
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds = new_dataset(sop_class, sop_uid, implementation_class_uid)
     ds.InstanceCreationDate = spec.study_date
     ds.InstanceCreationTime = plan.series_time
     ds.SOPClassUID = sop_class
@@ -405,22 +397,7 @@ def modality_dataset(spec: Any, plan: ModalityPlan, k: int, pixels: np.ndarray, 
     ds.DeviceSerialNumber = "DEMO-0001"
     ds.SoftwareVersions = software_versions
     ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = spec.study_instance_uid
-    ds.SeriesInstanceUID = plan.series_instance_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = plan.series_number
-    ds.AcquisitionNumber = 1
-    ds.InstanceNumber = k + 1
-    ds.ImagePositionPatient = [f"{g.origin_x:g}", f"{g.origin_y:g}", f"{g.z_positions[k]:g}"]
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.FrameOfReferenceUID = plan.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SliceLocation = f"{g.z_positions[k]:g}"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = g.rows
-    ds.Columns = g.columns
-    ds.PixelSpacing = [f"{g.pixel_spacing:g}", f"{g.pixel_spacing:g}"]
+    set_slice_plane(ds, spec.study_instance_uid, plan, k)
     if plan.modality == "MR":
         add_mr_module(ds, plan)
         stored = pixels.astype("<u2")

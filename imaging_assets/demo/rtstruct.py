@@ -13,9 +13,11 @@ from collections.abc import Sequence
 
 import contourpy
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
+from pydicom.uid import RTStructureSetStorage
+
+from imaging_assets.demo.dataset import new_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +120,7 @@ def build_rtstruct(
     first = ct_datasets[0]
     for_uid = first.FrameOfReferenceUID
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = implementation_class_uid
-    meta.ImplementationVersionName = "IA_DEMO_1"
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds = new_dataset(RTStructureSetStorage, sop_instance_uid, implementation_class_uid)
     ds.InstanceCreationDate = structure_set_date
     ds.InstanceCreationTime = structure_set_time
     ds.SOPClassUID = RTStructureSetStorage
