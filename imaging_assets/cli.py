@@ -254,14 +254,14 @@ def _parse_filters(items: list[str]) -> dict:
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
-    from imaging_assets.stages.cohorts import find_similar, query_vector
+    from imaging_assets.stages.cohorts import explain_similar, find_similar, query_vector
 
     wh = _warehouse(args)
     if wh is None:
         return 2
     try:
         filters = _parse_filters((args.filter or []) + ([f"modality={args.modality}"] if args.modality else []))
-        vector, space, header = None, args.space, None
+        vector, space, header, q = None, args.space, None, None
         if args.lesion_id is None:
             if not (args.image and args.mask):
                 raise ValueError("give a lesion id, or --image and --mask of a new lesion")
@@ -273,12 +273,17 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         df = find_similar(lesion_id=args.lesion_id, vector=vector, k=args.k, where=filters,
                           exclude_same_patient=not args.include_same_patient, warehouse=wh,
-                          version=args.version, space=space)
+                          version=args.version, space=space, one_per_patient=args.one_per_patient)
         ms = (time.perf_counter() - t0) * 1000
+        explanations = (explain_similar(wh, df, reference_lesion_id=args.lesion_id, query=q, version=args.version)
+                        if args.explain else None)
     except (ValueError, KeyError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rows = df.to_dicts()
+    if explanations is not None:
+        for r, e in zip(rows, explanations):
+            r["explanation"] = e.to_dict()
     if args.json:
         json.dump(rows, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
@@ -292,7 +297,28 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         print(f"{r['rank']:3d}  {r['lesion_id']}  d={r['distance']:.3f}  {r['patient_key']}  {r['modality']}  "
               f"{r['roi_name']} ({r['raw_label']}, segment {r['segment_number']})  {r['volume_mm3'] or 0:.0f} mm3  "
               f"{r['study_date']}  cluster={r['cluster']}")
+        if explanations is not None:
+            _print_explanation(explanations[r["rank"] - 1])
     return 0
+
+
+def _pct(v: float | None) -> str:
+    if v is None:
+        return "no percentile"
+    n = int(round(v))
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix} percentile"
+
+
+def _print_explanation(e) -> None:
+    """The explanation of one result, indented under it."""
+    groups = sorted(e.groups.items(), key=lambda kv: -kv[1])
+    print("       why: " + ", ".join(f"{g} {s:.0%}" for g, s in groups if s >= 0.005) + " of the squared distance")
+    for label, items in (("agree ", e.agree), ("differ", e.differ)):
+        for c in items:
+            share = f"  ({c.share:.0%} of d^2)" if label == "differ" else ""
+            print(f"       {label}  {c.name}: reference {_pct(c.reference_percentile)}, "
+                  f"this lesion {_pct(c.neighbour_percentile)}{share}")
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
@@ -385,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--include-same-patient", action="store_true",
                    help="keep the query lesion's patient (the lesion itself then comes first)")
     f.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    f.add_argument("--one-per-patient", action="store_true",
+                   help="only the closest lesion of each patient (as in cohorts)")
+    f.add_argument("--explain", action="store_true",
+                   help="why each result is close: feature-group shares of the squared distance, the features "
+                        "that agree and differ most, with both lesions' percentiles (with --json: 'explanation')")
     f.add_argument("--json", action="store_true", help="print JSON")
     f.set_defaults(func=_cmd_similar)
 

@@ -14,6 +14,7 @@ outcome files (file or folder)     ``IMAGING_ASSETS_OUTCOMES``                  
 DICOM roots (``os.pathsep`` list)  ``IMAGING_ASSETS_DICOM_ROOTS``                  ``<data>/demo/dicom``
 NIfTI/NRRD manifests (list)        ``IMAGING_ASSETS_MANIFESTS``                    none
 pseudonymisation secret            ``IMAGING_ASSETS_PSEUDONYM_KEY``                dev default + warning
+pictures' public URL               ``IMAGING_ASSETS_PICTURES_URL``                 none (pictures inlined)
 =================================  =============================================  ==========================
 """
 
@@ -47,6 +48,14 @@ def lance_uri(warehouse: str | Path | None = None) -> str:
     if env:
         return env
     return str(Path(warehouse if warehouse is not None else warehouse_dir()) / "lance")
+
+
+def pictures_url() -> str | None:
+    """Base URL under which ``imaging-assets serve`` publishes the warehouse's pictures (``.../pictures``),
+    as the Dagster UI's browser reaches it: ``IMAGING_ASSETS_PICTURES_URL`` (``make dev`` sets it), else None
+    (asset metadata then carries the pictures themselves, behind the UI's "Show Markdown")."""
+    env = os.environ.get("IMAGING_ASSETS_PICTURES_URL", "").strip()
+    return env.rstrip("/") or None
 
 
 def outcomes_source() -> Path:

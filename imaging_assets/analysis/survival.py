@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,37 +245,67 @@ def _design(data: pd.DataFrame, covariates: Sequence[str], reference: int,
     return x, used
 
 
-def _km_png(fits: list[tuple[int, Any, pd.DataFrame]], path: Path, title: str) -> Path:
+def at_risk_table(fits: Sequence[tuple[int, Any, pd.DataFrame]], times: Sequence[float]) -> dict[int, list[int]]:
+    """Number at risk (time >= t) of each group at each time: group -> counts."""
+    return {c: [int((grp["time_months"] >= t).sum()) for t in times] for c, _, grp in fits}
+
+
+def _km_png(fits: list[tuple[int, Any, pd.DataFrame]], path: Path, title: str,
+            labels: Mapping[int, str] | None = None) -> Path:
+    """Kaplan-Meier curves (95% bands, censoring ticks) with a number-at-risk table under the axes."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(7.5, 5), dpi=100)
+    rows = max(1, len(fits))
+    fig = Figure(figsize=(8, 5.2 + 0.22 * rows), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    table_h = (0.3 + 0.22 * rows) / (5.2 + 0.22 * rows)
+    ax = fig.add_axes((0.19, 0.1 + table_h + 0.06, 0.78, 0.8 - table_h - 0.06))
     palette = colormaps["tab10" if len(fits) <= 10 else "tab20"]
+
+    def name(c: int) -> str:
+        return labels.get(c, f"cluster {c}") if labels else f"cluster {c}"
+
+    t_max = 0.0
     for c, kmf, grp in fits:
         colour = palette(c % palette.N)
         sf = kmf.survival_function_.iloc[:, 0]
         ci = kmf.confidence_interval_
-        label = f"cluster {c} (n={len(grp)}, events={int(grp['event'].sum())})"
+        label = f"{name(c)} (n={len(grp)}, events={int(grp['event'].sum())})"
         ax.step(sf.index, sf.values, where="post", color=colour, label=label, lw=1.8)
         ax.fill_between(ci.index, ci.iloc[:, 0], ci.iloc[:, 1], step="post", color=colour, alpha=0.15, lw=0)
         cens = grp.loc[grp["event"] == 0, "time_months"].to_numpy()
         if len(cens):
             ax.plot(cens, kmf.survival_function_at_times(cens).to_numpy(), "|", color=colour, ms=7)
-    ax.set_xlabel("time (months)")
+        t_max = max(t_max, float(grp["time_months"].max()) if len(grp) else 0.0)
     ax.set_ylabel("survival probability")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if fits:
         ax.legend(loc="best", fontsize=8, frameon=False)
+        ticks = [float(t) for t in ax.get_xticks() if 0 <= t <= t_max * 1.0001] or [0.0]
+        ax.set_xticks(ticks)
+        ax.set_xlim(left=0, right=max(t_max, ticks[-1]) * 1.02 or 1)
+        counts = at_risk_table(fits, ticks)
+        tab = fig.add_axes((0.19, 0.04, 0.78, table_h), sharex=ax)
+        tab.set_xlim(ax.get_xlim())
+        tab.set_ylim(-0.5, len(fits) - 0.5)
+        tab.axis("off")
+        for i, (c, _, _) in enumerate(fits):
+            y = len(fits) - 1 - i
+            tab.text(-0.04, y, name(c), transform=tab.get_yaxis_transform(), ha="right", va="center", fontsize=8,
+                     color=palette(c % palette.N))
+            for t, n_risk in zip(ticks, counts[c]):
+                tab.text(t, y, str(n_risk), ha="center", va="center", fontsize=8)
+        tab.set_title("number at risk", fontsize=8, loc="left")
+        ax.set_xlabel("time (months)")
     else:
         ax.text(0.5, 0.5, "no patients", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
+        ax.set_xlabel("time (months)")
     fig.savefig(path, format="png")
     return path
 
@@ -286,6 +316,8 @@ def analyse_survival(
     png_path: Path | None = None,
     reference_cluster: int | None = None,
     penalizer: float = 0.01,
+    labels: Mapping[int, str] | None = None,
+    title: str | None = None,
 ) -> SurvivalResult:
     """Kaplan-Meier per cluster, log-rank across clusters and a Cox model of cluster membership.
 
@@ -303,6 +335,8 @@ def analyse_survival(
         Reference level of the cluster terms (default: the largest cluster, ties the smaller label).
     penalizer
         Ridge penalizer of :class:`lifelines.CoxPHFitter`.
+    labels, title
+        Names of the groups in the plot (default ``cluster <c>``) and its title (the log-rank p is added).
 
     Returns
     -------
@@ -452,8 +486,8 @@ def analyse_survival(
     km_png = None
     if png_path is not None:
         p = logrank.get("p_value")
-        title = "Kaplan-Meier by phenotype cluster" + (f" (log-rank p={p:.3g})" if p is not None else "")
-        km_png = _km_png(fits, Path(png_path), title)
+        head = title or "Kaplan-Meier by phenotype cluster"
+        km_png = _km_png(fits, Path(png_path), head + (f" (log-rank p={p:.3g})" if p is not None else ""), labels)
     if cox_note:
         logger.info("survival: %s", cox_note)
     for note in notes:

@@ -1,5 +1,7 @@
 """Helpers that shape asset metadata for the UI (no definitions here)."""
 
+import dagster as dg
+
 
 def md_table(rows: list[dict], columns: list[str], limit: int = 20) -> str:
     """A markdown table of the first ``limit`` rows (for asset metadata)."""
@@ -14,12 +16,59 @@ def md_table(rows: list[dict], columns: list[str], limit: int = 20) -> str:
     return head + body + more
 
 
-def png_markdown(path, alt: str = "plot") -> str:
-    """Markdown that shows a PNG inline in the Dagster UI (data URI), or a note when there is none."""
-    import base64
-    from pathlib import Path
+def _cell(v):
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return round(v, 4) if v == v else None
+    try:
+        import numpy as np
 
-    if path is None or not Path(path).is_file():
-        return "_no plot (not enough data)_"
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f"![{alt}](data:image/png;base64,{data})"
+        if isinstance(v, np.integer):
+            return int(v)
+        if isinstance(v, np.floating):
+            return round(float(v), 4)
+    except ImportError:  # pragma: no cover
+        pass
+    return str(v)
+
+
+def _kind(values: list) -> str:
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return "bool"
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return "int"
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return "float"
+    return "string"
+
+
+def table(rows: list[dict], columns: list[str], limit: int = 20) -> dg.MetadataValue:
+    """A table the Dagster UI shows as a grid on the asset page (not behind a link), first ``limit`` rows."""
+    cells = [{c: _cell(r.get(c)) for c in columns} for r in rows[:limit]]
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, _kind([r[c] for r in cells])) for c in columns])
+    return dg.MetadataValue.table(records=[dg.TableRecord(r) for r in cells], schema=schema)
+
+
+def picture(wh, name: str, data, alt: str = "plot") -> dg.MetadataValue:
+    """A plot or montage for an asset page: stored under ``<warehouse>/plots`` and shown as markdown.
+
+    With ``IMAGING_ASSETS_PICTURES_URL`` set (``make dev`` runs ``imaging-assets serve`` and sets it), the
+    markdown is a short link to the served file and the Dagster UI shows the picture inline on the asset
+    page; without it the markdown carries the picture itself (a data URI, which the UI shows behind "Show
+    Markdown", its limit for inline markdown being 1,000 characters).
+    """
+    import base64
+
+    from imaging_assets import settings
+    from imaging_assets.stages.thumbnails import keep_picture
+
+    path = keep_picture(wh, name, data)
+    if path is None:
+        return dg.MetadataValue.md("_no plot (not enough data)_")
+    base = settings.pictures_url()
+    if base:
+        return dg.MetadataValue.md(f"![{alt}]({base}/plots/{path.name})")
+    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")

@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import md_table, png_markdown
+from imaging_assets.defs.metadata import picture, table
 from imaging_assets.defs.resources import OutcomeSourcesResource, WarehouseResource
 from imaging_assets.defs.vectors import lesion_vectors
 
@@ -60,8 +60,8 @@ def clinical_outcomes(context: dg.AssetExecutionContext, warehouse: WarehouseRes
         "files": s.files, "rows_read": s.rows_read, "inserted": s.inserted, "updated": s.updated,
         "unchanged": s.unchanged, "rejected": s.rejected, "fields_rejected": s.fields_rejected,
         "files_gone": s.files_gone, "rows_removed": s.rows_removed,
-        "rejects_by_reason": dg.MetadataValue.md(md_table(reasons, ["reason", "rows"])),
-        "by_stage": dg.MetadataValue.md(md_table(table.by_stage, ["stage", "patients", "events"])),
+        "rejects_by_reason": table(reasons, ["reason", "rows"]),
+        "by_stage": table(table.by_stage, ["stage", "patients", "events"]),
         "elapsed_s": s.elapsed_s,
     }, check_results=[_warn(
         "outcomes_source_present", s.source_present, observed_files=s.files,
@@ -99,10 +99,11 @@ def phenotype_clusters(context: dg.AssetExecutionContext, config: ClusterConfig,
     """
     from imaging_assets.stages.outcomes import build_clusters
 
+    wh = warehouse.get_warehouse()
     with tempfile.TemporaryDirectory() as tmp:
-        s = build_clusters(warehouse.get_warehouse(), k=config.k, k_range=(config.k_min, config.k_max),
+        s = build_clusters(wh, k=config.k, k_range=(config.k_min, config.k_max),
                            method=config.method, seed=config.seed, png_path=Path(tmp) / "clusters.png")
-        plot = png_markdown(s.png, "PCA projection by cluster")
+        plot = picture(wh, "phenotype_clusters", s.png, "PCA projection by cluster")
     context.log.info(f"{s.lesions} lesions in {s.k} clusters, sizes {s.sizes}")
     return dg.MaterializeResult(metadata={
         "dagster/row_count": s.lesions,
@@ -110,9 +111,9 @@ def phenotype_clusters(context: dg.AssetExecutionContext, config: ClusterConfig,
         "sizes": dg.MetadataValue.json(s.sizes),
         "silhouette_by_k": dg.MetadataValue.json({str(a): b for a, b in s.silhouette_by_k.items()}),
         "feature_set_version": s.feature_set_version,
-        "projection": dg.MetadataValue.md(plot),
-        "profile": dg.MetadataValue.md(md_table(_round(s.profile), ["cluster", "rank", "feature",
-                                                                    "effect_size", "size"], 40)),
+        "projection": plot,
+        "profile": table(_round(s.profile), ["cluster", "rank", "feature",
+                                                                    "effect_size", "size"], 40),
         "elapsed_s": s.elapsed_s,
         "adequate": not s.inadequate,
         "inadequate_reasons": "; ".join(s.inadequate) or "none",
@@ -148,10 +149,10 @@ def cluster_outcomes(context: dg.AssetExecutionContext, config: SurvivalConfig,
     """
     from imaging_assets.stages.outcomes import analyse_cluster_outcomes
 
+    wh = warehouse.get_warehouse()
     with tempfile.TemporaryDirectory() as tmp:
-        s = analyse_cluster_outcomes(warehouse.get_warehouse(), covariates=config.covariates,
-                                     png_path=Path(tmp) / "km.png")
-        plot = png_markdown(s.png, "Kaplan-Meier by cluster")
+        s = analyse_cluster_outcomes(wh, covariates=config.covariates, png_path=Path(tmp) / "km.png")
+        plot = picture(wh, "cluster_outcomes", s.png, "Kaplan-Meier by cluster")
     lr = s.logrank or {}
     context.log.info(f"{s.n_patients} patients; log-rank p = {lr.get('p_value')}")
     return dg.MaterializeResult(metadata={
@@ -160,12 +161,12 @@ def cluster_outcomes(context: dg.AssetExecutionContext, config: SurvivalConfig,
         "patients_without_outcomes": s.patients_without_outcomes,
         "logrank_p": float(lr["p_value"]) if lr.get("p_value") is not None else -1.0,
         "logrank_statistic": float(lr["statistic"]) if lr.get("statistic") is not None else -1.0,
-        "kaplan_meier": dg.MetadataValue.md(plot),
-        "per_cluster": dg.MetadataValue.md(md_table(_round(s.per_cluster), [
-            "cluster", "patients", "lesions", "events", "median_months", "median_ci_low", "median_ci_high"])),
-        "cox": dg.MetadataValue.md(md_table(_round(s.cox), ["term", "hr", "ci_low", "ci_high", "p_value"])),
-        "survival_by_space": dg.MetadataValue.md(md_table(s.spaces, ["space", "patients", "events", "logrank_p",
-                                                                        "adequate"])),
+        "kaplan_meier": plot,
+        "per_cluster": table(_round(s.per_cluster), [
+            "cluster", "patients", "lesions", "events", "median_months", "median_ci_low", "median_ci_high"]),
+        "cox": table(_round(s.cox), ["term", "hr", "ci_low", "ci_high", "p_value"]),
+        "survival_by_space": table(s.spaces, ["space", "patients", "events", "logrank_p",
+                                                                        "adequate"]),
         "notes": "; ".join(n for n in s.notes if n) or "none",
         "events": s.events,
         "compared_clusters": dg.MetadataValue.json(s.compared_clusters),

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import md_table, png_markdown
+from imaging_assets.defs.metadata import picture, table
 from imaging_assets.defs.radiomics import radiomics_features
 from imaging_assets.defs.resources import WarehouseResource
 from imaging_assets.progress import ProgressReporter
@@ -56,8 +56,9 @@ def feature_robustness(context: dg.AssetExecutionContext, config: RobustnessConf
     )
     context.log.info(f"ICC on {r.lesions_in_icc} lesions x {r.perturbations} perturbations, "
                      f"{r.pairs} test-retest pairs; {r.extracted} extracted, {r.failed} failed")
+    wh = warehouse.get_warehouse()
     with tempfile.TemporaryDirectory() as tmp:
-        plot = png_markdown(icc_plot_png(r.rows, Path(tmp) / "icc.png"), "ICC lower bounds")
+        plot = picture(wh, "feature_robustness", icc_plot_png(r.rows, Path(tmp) / "icc.png"), "ICC lower bounds")
     worst = sorted((row for row in r.rows if row["analysis"] == "perturbation" and row["ci_low"] is not None),
                    key=lambda row: row["ci_low"])[:10]
     return dg.MaterializeResult(metadata={
@@ -72,12 +73,12 @@ def feature_robustness(context: dg.AssetExecutionContext, config: RobustnessConf
         "lesions_reused_from_cache": r.reused_lesions,
         "features_with_ci_low_ge_0.75": r.robust_perturbation,
         "perturbation_spec": dg.MetadataValue.json(r.spec),
-        "by_space": dg.MetadataValue.md(md_table(r.spaces, ["space", "eligible", "incomplete", "sampled",
-                                                            "lesions_in_icc", "pairs", "robust_perturbation"])),
-        "icc_plot": dg.MetadataValue.md(plot),
-        "least_reproducible": dg.MetadataValue.md(md_table(
+        "by_space": table(r.spaces, ["space", "eligible", "incomplete", "sampled",
+                                                            "lesions_in_icc", "pairs", "robust_perturbation"]),
+        "icc_plot": plot,
+        "least_reproducible": table(
             [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()} for row in worst],
-            ["feature", "icc", "ci_low", "ci_high"])),
+            ["feature", "icc", "ci_low", "ci_high"]),
         "elapsed_s": r.elapsed_s,
     })
 
@@ -101,7 +102,7 @@ def robust_feature_set(context: dg.AssetExecutionContext, config: RobustSetConfi
     features = [f for r in sets for f in r.features]
     with tempfile.TemporaryDirectory() as tmp:
         png = robust_set_plot_png(reproducibility.feature_class_totals(wh), features, Path(tmp) / "classes.png")
-        plot = png_markdown(png, "robust features per class")
+        plot = picture(wh, "robust_feature_set", png, "robust features per class")
     for r in sets:
         context.log.info(f"robust set {r.space} {r.version}: {len(r.features)} features "
                          f"({'changed' if r.changed else 'unchanged'}; {r.n_candidates} before pruning)")
@@ -110,19 +111,19 @@ def robust_feature_set(context: dg.AssetExecutionContext, config: RobustSetConfi
                   "provisional": r.provisional} for r in sets]
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(features),
-        "spaces": dg.MetadataValue.md(md_table(per_space, ["space", "version", "features", "changed", "candidates",
-                                                           "pruned", "lesions", "provisional"])),
+        "spaces": table(per_space, ["space", "version", "features", "changed", "candidates",
+                                                           "pruned", "lesions", "provisional"]),
         "provisional_spaces": dg.MetadataValue.json([r.space for r in sets if r.provisional]),
         "version": main.version if main else "",
         "changed": sel.changed,
         "previous_version": (main.previous_version or "") if main else "",
         "candidates_before_pruning": sum(r.n_candidates for r in sets),
         "pruned_duplicates": sum(len(r.pruned) for r in sets),
-        "features": dg.MetadataValue.md(md_table([{"space": r.space, "feature": f} for r in sets for f in r.features],
-                                                 ["space", "feature"], 100)),
-        "by_feature_class": dg.MetadataValue.md(plot),
-        "history": dg.MetadataValue.md(md_table([{"space": r.space, **h} for r in sets for h in r.history],
-                                                ["space", "version", "activated_at"])),
+        "features": table([{"space": r.space, "feature": f} for r in sets for f in r.features],
+                                                 ["space", "feature"], 100),
+        "by_feature_class": plot,
+        "history": table([{"space": r.space, **h} for r in sets for h in r.history],
+                                                ["space", "version", "activated_at"]),
         "elapsed_s": sel.elapsed_s,
     })
 
@@ -148,11 +149,11 @@ def radiomics_expectations(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "lesions_with_provenance": report.lesions_with_provenance,
             "expected_features_per_lesion": report.expected_features,
             "robust_features_checked_finite": report.robust_checked if report.robust_checked else "all",
-            "failures": dg.MetadataValue.md(md_table(rows, ["expectation", "column", "unexpected", "lesions", "detail"])),
-            "by_space": dg.MetadataValue.md(md_table(report.spaces, ["space", "lesions", "expected_features",
-                                                                    "incomplete", "robust_checked", "failed"])),
-            "incomplete_lesions": dg.MetadataValue.md(md_table(report.incomplete,
-                                                               ["lesion_id", "space", "missing_image_types"])),
+            "failures": table(rows, ["expectation", "column", "unexpected", "lesions", "detail"]),
+            "by_space": table(report.spaces, ["space", "lesions", "expected_features",
+                                                                    "incomplete", "robust_checked", "failed"]),
+            "incomplete_lesions": table(report.incomplete,
+                                                               ["lesion_id", "space", "missing_image_types"]),
             "reason": "bad rows would poison the vectors: blocking (per feature space; a lesion lacking an image "
                       "type pyradiomics skipped for it is incomplete, not failed)",
         },
@@ -170,7 +171,7 @@ def flagged_series_excluded(warehouse: WarehouseResource) -> dg.AssetCheckResult
         passed=not rows,
         metadata={"observed_lesions_from_flagged_series": len(rows), "flagged_series": flagged,
                   "threshold": 0, "reason": "a series with gaps, tilt or duplicates gives wrong textures",
-                  "offenders": dg.MetadataValue.md(md_table(rows, ["lesion_id", "series", "flags"]))},
+                  "offenders": table(rows, ["lesion_id", "series", "flags"])},
     )
 
 

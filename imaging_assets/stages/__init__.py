@@ -36,7 +36,7 @@ class ChainSettings:
 
 
 def _steps() -> list[tuple[str, Callable[[Any, ChainSettings], Any]]]:
-    from imaging_assets.stages import discovery, outcomes, radiomics, reproducibility, vectors
+    from imaging_assets.stages import discovery, outcomes, radiomics, reproducibility, thumbnails, vectors
 
     def png(s: ChainSettings, name: str) -> Path | None:
         return Path(s.png_dir) / name if s.png_dir is not None else None
@@ -47,6 +47,7 @@ def _steps() -> list[tuple[str, Callable[[Any, ChainSettings], Any]]]:
         ("imaging_series", lambda wh, s: discovery.rebuild_series(wh)),
         ("segmentations", lambda wh, s: discovery.rebuild_segmentations(wh, s.manifests, secret=s.secret)),
         ("lesions", lambda wh, s: radiomics.rebuild_lesions(wh, workers=s.workers)),
+        ("lesion_thumbnails", lambda wh, s: thumbnails.render_lesion_thumbnails(wh, workers=s.workers)),
         ("radiomics_features", lambda wh, s: radiomics.extract_features(wh, workers=s.workers,
                                                                         batch_size=s.batch_size,
                                                                         progress=s.progress)),
@@ -61,7 +62,8 @@ def _steps() -> list[tuple[str, Callable[[Any, ChainSettings], Any]]]:
 
 
 #: The asset names of the chain, in the order the steps run (the Dagster graph's topological order).
-CHAIN: tuple[str, ...] = ("dicom_files", "imaging_series", "segmentations", "lesions", "radiomics_features",
+CHAIN: tuple[str, ...] = ("dicom_files", "imaging_series", "segmentations", "lesions", "lesion_thumbnails",
+                          "radiomics_features",
                           "feature_robustness", "robust_feature_set", "lesion_vectors", "clinical_outcomes",
                           "phenotype_clusters", "cluster_outcomes")
 

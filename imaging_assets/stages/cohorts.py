@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,13 @@ class CohortResult:
     query: dict[str, Any]
     preview: list[dict[str, Any]]
     elapsed_s: float
+    #: the reference lesion (its row, cluster and picture) or the new image + mask, shown apart from the rows
+    reference: dict[str, Any] = field(default_factory=dict)
+    #: every row, with ``explanation`` (dict), ``why`` (words) and ``thumbnail`` (path or None)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    audit_id: str | None = None
+    space: str | None = None
+    patients: int = 0
 
     @property
     def read_command(self) -> str:
@@ -75,6 +82,8 @@ class QueryVector:
     space: str
     params_hash: str
     params_source: str
+    #: the lesion's raw feature values (pyradiomics names), shown in explanations
+    values: dict[str, float] = field(default_factory=dict)
 
 
 def feature_spaces(wh: Warehouse) -> list[dict[str, Any]]:
@@ -154,13 +163,15 @@ def query_vector(wh: Warehouse, image: str | Path, mask: str | Path, label: int 
     dim = open_db(wh.lance_uri).open_table(VECTOR_TABLE).schema.field("vector").type.list_size
     padded = np.zeros(dim, np.float32)
     padded[: len(vec)] = vec
-    return QueryVector(padded, str(info["feature_set_version"]), space, str(info["params_hash"]), str(info["source"]))
+    return QueryVector(padded, str(info["feature_set_version"]), space, str(info["params_hash"]), str(info["source"]),
+                       values={n: float(outcome.features[n]) for n in scaler.feature_names if n in outcome.features})
 
 
 def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None, k: int = 10,
                  where: dict[str, Any] | None = None, exclude_same_patient: bool = True,
                  warehouse: Warehouse | str | Path | None = None, version: int | None = None,
-                 action: str = "search", extra_params: dict[str, Any] | None = None, space: str | None = None):
+                 action: str = "search", extra_params: dict[str, Any] | None = None, space: str | None = None,
+                 one_per_patient: bool = False):
     """The lesions most similar to a lesion (or a vector), as a polars DataFrame ranked by distance.
 
     Parameters
@@ -181,6 +192,8 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
         configured one (``IMAGING_ASSETS_WAREHOUSE`` and ``IMAGING_ASSETS_LANCE_URI``).
     version
         Search an older version of the Lance table (the audit log names the version of every answer).
+    one_per_patient
+        Return the closest lesion of each patient only (a cohort counts each patient once).
     space
         The feature space searched. A lesion id searches its own space (always: a CT lesion is never
         compared with an MR lesion's vector); a vector needs it unless the table holds one space only.
@@ -206,7 +219,8 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
     if (lesion_id is None) == (vector is None):
         raise ValueError("give either a lesion_id or a vector")
     params: dict[str, Any] = {"lesion_id": lesion_id, "k": k, "filters": where or {}, "version": version,
-                              "exclude_same_patient": exclude_same_patient, "space": space, **(extra_params or {})}
+                              "exclude_same_patient": exclude_same_patient, "space": space,
+                              **({"one_per_patient": True} if one_per_patient else {}), **(extra_params or {})}
     query: str | np.ndarray = lesion_id if lesion_id is not None else np.asarray(vector, np.float32)
     if vector is not None:
         vec = np.asarray(vector, np.float32)
@@ -242,13 +256,22 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
             versions["robust_feature_set"] = current_robust_set(con, space)[0] if space else None
             params["space"] = space
             filters = {**(where or {}), **({"space": [space]} if space is not None else {})}
-            rows = lance.nearest(wh.lance_uri, query, k=k + extra, filters=filters or None, version=pinned,
-                                 exclude_self=exclude_same_patient)
+            fetch = k + extra
+            while True:
+                rows = lance.nearest(wh.lance_uri, query, k=fetch, filters=filters or None, version=pinned,
+                                     exclude_self=exclude_same_patient)
+                got = len(rows)
+                if patient is not None:
+                    rows = [r for r in rows if r.get("patient_key") != patient]
+                if one_per_patient:  # the closest lesion of each patient, in rank order
+                    seen: set[Any] = set()
+                    rows = [r for r in rows if r.get("patient_key") not in seen and not seen.add(r.get("patient_key"))]
+                if len(rows) >= k or got < fetch:  # enough, or the table (under the filters) is exhausted
+                    break
+                fetch *= 4
         except Exception as exc:
             audit.record_on(con, action, "find_similar", params, versions, 0, status=f"error: {exc}")
             raise
-        if patient is not None:
-            rows = [r for r in rows if r.get("patient_key") != patient]
         rows = rows[:k]
         audit.record_on(con, action, "find_similar", params, versions, len(rows))
         ids = [r["lesion_id"] for r in rows]
@@ -278,20 +301,125 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
                          "cluster": pl.Int32, "feature_set_version": pl.String, "space": pl.String})
 
 
+def explain_similar(wh: Warehouse, results: Any, reference_lesion_id: str | None = None,
+                    query: QueryVector | None = None, n: int = 5, version: int | None = None) -> list[Any]:
+    """Why each result of :func:`find_similar` is close to its reference: one
+    :class:`~imaging_assets.features.explain.Explanation` per result row, in order (the one explanation of
+    the CLI, the Python API, the cohort asset and the search page).
+
+    Parameters
+    ----------
+    results
+        The rows of :func:`find_similar` (a polars/pandas DataFrame or a list of dicts with ``lesion_id``
+        and ``feature_set_version``).
+    reference_lesion_id, query
+        The reference: a lesion of the warehouse, or the :class:`QueryVector` of a new lesion.
+    version
+        The Lance table version the results came from (default: the latest).
+
+    Raises
+    ------
+    ValueError
+        Neither or both references given; KeyError when the reference lesion has no vector.
+    """
+    from imaging_assets.features.explain import explain
+    from imaging_assets.stages.vectors import load_quantiles, load_scaler
+    from imaging_assets.store.lance import vectors_of
+
+    if (reference_lesion_id is None) == (query is None):
+        raise ValueError("explain_similar needs either reference_lesion_id or query")
+    rows = _result_rows(results)
+    if not rows:
+        return []
+    ids = [str(r["lesion_id"]) for r in rows]
+    vectors = vectors_of(wh.lance_uri, ids + ([reference_lesion_id] if reference_lesion_id else []), version=version)
+    if reference_lesion_id is not None and reference_lesion_id not in vectors:
+        raise KeyError(f"lesion {reference_lesion_id!r} is not in the vector table at {wh.lance_uri}")
+    ref_vec = vectors[reference_lesion_id] if reference_lesion_id is not None else query.vector
+    fs_versions = sorted({str(r["feature_set_version"]) for r in rows if r.get("feature_set_version")})
+    with wh.connect(read_only=True) as con:
+        scalers = {v: load_scaler(con, version=v) for v in fs_versions}
+        quantiles = {v: load_quantiles(con, v) for v in fs_versions}
+        names = sorted({f for sc in scalers.values() if sc is not None for f in sc.feature_names})
+        raw: dict[str, dict[str, float]] = {}
+        wanted = ids + ([reference_lesion_id] if reference_lesion_id else [])
+        for lid, name, value in con.execute(
+                "SELECT lesion_id, image_type || '_' || feature_class || '_' || feature, value "
+                "FROM radiomics_features WHERE list_contains(?, lesion_id) "
+                "AND list_contains(?, image_type || '_' || feature_class || '_' || feature)",
+                [wanted, names]).fetchall():
+            raw.setdefault(lid, {})[name] = value
+    ref_values = raw.get(reference_lesion_id, {}) if reference_lesion_id is not None else query.values
+    out = []
+    for r in rows:
+        lid = str(r["lesion_id"])
+        scaler = scalers.get(str(r.get("feature_set_version")))
+        if scaler is None or lid not in vectors:
+            raise RuntimeError(f"no scaler or vector for lesion {lid} (feature set {r.get('feature_set_version')}): "
+                               "materialize lesion_vectors")
+        out.append(explain(ref_vec, vectors[lid], scaler.feature_names, reference_values=ref_values,
+                           neighbour_values=raw.get(lid, {}), quantiles=quantiles.get(str(r["feature_set_version"])),
+                           n=n))
+    return out
+
+
+def _result_rows(results: Any) -> list[dict[str, Any]]:
+    if results is None:
+        return []
+    if hasattr(results, "to_dicts"):  # polars
+        return results.to_dicts()
+    if hasattr(results, "to_dict"):  # pandas
+        return results.to_dict("records")
+    return [dict(r) for r in results]
+
+
+def stored_cohort_query(wh: Warehouse, name: str) -> dict[str, Any] | None:
+    """The query a cohort was last made with (``cohorts.query``), or None for a cohort never made."""
+    with wh.connect(read_only=True) as con:
+        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'cohorts'").fetchone()[0]:
+            return None
+        row = con.execute("SELECT query FROM cohorts WHERE name = ?", [name]).fetchone()
+    return json.loads(row[0]) if row and row[0] else None
+
+
+def _reference_row(wh: Warehouse, lesion_id: str) -> dict[str, Any]:
+    from imaging_assets.stages.thumbnails import thumbnail_path
+
+    with wh.connect(read_only=True) as con:
+        rows = con.execute(
+            "SELECT l.lesion_id, l.patient_key, l.modality, l.body_part, l.roi_name, l.raw_label, l.volume_mm3, "
+            "l.study_date, pc.cluster, p.space FROM lesions l LEFT JOIN phenotype_clusters pc USING (lesion_id) "
+            "LEFT JOIN radiomics_provenance p USING (lesion_id) WHERE l.lesion_id = ?", [lesion_id]).fetchdf()
+    row = rows.to_dict("records")[0] if len(rows) else {"lesion_id": lesion_id}
+    row = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+    if row.get("study_date") is not None:
+        row["study_date"] = str(row["study_date"])[:10]
+    if row.get("cluster") is not None:
+        row["cluster"] = int(row["cluster"])
+    path = thumbnail_path(wh, lesion_id)
+    return {**row, "thumbnail": str(path) if path.is_file() else None}
+
+
 def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = None, image: str | None = None,
                     mask: str | None = None, segment: str | None = None, k: int = 20,
-                    filters: dict[str, Any] | None = None, exclude_same_patient: bool = True) -> CohortResult:
+                    filters: dict[str, Any] | None = None, exclude_same_patient: bool = True,
+                    one_per_patient: bool = True) -> CohortResult:
     """Run a similar-case search (:func:`find_similar`) and store the ranked cohort as ``cohort_<name>``.
 
-    Columns: those of :func:`find_similar` with the cluster of ``phenotype_clusters`` and the outcome
-    (time_months, event, stage) of ``patient_outcomes`` joined (NULL where there is none). Re-running a name
-    replaces its table and registry row. By default the reference patient is left out, as everywhere.
+    By default the cohort has **one row per patient** (their closest lesion) and leaves out the reference
+    patient, so an outcome analysis counts each patient once. Columns: those of :func:`find_similar`,
+    the cluster of ``phenotype_clusters`` and the outcome (time_months, event, stage) of
+    ``patient_outcomes`` (NULL where there is none), the explanation (:func:`explain_similar`) as JSON and
+    in words (``why``), and the path of the lesion's picture. The reference is not a row: it is in the
+    ``cohorts`` registry (with the query, the Lance version searched, the audit id) and in the result.
+    Re-running a name replaces its table and registry row in one transaction.
     """
+    from imaging_assets.stages.thumbnails import thumbnail_path
     from imaging_assets.store.lance import table_version
 
     t0 = time.perf_counter()
     table = cohort_table_name(name)
-    vector, fs_version, space = None, None, None
+    vector, fs_version, space, q = None, None, None, None
     if reference_lesion_id is None:
         if not (image and mask):
             raise ValueError("a cohort needs reference_lesion_id, or image and mask of a new lesion")
@@ -302,13 +430,26 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
         found = find_similar(reference_lesion_id, vector=vector, k=k, where=filters, warehouse=wh,
                              exclude_same_patient=exclude_same_patient, version=lance_version, action="cohort",
                              extra_params={"name": name, "image": image, "mask": mask, "segment": segment},
-                             space=space)
+                             space=space, one_per_patient=one_per_patient)
     except KeyError as exc:  # a mistyped id in the launchpad: say what to do, not a raw KeyError
         raise ValueError(f"{exc.args[0]}: copy a lesion_id from the `lesions` asset's preview, or give image + "
                          "mask of a new lesion") from None
+    explanations = explain_similar(wh, found, reference_lesion_id=reference_lesion_id, query=q,
+                                   version=lance_version)
     df = found.to_pandas()
-    query = {"reference_lesion_id": reference_lesion_id, "image": image, "mask": mask, "k": k,
-             "filters": filters or {}, "exclude_same_patient": exclude_same_patient}
+    df["explanation"] = [json.dumps(e.to_dict(), ensure_ascii=False) for e in explanations]
+    df["why"] = [e.summary() for e in explanations]
+    df["thumbnail"] = [str(thumbnail_path(wh, lid)) if thumbnail_path(wh, lid).is_file() else None
+                       for lid in df["lesion_id"]]
+    query = {"reference_lesion_id": reference_lesion_id, "image": image, "mask": mask, "segment": segment, "k": k,
+             "filters": filters or {}, "exclude_same_patient": exclude_same_patient,
+             "one_per_patient": one_per_patient}
+    if reference_lesion_id is not None:
+        reference = _reference_row(wh, reference_lesion_id)
+    else:
+        reference = {"lesion_id": None, "image": image, "mask": mask, "segment": segment, "space": space,
+                     "patient_key": None, "thumbnail": None}
+    space = space or reference.get("space") or (df["space"].iloc[0] if len(df) else None)
     fs = fs_version or (df["feature_set_version"].iloc[0] if len(df) else None)
     with wh.connect() as con:
         ensure_schema(con)
@@ -317,19 +458,110 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
             with transaction(con):
                 # the name is validated by cohort_table_name: DDL cannot take it as a parameter
                 con.execute(
-                    f"CREATE OR REPLACE TABLE {table} AS SELECT c.* EXCLUDE (cluster), "
-                    "coalesce(pc.cluster, c.cluster) AS cluster, o.time_months, o.event, o.stage FROM _cohort c "
+                    f"CREATE OR REPLACE TABLE {table} AS SELECT c.* EXCLUDE (study_date, cluster, explanation, why, "
+                    "thumbnail) REPLACE (CAST(c.rank AS INTEGER) AS rank), CAST(c.study_date AS DATE) AS study_date, "
+                    "coalesce(pc.cluster, c.cluster) AS cluster, o.time_months, o.event, o.stage, "
+                    "CAST(c.why AS VARCHAR) AS why, CAST(c.explanation AS VARCHAR) AS explanation, "
+                    "CAST(c.thumbnail AS VARCHAR) AS thumbnail FROM _cohort c "
                     "LEFT JOIN phenotype_clusters pc USING (lesion_id) "
                     "LEFT JOIN patient_outcomes o ON o.patient_key = c.patient_key ORDER BY c.rank")
                 con.execute("DELETE FROM cohorts WHERE name = ?", [name])
-                con.execute("INSERT INTO cohorts VALUES (?, ?, (now() AT TIME ZONE 'UTC'), ?, ?, ?, ?, ?, NULL)",
-                            [name, table, audit.current_user(), json.dumps(query, sort_keys=True), lance_version,
-                             fs, len(df)])
+                con.execute(
+                    "INSERT INTO cohorts (name, table_name, created_at, \"user\", query, lance_version, "
+                    "feature_set_version, n_rows, audit_id, space, reference_lesion_id, reference_patient_key, "
+                    "patients) VALUES (?, ?, (now() AT TIME ZONE 'UTC'), ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+                    [name, table, audit.current_user(), json.dumps(query, sort_keys=True), lance_version, fs,
+                     len(df), space, reference_lesion_id, reference.get("patient_key"),
+                     int(df["patient_key"].nunique()) if len(df) else 0])
         finally:
             con.unregister("_cohort")
         last = con.execute("SELECT id FROM audit_log WHERE action = 'cohort' ORDER BY logged_at DESC LIMIT 1").fetchone()
         if last:
             con.execute("UPDATE cohorts SET audit_id = ? WHERE name = ?", [last[0], name])
-    preview = found.head(10).to_dicts()
-    return CohortResult(table=table, rows=len(df), lance_version=lance_version, query=query, preview=preview,
-                        elapsed_s=round(time.perf_counter() - t0, 3))
+    rows = found.to_dicts()
+    for r, e, thumb in zip(rows, explanations, df["thumbnail"]):
+        r["explanation"] = e.to_dict()
+        r["why"] = e.summary()
+        r["thumbnail"] = thumb
+    return CohortResult(table=table, rows=len(df), lance_version=lance_version, query=query, preview=rows[:10],
+                        elapsed_s=round(time.perf_counter() - t0, 3), reference=reference, results=rows,
+                        audit_id=last[0] if last else None, space=space,
+                        patients=int(df["patient_key"].nunique()) if len(df) else 0)
+
+
+@dataclass(frozen=True)
+class CohortOutcomeResult:
+    """A cohort's outcomes against the rest of its feature space's patients (see :func:`analyse_cohort_outcomes`)."""
+
+    name: str
+    space: str | None
+    cohort_patients: int
+    rest_patients: int
+    #: per group (``cohort`` / ``rest``): patients, events, median months and its 95% CI
+    groups: list[dict[str, Any]]
+    logrank: dict[str, Any]
+    #: hazard ratio of the cohort against the rest (None below the minimum sizes)
+    hazard_ratio: dict[str, Any] | None
+    at_risk: dict[str, Any]
+    png: Path | None
+    notes: list[str]
+    inadequate: list[str]
+
+    @property
+    def adequate(self) -> bool:
+        """True when the comparison met the minimum sizes (:func:`~imaging_assets.analysis.survival.minimums`)."""
+        return not self.inadequate
+
+
+def analyse_cohort_outcomes(wh: Warehouse, name: str, png_path: Path | None = None) -> CohortOutcomeResult:
+    """Kaplan-Meier of a cohort's patients against the rest of the archive, log-rank test and the cohort's
+    hazard ratio, with a number-at-risk table, under the minimum sizes of
+    :mod:`~imaging_assets.analysis.survival` (below them: curves and counts, no p-value, a note).
+
+    "The rest" are the patients with an outcome and a lesion vector in the cohort's feature space who are
+    neither in the cohort nor the reference patient. Each patient counts once.
+
+    Raises
+    ------
+    ValueError
+        The cohort does not exist (make it first).
+    """
+    from imaging_assets.analysis.survival import analyse_survival, at_risk_table
+
+    table = cohort_table_name(name)
+    with wh.connect(read_only=True) as con:
+        has_registry = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'cohorts'").fetchone()[0]
+        reg = con.execute("SELECT space, reference_patient_key FROM cohorts WHERE name = ?", [name]).fetchone() \
+            if has_registry else None
+        if reg is None:
+            raise ValueError(f"cohort {name!r} does not exist: materialize the `cohort` asset's partition {name!r} first")
+        space, ref_patient = reg
+        members = con.execute(f"SELECT DISTINCT patient_key FROM {table}").fetchdf()["patient_key"].tolist()
+        everyone = con.execute(
+            "SELECT DISTINCT o.patient_key, o.time_months, o.event FROM patient_outcomes o "
+            "JOIN lesions l ON l.patient_key = o.patient_key JOIN radiomics_provenance p USING (lesion_id) "
+            "WHERE l.extractable AND (p.space = ? OR ? IS NULL)", [space, space]).fetchdf()
+    everyone = everyone.drop_duplicates("patient_key")
+    inside = set(members)
+    data = everyone[everyone["patient_key"] != ref_patient].copy()
+    data["cluster"] = data["patient_key"].isin(inside).astype(int)
+    labels = {1: f"cohort {name}", 0: "rest of the archive"}
+    result = analyse_survival(data, covariates=(), png_path=png_path, reference_cluster=0, labels=labels,
+                              title=f"Cohort {name} vs the rest")
+    groups = [{"group": "cohort" if r["cluster"] == 1 else "rest", **{k: v for k, v in r.items() if k != "cluster"}}
+              for r in result.per_cluster]
+    hr = next(({"hr": c["hr"], "ci_low": c["ci_low"], "ci_high": c["ci_high"], "p_value": c["p_value"]}
+               for c in result.cox if c["term"] == "cluster_1"), None)
+    ticks = [0.0, 12.0, 24.0, 36.0, 48.0, 60.0]
+    fits = [(c, None, data[data["cluster"] == c]) for c in (1, 0) if (data["cluster"] == c).any()]
+    at_risk = {"months": ticks, **{("cohort" if c == 1 else "rest"): counts
+                                   for c, counts in at_risk_table(fits, ticks).items()}}
+    n_in = int(data["cluster"].sum())
+    notes = list(result.notes) + ([result.cox_note] if result.cox_note else [])
+    missing = len(inside - set(everyone["patient_key"]))
+    if missing:
+        notes.append(f"{missing} cohort patient(s) without an outcome left out")
+    return CohortOutcomeResult(name=name, space=space, cohort_patients=n_in, rest_patients=int(len(data) - n_in),
+                               groups=groups, logrank=result.logrank, hazard_ratio=hr, at_risk=at_risk,
+                               png=result.km_png, notes=notes, inadequate=list(result.inadequate))

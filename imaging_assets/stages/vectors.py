@@ -86,6 +86,19 @@ def load_scaler(con: Any, version: str | None = None, space: str | None = None):
     return Scaler(list(row[0]), *(np.asarray(v, dtype=float) for v in row[1:]))
 
 
+def load_quantiles(con: Any, version: str) -> np.ndarray | None:
+    """The stored ``(101, n_features)`` quantiles of a feature-set version's scaled features, or None."""
+    if not _has_table(con, "vector_scalers"):
+        return None
+    columns = {r[0] for r in con.execute("DESCRIBE vector_scalers").fetchall()}
+    if "quantiles" not in columns:
+        return None
+    row = con.execute("SELECT quantiles FROM vector_scalers WHERE feature_set_version = ?", [version]).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return np.asarray(row[0], dtype=float)
+
+
 def build_lesion_vectors(wh: Warehouse, exact_threshold: int | None = None) -> VectorsResult:
     """Per feature space, standardise the robust features of every extractable lesion with the space's own
     scaler, and sync all spaces into the Lance table (zero-padded to the largest space's dimension).
@@ -98,6 +111,7 @@ def build_lesion_vectors(wh: Warehouse, exact_threshold: int | None = None) -> V
     NoRobustSetError
         When ``robust_feature_set`` has not produced a set yet, or every set is empty.
     """
+    from imaging_assets.features.explain import quantiles_of
     from imaging_assets.features.scaling import fit_scaler
     from imaging_assets.store.lance import sync_vectors
 
@@ -136,8 +150,8 @@ def build_lesion_vectors(wh: Warehouse, exact_threshold: int | None = None) -> V
         ids = [lid for lid, good in zip(ids, ok) if good]
         values = values[ok] if len(ok) else values
         scaler = fit_scaler(values, list(features))
-        scalers.append((version, features, scaler, len(ids)))
         vectors = scaler.transform(values).astype(np.float32)
+        scalers.append((version, features, scaler, len(ids), quantiles_of(vectors)))
         padded = np.zeros((len(ids), dim), np.float32)
         padded[:, : len(features)] = vectors
         for i, lid in enumerate(ids):
@@ -152,14 +166,15 @@ def build_lesion_vectors(wh: Warehouse, exact_threshold: int | None = None) -> V
         space_rows.append({"space": space, "rows": len(ids), "dim": len(features), "feature_set_version": version,
                            "excluded": sum(1 for e in excluded if e["space"] == space)})
     with wh.transaction() as con:
-        for version, features, scaler, n in scalers:
+        for version, features, scaler, n, quantiles in scalers:
             stored = scaler.to_dict()
             con.execute("DELETE FROM vector_scalers WHERE feature_set_version = ?", [version])
             con.execute(
                 "INSERT INTO vector_scalers (feature_set_version, feature_names, mean, std, n_lesions, fitted_at, "
-                "center, scale, lambdas) VALUES (?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'), ?, ?, ?)",
+                "center, scale, lambdas, quantiles) VALUES (?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'), ?, ?, ?, ?)",
                 [version, list(features), stored["mean"], stored["std"], n,
-                 stored["center"], stored["scale"], stored["lambdas"]])
+                 stored["center"], stored["scale"], stored["lambdas"],
+                 [[float(x) for x in row] for row in np.nan_to_num(quantiles, nan=0.0)]])
     report = sync_vectors(wh.lance_uri, rows, dim=dim, exact_threshold=exact_threshold)
     return VectorsResult(
         feature_set_version=", ".join(sorted(v for v, _ in sets.values())),

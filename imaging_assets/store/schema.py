@@ -215,6 +215,9 @@ SCALER_COLUMNS: dict[str, str] = {
     "n_lesions": "INTEGER", "fitted_at": "TIMESTAMP",
     # added after the first release: a warehouse made before gets them as NULL (refit on the next run)
     "center": "DOUBLE[]", "scale": "DOUBLE[]", "lambdas": "DOUBLE[]",
+    # 0th..100th percentiles of each scaled feature over the space's lesions (101 lists of n_features),
+    # for the percentiles of similar-case explanations; NULL in scalers fitted before (refit on next run)
+    "quantiles": "DOUBLE[][]",
 }
 
 # --------------------------------------------------------------------------------------------- outcomes
@@ -263,10 +266,20 @@ CLUSTER_TABLES: dict[str, dict[str, str]] = {
                          "stage": "VARCHAR"},
 }
 
+#: One picture per lesion (``<warehouse>/thumbnails/<lesion_id>.png``; see stages.thumbnails).
+THUMBNAIL_COLUMNS: dict[str, str] = {
+    "lesion_id": "VARCHAR", "path": "VARCHAR",
+    "content_hash": "VARCHAR",  # what the picture was drawn from (source fingerprint, modality, renderer)
+    "status": "VARCHAR",  # ok | error
+    "error": "VARCHAR", "rendered_at": "TIMESTAMP",
+}
+
 # ----------------------------------------------------------------------------------- cohorts and audit
 COHORT_REGISTRY_COLUMNS: dict[str, str] = {
     "name": "VARCHAR", "table_name": "VARCHAR", "created_at": "TIMESTAMP", "user": "VARCHAR", "query": "VARCHAR",
     "lance_version": "INTEGER", "feature_set_version": "VARCHAR", "n_rows": "INTEGER", "audit_id": "VARCHAR",
+    # added after the first release (NULL in cohorts made before)
+    "space": "VARCHAR", "reference_lesion_id": "VARCHAR", "reference_patient_key": "VARCHAR", "patients": "INTEGER",
 }
 AUDIT_COLUMNS: dict[str, str] = {
     "id": "VARCHAR", "logged_at": "TIMESTAMP", "user": "VARCHAR", "action": "VARCHAR", "query": "VARCHAR",
@@ -311,6 +324,7 @@ TABLES: dict[str, Table] = {
     "outcome_rejects": Table(OUTCOME_REJECT_COLUMNS),
     "outcome_files": Table(OUTCOME_FILE_COLUMNS, ("source_file",)),
     **{name: Table(columns, derived=True) for name, columns in CLUSTER_TABLES.items()},
+    "lesion_thumbnails": Table(THUMBNAIL_COLUMNS, ("lesion_id",)),
     "cohorts": Table(COHORT_REGISTRY_COLUMNS, ("name",)),
     "audit_log": Table(AUDIT_COLUMNS, ("id",)),
 }

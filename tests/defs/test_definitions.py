@@ -134,7 +134,7 @@ def test_whole_graph_materializes_with_checks(small_cohort, tmp_path):
     from imaging_assets.defs.resources import OutcomeSourcesResource
 
     defs = _defs()
-    everything = list(defs.assets) + list(defs.asset_checks)
+    everything = [a for a in defs.assets if a.partitions_def is None] + list(defs.asset_checks)
     resources = {
         "warehouse": WarehouseResource(root=str(tmp_path / "wh")),
         "dicom_sources": DicomSourcesResource(roots=[str(small_cohort.dicom_dir)], workers=2),
@@ -200,7 +200,7 @@ def test_cohort_discovery_job_writes_the_cohort(small_cohort, tmp_path):
     }
     with dg.instance_for_test() as instance:
         assert dg.materialize(
-            list(defs.assets), instance=instance, resources=resources,
+            [a for a in defs.assets if a.partitions_def is None], instance=instance, resources=resources,
             run_config=dg.RunConfig(ops={"feature_robustness": RobustnessConfig(n_perturbations=3)}),
         ).success
         con = duckdb.connect(str(warehouse.get_warehouse().duckdb_path), read_only=True)

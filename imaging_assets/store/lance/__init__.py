@@ -44,7 +44,7 @@ from imaging_assets.store.lance.schema import (
     VECTOR_TABLE,
     vector_schema,
 )
-from imaging_assets.store.lance.search import filters_to_where, nearest, sql_string
+from imaging_assets.store.lance.search import filters_to_where, nearest, sql_string, vectors_of
 from imaging_assets.store.lance.sync import SyncReport, VectorStoreIntegrityError, sync_vectors, update_clusters
 
 __all__ = [
@@ -78,4 +78,5 @@ __all__ = [
     "table_version",
     "update_clusters",
     "vector_schema",
+    "vectors_of",
 ]

@@ -213,6 +213,18 @@ def _lookup_vector(ds: Any, lesion_id: str) -> np.ndarray:
     return _vectors_numpy(found[VECTOR_COLUMN])[0]
 
 
+def vectors_of(uri: str | os.PathLike[str], lesion_ids: Sequence[str], table_name: str = VECTOR_TABLE,
+               version: int | None = None) -> dict[str, np.ndarray]:
+    """``lesion_id -> vector`` for the given lesions (those in the table at ``version``; others are absent)."""
+    ids = sorted({str(i) for i in lesion_ids})
+    if not ids:
+        return {}
+    ds = _search_dataset(uri, table_name, version)
+    found = ds.to_table(columns=["lesion_id", VECTOR_COLUMN], filter=_in_list("lesion_id", ids))
+    mat = _vectors_numpy(found[VECTOR_COLUMN])
+    return {lid: mat[i] for i, lid in enumerate(found.column("lesion_id").to_pylist())}
+
+
 # ------------------------------------------------------------------------------------------------ search
 
 
