@@ -7,6 +7,8 @@ scan        crawl folders, assemble series, link segmentations; print a summary 
 extract     pyradiomics features of one lesion from an image and a mask
 similar     the lesions most similar to a lesion (or to a new image + mask)
 sql         read-only SQL over the warehouse, Lance tables included
+cohort      make (or refresh) a similar-case cohort: the Dagster assets ``cohort`` + ``cohort_outcomes``
+serve       publish the warehouse's pictures over HTTP for the Dagster UI (``make dev`` runs it)
 summary     print what the warehouse holds (used at the end of ``make demo``)
 """
 
@@ -321,6 +323,65 @@ def _print_explanation(e) -> None:
                   f"this lesion {_pct(c.neighbour_percentile)}{share}")
 
 
+def _cmd_cohort(args: argparse.Namespace) -> int:
+    """Materialize the cohort's partition of ``cohort`` and ``cohort_outcomes`` in the Dagster instance of
+    ``DAGSTER_HOME`` (so the cohort is in the UI's catalog, with its run), adding the partition first."""
+    import dagster as dg
+
+    from imaging_assets.definitions import defs
+    from imaging_assets.stages.cohorts import cohort_table_name, largest_lesion
+
+    try:
+        cohort_table_name(args.name)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    wh = _warehouse(args)
+    if wh is None:
+        return 2
+    config: dict[str, Any] = {"k": args.k}
+    lesion = args.lesion_id
+    if args.largest:
+        lesion = largest_lesion(wh, modality=args.modality)
+        if lesion is None:
+            print("error: the warehouse has no lesion with a vector", file=sys.stderr)
+            return 2
+    if lesion:
+        config["reference_lesion_id"] = lesion
+    elif args.image or args.mask:
+        config.update(image=args.image, mask=args.mask, segment=args.segment)
+    if args.modality:
+        config["modality"] = [m.strip() for m in args.modality.split(",") if m.strip()]
+    try:
+        instance = dg.DagsterInstance.get()
+    except Exception as exc:  # noqa: BLE001 - DAGSTER_HOME unset or unreadable
+        print(f"error: no Dagster instance ({exc}); set DAGSTER_HOME (make sets .dagster_home)", file=sys.stderr)
+        return 2
+    if not instance.has_dynamic_partition("cohorts", args.name):
+        instance.add_dynamic_partitions("cohorts", [args.name])
+    job = defs().resolve_job_def("cohort_discovery")
+    result = job.execute_in_process(instance=instance, partition_key=args.name, raise_on_error=False,
+                                    run_config={"ops": {"cohort": {"config": config}}} if len(config) > 1 else None)
+    if not result.success:
+        for ev in result.all_events:
+            if ev.is_step_failure:
+                print(f"error: {ev.step_failure_data.error.message.strip()}", file=sys.stderr)
+        return 1
+    print(f"cohort {args.name}: run {result.run_id}; table {cohort_table_name(args.name)} "
+          f"(imaging-assets sql \"SELECT rank, lesion_id, patient_key, distance, why FROM {cohort_table_name(args.name)}\")")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from imaging_assets.store.warehouse import Warehouse
+    from imaging_assets.web import serve
+
+    wh = Warehouse.from_settings(root=args.warehouse)
+    print(f"serving the pictures of {wh.root} on http://{args.host}:{args.port}/pictures (Ctrl-C stops)")
+    serve(wh, host=args.host, port=args.port)
+    return 0
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from imaging_assets.stages.discovery import warehouse_summary
 
@@ -418,6 +479,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "that agree and differ most, with both lesions' percentiles (with --json: 'explanation')")
     f.add_argument("--json", action="store_true", help="print JSON")
     f.set_defaults(func=_cmd_similar)
+
+    c = sub.add_parser("cohort", help="make or refresh a similar-case cohort as Dagster assets (in DAGSTER_HOME)")
+    c.add_argument("name", help="cohort name (lower-case letters, digits, underscores); its table is cohort_<name>")
+    c.add_argument("lesion_id", nargs="?", help="reference lesion id; none (and no --image) re-runs the stored query")
+    c.add_argument("--largest", action="store_true", help="reference: the largest lesion with a vector")
+    c.add_argument("--image", help="or: image of a new lesion (DICOM folder, NIfTI, NRRD)")
+    c.add_argument("--mask", help="... and its mask")
+    c.add_argument("--segment", help="segment / ROI name in the mask")
+    c.add_argument("-k", type=int, default=20, help="number of similar patients (default 20)")
+    c.add_argument("--modality", help="filter: modalities, e.g. CT or CT,MR")
+    c.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    c.set_defaults(func=_cmd_cohort)
+
+    v = sub.add_parser("serve", help="publish the warehouse's pictures for the Dagster UI (loopback by default)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8321, help="port (default 8321)")
+    v.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    v.set_defaults(func=_cmd_serve)
 
     m = sub.add_parser("summary", help="print what the warehouse holds")
     m.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")

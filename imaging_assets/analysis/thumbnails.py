@@ -541,6 +541,9 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return text + "..."
 
 
+_CAPTION_ASCII = str.maketrans({"σ": "sigma ", "²": "^2", "≥": ">=", "≤": "<="})
+
+
 def montage(tiles: list[tuple[bytes | None, list[str]]], columns: int = 4, title: str | None = None) -> bytes:
     """Arrange PNG tiles, each with caption lines under it, in a grid: one PNG.
 
@@ -609,6 +612,7 @@ def montage(tiles: list[tuple[bytes | None, list[str]]], columns: int = 4, title
         y = title_h + margin + r * (cell_h + margin)
         sheet.paste(im, (x + (cell_w - im.width) // 2, y + (tile_h - im.height) // 2))
         for j, line in enumerate(caption):
-            draw.text((x + 2, y + tile_h + 4 + j * line_h), _fit(draw, str(line), font, cell_w - 4), font=font,
+            line = str(line).translate(_CAPTION_ASCII)  # glyphs the bundled font lacks
+            draw.text((x + 2, y + tile_h + 4 + j * line_h), _fit(draw, line, font, cell_w - 4), font=font,
                       fill=_LABEL)
     return _to_png(sheet)

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import picture, table
+from imaging_assets.defs.metadata import picture, table_metadata
 from imaging_assets.defs.outcomes import cluster_outcomes, phenotype_clusters
 from imaging_assets.defs.resources import WarehouseResource
 from imaging_assets.defs.thumbnails import lesion_thumbnails
@@ -19,6 +19,9 @@ from imaging_assets.defs.vectors import lesion_vectors
 
 GROUP = "cohorts"
 OWNERS = ["team:imaging"]
+
+#: Neighbours shown beside the reference in the montage (all of them are in the table and `results`).
+MONTAGE_RESULTS = 5
 
 #: One partition per cohort name (its table is cohort_<name>).
 cohort_partitions = dg.DynamicPartitionsDefinition(name="cohorts")
@@ -115,24 +118,29 @@ def cohort(context: dg.AssetExecutionContext, config: CohortConfig, warehouse: W
                           one_per_patient=query.get("one_per_patient", True))
     context.log.info(f"cohort {out.table}: {out.rows} rows, {out.patients} patients (lesion_vectors v{out.lance_version})")
     ref = out.reference
-    ref_caption = ["reference", str(ref.get("lesion_id") or "new lesion"),
-                   f"{ref.get('modality') or ''} {(ref.get('volume_mm3') or 0) / 1000:.1f} cm3".strip()]
+    ref_caption = [f"REFERENCE  lesion {ref.get('lesion_id') or 'new lesion'}",
+                   f"{ref.get('modality') or ''} {ref.get('roi_name') or ''}  {(ref.get('volume_mm3') or 0) / 1000:.1f} cm3"
+                   f"  cluster {ref.get('cluster')}", ""]
     tiles = [{"lesion_id": ref.get("lesion_id") or "", "caption": ref_caption}] + [
-        {"lesion_id": r["lesion_id"], "caption": [f"#{r['rank']}  d={r['distance']:.2f}", r["lesion_id"],
-                                                   _top_group(r["explanation"])]}
-        for r in out.results[:11]]
+        {"lesion_id": r["lesion_id"], "caption": [
+            f"#{r['rank']}  d={r['distance']:.2f}  lesion {r['lesion_id']}  {(r['volume_mm3'] or 0) / 1000:.1f} cm3",
+            _groups_line(r["explanation"]),
+            "agree: " + ", ".join(c["name"] for c in r["explanation"]["agree"][:2])]}
+        for r in out.results[:MONTAGE_RESULTS]]
     rows = [{"rank": r["rank"], "lesion_id": r["lesion_id"], "patient_key": r["patient_key"],
-             "distance": _fmt(r["distance"]), "modality": r["modality"], "volume_mm3": _fmt(r["volume_mm3"]),
-             "cluster": r["cluster"], "why": r["why"]} for r in out.results]
+             "distance": _fmt(r["distance"]), "volume_mm3": _fmt(r["volume_mm3"]), "cluster": r["cluster"],
+             "months": _fmt(r.get("time_months")), "event": r.get("event"),
+             "mostly": _top_group(r["explanation"]),
+             "closest_feature": (r["explanation"]["agree"] or [{}])[0].get("name"),
+             "most_different": (r["explanation"]["differ"] or [{}])[0].get("name")} for r in out.results]
     return dg.MaterializeResult(metadata={
         "dagster/row_count": out.rows,
         "dagster/table_name": out.table,
         "dagster/column_schema": COHORT_COLUMNS,
         "reference_and_neighbours": picture(wh, f"cohort_{name}", montage_png(
-            wh, tiles, columns=6, title=f"cohort {name}: the reference (first) and its closest patients"),
+            wh, tiles, columns=1, title=f"cohort {name}: the reference, then its closest patients"),
             "reference and neighbours"),
-        "results": table(rows, ["rank", "lesion_id", "patient_key", "distance", "modality",
-                                                       "volume_mm3", "cluster", "why"], 50),
+        "results": table_metadata(rows, list(rows[0]) if rows else ["rank"], 50),
         "explanations": dg.MetadataValue.json([{"rank": r["rank"], "lesion_id": r["lesion_id"], **r["explanation"]}
                                                for r in out.results]),
         "reference": dg.MetadataValue.json({k: (str(v) if v is not None else None) for k, v in ref.items()}),
@@ -144,6 +152,11 @@ def cohort(context: dg.AssetExecutionContext, config: CohortConfig, warehouse: W
         "read_it": out.read_command,
         "elapsed_s": out.elapsed_s,
     })
+
+
+def _groups_line(explanation: dict, top: int = 3) -> str:
+    groups = sorted((explanation.get("groups") or {}).items(), key=lambda kv: -kv[1])
+    return "d² from " + ", ".join(f"{g} {v:.0%}" for g, v in groups[:top] if v > 0) if groups else ""
 
 
 def _top_group(explanation: dict) -> str:
@@ -180,9 +193,9 @@ def cohort_outcomes(context: dg.AssetExecutionContext, warehouse: WarehouseResou
                for g in ("cohort", "rest") if g in r.at_risk]
     return dg.MaterializeResult(metadata={
         "kaplan_meier": plot,
-        "groups": table([{k: _fmt(v) for k, v in g.items()} for g in r.groups], [
+        "groups": table_metadata([{k: _fmt(v) for k, v in g.items()} for g in r.groups], [
             "group", "patients", "events", "median_months", "median_ci_low", "median_ci_high"]),
-        "number_at_risk": table(at_risk, list(at_risk[0]) if at_risk else ["group"]),
+        "number_at_risk": table_metadata(at_risk, list(at_risk[0]) if at_risk else ["group"]),
         "cohort_patients": r.cohort_patients, "rest_patients": r.rest_patients,
         "logrank_p": float(p) if p is not None else -1.0,
         "hazard_ratio": dg.MetadataValue.json(r.hazard_ratio),

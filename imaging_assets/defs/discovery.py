@@ -4,7 +4,7 @@ import json
 
 import dagster as dg
 
-from imaging_assets.defs.metadata import table
+from imaging_assets.defs.metadata import table_metadata
 from imaging_assets.defs.resources import DicomSourcesResource, WarehouseResource
 from imaging_assets.errors import DicomRootsMissingError
 from imaging_assets.stages import discovery
@@ -67,7 +67,7 @@ def dicom_files(
             "duplicate_copies": r.duplicates,
             "catalogued_by_kind": dg.MetadataValue.json(r.catalogued_by_kind),
             "quarantined": r.quarantined,
-            "quarantine_by_reason": table(reasons, ["reason", "files"]),
+            "quarantine_by_reason": table_metadata(reasons, ["reason", "files"]),
             "roots": dg.MetadataValue.json(list(dicom_sources.roots)),
             "missing_roots": dg.MetadataValue.json(r.missing_roots),
             "elapsed_s": r.elapsed_s,
@@ -99,7 +99,7 @@ def imaging_series(context: dg.AssetExecutionContext, warehouse: WarehouseResour
             "usable": r.usable,
             "flagged": r.flagged,
             "flag_counts": dg.MetadataValue.json(r.flag_counts),
-            "flagged_series": table(r.flagged_series, ["series_instance_uid", "n_slices", "flags", "details"]),
+            "flagged_series": table_metadata(r.flagged_series, ["series_instance_uid", "n_slices", "flags", "details"]),
             "elapsed_s": r.elapsed_s,
         }
     )
@@ -130,7 +130,7 @@ def segmentations(
             "unlinked": r.unlinked,
             "by_rule": dg.MetadataValue.json(r.by_rule),
             "by_kind": dg.MetadataValue.json(r.by_kind),
-            "unlinked_segmentations": table(r.unlinked_rows, ["path", "reason"]),
+            "unlinked_segmentations": table_metadata(r.unlinked_rows, ["path", "reason"]),
             "elapsed_s": r.elapsed_s,
         }
     )
@@ -151,7 +151,7 @@ def dicom_roots_present(warehouse: WarehouseResource, dicom_sources: DicomSource
             "roots": dg.MetadataValue.json(report.roots),
             "missing_roots": dg.MetadataValue.json(report.missing),
             "threshold": 0,
-            "files_kept_under_missing_roots": table(kept, ["root", "files_kept"]),
+            "files_kept_under_missing_roots": table_metadata(kept, ["root", "files_kept"]),
             "files_kept_outside_roots": report.outside_roots,
             "reason": "a missing root is not crawled: its files are neither updated nor removed, and files of "
                       "roots no longer configured stay active until every configured root is present",
@@ -173,7 +173,7 @@ def series_geometry(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "series": report.series,
             "threshold": 0,
             "reason": "flagged series are kept but not extracted; fix or re-export them",
-            "flagged_series": table(flagged, ["series_instance_uid", "n_slices", "flags", "details"]),
+            "flagged_series": table_metadata(flagged, ["series_instance_uid", "n_slices", "flags", "details"]),
         },
     )
 
@@ -191,7 +191,7 @@ def segmentations_linked(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "segmentations": report.segmentations,
             "threshold": 0,
             "reason": "an unlinked segmentation yields no lesions",
-            "unlinked": table(unlinked, ["path", "reason"]),
+            "unlinked": table_metadata(unlinked, ["path", "reason"]),
         },
     )
 

@@ -44,31 +44,38 @@ def _kind(values: list) -> str:
     return "string"
 
 
-def table(rows: list[dict], columns: list[str], limit: int = 20) -> dg.MetadataValue:
+def table_metadata(rows: list[dict], columns: list[str], limit: int = 20) -> dg.MetadataValue:
     """A table the Dagster UI shows as a grid on the asset page (not behind a link), first ``limit`` rows."""
     cells = [{c: _cell(r.get(c)) for c in columns} for r in rows[:limit]]
     schema = dg.TableSchema(columns=[dg.TableColumn(c, _kind([r[c] for r in cells])) for c in columns])
     return dg.MetadataValue.table(records=[dg.TableRecord(r) for r in cells], schema=schema)
 
 
+#: Widest picture shown on an asset page (the metadata value column of a 1600-px window is ~590 px wide);
+#: a wider one is shown scaled down, linked to its full size.
+PAGE_WIDTH = 500
+
+
 def picture(wh, name: str, data, alt: str = "plot") -> dg.MetadataValue:
     """A plot or montage for an asset page: stored under ``<warehouse>/plots`` and shown as markdown.
 
     With ``IMAGING_ASSETS_PICTURES_URL`` set (``make dev`` runs ``imaging-assets serve`` and sets it), the
-    markdown is a short link to the served file and the Dagster UI shows the picture inline on the asset
-    page; without it the markdown carries the picture itself (a data URI, which the UI shows behind "Show
-    Markdown", its limit for inline markdown being 1,000 characters).
+    markdown is a short link to the served file (scaled to :data:`PAGE_WIDTH`, a click opens the full size)
+    and the Dagster UI shows the picture inline on the asset page; without it the markdown carries the
+    picture itself (a data URI, which the UI shows behind "Show Markdown", its limit for inline markdown
+    being 1,000 characters).
     """
     import base64
 
     from imaging_assets import settings
-    from imaging_assets.stages.thumbnails import keep_picture
+    from imaging_assets.stages.thumbnails import keep_picture, page_sized
 
     path = keep_picture(wh, name, data)
     if path is None:
         return dg.MetadataValue.md("_no plot (not enough data)_")
     base = settings.pictures_url()
     if base:
-        return dg.MetadataValue.md(f"![{alt}]({base}/plots/{path.name})")
+        small = page_sized(wh, path, PAGE_WIDTH)
+        return dg.MetadataValue.md(f"[![{alt}]({base}/plots/{small.name})]({base}/plots/{path.name})")
     encoded = base64.b64encode(path.read_bytes()).decode("ascii")
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")

@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import picture, table
+from imaging_assets.defs.metadata import picture, table_metadata
 from imaging_assets.defs.resources import OutcomeSourcesResource, WarehouseResource
 from imaging_assets.defs.vectors import lesion_vectors
 
@@ -60,8 +60,8 @@ def clinical_outcomes(context: dg.AssetExecutionContext, warehouse: WarehouseRes
         "files": s.files, "rows_read": s.rows_read, "inserted": s.inserted, "updated": s.updated,
         "unchanged": s.unchanged, "rejected": s.rejected, "fields_rejected": s.fields_rejected,
         "files_gone": s.files_gone, "rows_removed": s.rows_removed,
-        "rejects_by_reason": table(reasons, ["reason", "rows"]),
-        "by_stage": table(table.by_stage, ["stage", "patients", "events"]),
+        "rejects_by_reason": table_metadata(reasons, ["reason", "rows"]),
+        "by_stage": table_metadata(table.by_stage, ["stage", "patients", "events"]),
         "elapsed_s": s.elapsed_s,
     }, check_results=[_warn(
         "outcomes_source_present", s.source_present, observed_files=s.files,
@@ -112,7 +112,7 @@ def phenotype_clusters(context: dg.AssetExecutionContext, config: ClusterConfig,
         "silhouette_by_k": dg.MetadataValue.json({str(a): b for a, b in s.silhouette_by_k.items()}),
         "feature_set_version": s.feature_set_version,
         "projection": plot,
-        "profile": table(_round(s.profile), ["cluster", "rank", "feature",
+        "profile": table_metadata(_round(s.profile), ["cluster", "rank", "feature",
                                                                     "effect_size", "size"], 40),
         "elapsed_s": s.elapsed_s,
         "adequate": not s.inadequate,
@@ -162,10 +162,10 @@ def cluster_outcomes(context: dg.AssetExecutionContext, config: SurvivalConfig,
         "logrank_p": float(lr["p_value"]) if lr.get("p_value") is not None else -1.0,
         "logrank_statistic": float(lr["statistic"]) if lr.get("statistic") is not None else -1.0,
         "kaplan_meier": plot,
-        "per_cluster": table(_round(s.per_cluster), [
+        "per_cluster": table_metadata(_round(s.per_cluster), [
             "cluster", "patients", "lesions", "events", "median_months", "median_ci_low", "median_ci_high"]),
-        "cox": table(_round(s.cox), ["term", "hr", "ci_low", "ci_high", "p_value"]),
-        "survival_by_space": table(s.spaces, ["space", "patients", "events", "logrank_p",
+        "cox": table_metadata(_round(s.cox), ["term", "hr", "ci_low", "ci_high", "p_value"]),
+        "survival_by_space": table_metadata(s.spaces, ["space", "patients", "events", "logrank_p",
                                                                         "adequate"]),
         "notes": "; ".join(n for n in s.notes if n) or "none",
         "events": s.events,

@@ -4,7 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from imaging_assets.defs.discovery import segmentations
-from imaging_assets.defs.metadata import table
+from imaging_assets.defs.metadata import table_metadata
 from imaging_assets.defs.resources import WarehouseResource
 from imaging_assets.progress import ProgressReporter
 
@@ -59,8 +59,8 @@ def lesions(context: dg.AssetExecutionContext, config: LesionConfig,
         "by_roi_name": dg.MetadataValue.json(r.by_roi_name),
         "decoded_segmentations": r.decoded_segmentations,
         "features_dropped_for_removed_lesions": r.removed,
-        "not_extractable": table(r.problem_rows, ["lesion_id", "status", "reason"]),
-        "preview": table(preview, list(preview[0]) if preview else ["lesion_id"]),
+        "not_extractable": table_metadata(r.problem_rows, ["lesion_id", "status", "reason"]),
+        "preview": table_metadata(preview, list(preview[0]) if preview else ["lesion_id"]),
         "elapsed_s": r.elapsed_s,
     })
 
@@ -96,14 +96,14 @@ def radiomics_features(context: dg.AssetExecutionContext, config: RadiomicsConfi
         "failed_this_run": r.failed,
         "unchanged_skipped": r.skipped_current,
         "known_failures_skipped": r.skipped_failed,
-        "errors": table(r.errors, ["lesion_id", "message"]),
-        "features_by_image_type": table(table.features_by_image_type,
+        "errors": table_metadata(r.errors, ["lesion_id", "message"]),
+        "features_by_image_type": table_metadata(table.features_by_image_type,
                                                                ["image_type", "features"], 40),
         "mean_s_per_lesion": table.mean_s_per_lesion,
         "max_s_per_lesion": table.max_s_per_lesion,
         "lesions_per_s": r.lesions_per_s or 0.0,
         "params_hashes": dg.MetadataValue.json(table.params_hashes),
-        "feature_spaces": table(table.spaces, ["space", "modality", "source", "lesions",
+        "feature_spaces": table_metadata(table.spaces, ["space", "modality", "source", "lesions",
                                                                       "features", "incomplete"]),
         "elapsed_s": r.elapsed_s,
     })
@@ -123,7 +123,7 @@ def radiomics_failure_share(warehouse: WarehouseResource) -> dg.AssetCheckResult
             "observed_share": round(fs.share, 4), "failed": len(fs.failures), "extractable": fs.extractable,
             "threshold": threshold,
             "reason": "many failures mean a systematic problem (params, decoder, geometry)",
-            "failures": table(fs.failures, ["lesion_id", "message"]),
+            "failures": table_metadata(fs.failures, ["lesion_id", "message"]),
         },
     )
 
@@ -140,6 +140,6 @@ def lesions_decodable(warehouse: WarehouseResource) -> dg.AssetCheckResult:
         metadata={
             "observed_not_ok": len(report.not_ok), "lesions": report.lesions, "threshold": 0,
             "reason": "empty, one-voxel, off-image or flagged-series lesions yield no features",
-            "lesions_not_ok": table(report.not_ok, ["lesion_id", "status", "reason"]),
+            "lesions_not_ok": table_metadata(report.not_ok, ["lesion_id", "status", "reason"]),
         },
     )

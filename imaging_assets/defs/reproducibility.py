@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import picture, table
+from imaging_assets.defs.metadata import picture, table_metadata
 from imaging_assets.defs.radiomics import radiomics_features
 from imaging_assets.defs.resources import WarehouseResource
 from imaging_assets.progress import ProgressReporter
@@ -73,10 +73,10 @@ def feature_robustness(context: dg.AssetExecutionContext, config: RobustnessConf
         "lesions_reused_from_cache": r.reused_lesions,
         "features_with_ci_low_ge_0.75": r.robust_perturbation,
         "perturbation_spec": dg.MetadataValue.json(r.spec),
-        "by_space": table(r.spaces, ["space", "eligible", "incomplete", "sampled",
+        "by_space": table_metadata(r.spaces, ["space", "eligible", "incomplete", "sampled",
                                                             "lesions_in_icc", "pairs", "robust_perturbation"]),
         "icc_plot": plot,
-        "least_reproducible": table(
+        "least_reproducible": table_metadata(
             [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()} for row in worst],
             ["feature", "icc", "ci_low", "ci_high"]),
         "elapsed_s": r.elapsed_s,
@@ -111,7 +111,7 @@ def robust_feature_set(context: dg.AssetExecutionContext, config: RobustSetConfi
                   "provisional": r.provisional} for r in sets]
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(features),
-        "spaces": table(per_space, ["space", "version", "features", "changed", "candidates",
+        "spaces": table_metadata(per_space, ["space", "version", "features", "changed", "candidates",
                                                            "pruned", "lesions", "provisional"]),
         "provisional_spaces": dg.MetadataValue.json([r.space for r in sets if r.provisional]),
         "version": main.version if main else "",
@@ -119,10 +119,10 @@ def robust_feature_set(context: dg.AssetExecutionContext, config: RobustSetConfi
         "previous_version": (main.previous_version or "") if main else "",
         "candidates_before_pruning": sum(r.n_candidates for r in sets),
         "pruned_duplicates": sum(len(r.pruned) for r in sets),
-        "features": table([{"space": r.space, "feature": f} for r in sets for f in r.features],
+        "features": table_metadata([{"space": r.space, "feature": f} for r in sets for f in r.features],
                                                  ["space", "feature"], 100),
         "by_feature_class": plot,
-        "history": table([{"space": r.space, **h} for r in sets for h in r.history],
+        "history": table_metadata([{"space": r.space, **h} for r in sets for h in r.history],
                                                 ["space", "version", "activated_at"]),
         "elapsed_s": sel.elapsed_s,
     })
@@ -149,10 +149,10 @@ def radiomics_expectations(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "lesions_with_provenance": report.lesions_with_provenance,
             "expected_features_per_lesion": report.expected_features,
             "robust_features_checked_finite": report.robust_checked if report.robust_checked else "all",
-            "failures": table(rows, ["expectation", "column", "unexpected", "lesions", "detail"]),
-            "by_space": table(report.spaces, ["space", "lesions", "expected_features",
+            "failures": table_metadata(rows, ["expectation", "column", "unexpected", "lesions", "detail"]),
+            "by_space": table_metadata(report.spaces, ["space", "lesions", "expected_features",
                                                                     "incomplete", "robust_checked", "failed"]),
-            "incomplete_lesions": table(report.incomplete,
+            "incomplete_lesions": table_metadata(report.incomplete,
                                                                ["lesion_id", "space", "missing_image_types"]),
             "reason": "bad rows would poison the vectors: blocking (per feature space; a lesion lacking an image "
                       "type pyradiomics skipped for it is incomplete, not failed)",
@@ -171,7 +171,7 @@ def flagged_series_excluded(warehouse: WarehouseResource) -> dg.AssetCheckResult
         passed=not rows,
         metadata={"observed_lesions_from_flagged_series": len(rows), "flagged_series": flagged,
                   "threshold": 0, "reason": "a series with gaps, tilt or duplicates gives wrong textures",
-                  "offenders": table(rows, ["lesion_id", "series", "flags"])},
+                  "offenders": table_metadata(rows, ["lesion_id", "series", "flags"])},
     )
 
 

@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import picture, table
+from imaging_assets.defs.metadata import picture, table_metadata
 from imaging_assets.defs.radiomics import lesions
 from imaging_assets.defs.resources import WarehouseResource
 
@@ -47,7 +47,7 @@ def lesion_thumbnails(context: dg.AssetExecutionContext, config: ThumbnailConfig
         "rendered": r.rendered, "unchanged": r.unchanged, "removed": r.removed, "failed": len(r.failed),
         "largest_lesions": picture(wh, "lesion_thumbnails", montage_png(wh, tiles, columns=4) if tiles else None,
                                    "largest lesions"),
-        "failures": table(r.failed, ["lesion_id", "error"]),
+        "failures": table_metadata(r.failed, ["lesion_id", "error"]),
         "elapsed_s": r.elapsed_s,
     }
     missing = cover["missing"]
@@ -55,5 +55,5 @@ def lesion_thumbnails(context: dg.AssetExecutionContext, config: ThumbnailConfig
         check_name="thumbnails_complete", passed=not missing, severity=dg.AssetCheckSeverity.WARN,
         metadata={"observed_with_picture": cover["with_picture"], "lesions": cover["lesions"],
                   "missing": dg.MetadataValue.json(missing[:50]),
-                  "errors": table(cover["errors"], ["lesion_id", "error"]),
+                  "errors": table_metadata(cover["errors"], ["lesion_id", "error"]),
                   "threshold": "every extractable lesion"})])

@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import table
+from imaging_assets.defs.metadata import table_metadata
 from imaging_assets.defs.reproducibility import robust_feature_set
 from imaging_assets.defs.resources import WarehouseResource
 
@@ -47,9 +47,9 @@ def lesion_vectors(context: dg.AssetExecutionContext, config: VectorConfig,
         "feature_set_version": s.feature_set_version,
         "inserted": s.inserted, "updated": s.updated, "deleted": s.deleted, "unchanged": s.unchanged,
         "index": s.index,
-        "by_space": table(s.spaces, ["space", "rows", "dim", "feature_set_version",
+        "by_space": table_metadata(s.spaces, ["space", "rows", "dim", "feature_set_version",
                                                             "excluded"]),
-        "excluded_lesions": table(s.excluded, ["lesion_id", "space", "reason"]),
+        "excluded_lesions": table_metadata(s.excluded, ["lesion_id", "space", "reason"]),
         "lance_uri": wh.lance_uri,
         "elapsed_s": s.elapsed_s,
     })

@@ -373,6 +373,17 @@ def _result_rows(results: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in results]
 
 
+def largest_lesion(wh: Warehouse, modality: str | None = None) -> str | None:
+    """The largest lesion with a vector (of ``modality`` when given): a default reference for demos."""
+    from imaging_assets.store import lance
+
+    ds = lance.lance_dataset(wh.lance_uri)
+    flt = f"modality = {lance.sql_string(modality.split(',')[0].strip())}" if modality else None
+    rows = ds.to_table(columns=["lesion_id", "volume_mm3"], filter=flt).to_pylist()
+    rows = [r for r in rows if r["volume_mm3"] is not None]
+    return max(rows, key=lambda r: (r["volume_mm3"], r["lesion_id"]))["lesion_id"] if rows else None
+
+
 def stored_cohort_query(wh: Warehouse, name: str) -> dict[str, Any] | None:
     """The query a cohort was last made with (``cohorts.query``), or None for a cohort never made."""
     with wh.connect(read_only=True) as con:

@@ -78,8 +78,26 @@ def keep_picture(wh: Warehouse, name: str, data: bytes | Path | None) -> Path | 
         os.utime(final)
     versions = sorted(folder.glob(f"{name}-????????.png"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in versions[PLOTS_KEPT:]:
+        for copy in folder.glob(f"{old.stem}-w*.png"):
+            copy.unlink(missing_ok=True)
         old.unlink(missing_ok=True)
     return final
+
+
+def page_sized(wh: Warehouse, path: Path, width: int) -> Path:
+    """``path`` itself when at most ``width`` pixels wide, else a scaled-down copy kept beside it."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.width <= width:
+            return path
+        small = im.convert("RGB").resize((width, max(1, round(im.height * width / im.width))), Image.LANCZOS)
+    out = path.with_name(f"{path.stem}-w{width}.png")
+    if not out.is_file():
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        small.save(tmp, format="PNG", optimize=True)
+        os.replace(tmp, out)
+    return out
 
 
 def content_hash(lesion: Mapping[str, Any]) -> str:

@@ -186,8 +186,12 @@ def test_whole_graph_materializes_with_checks(small_cohort, tmp_path):
 
 
 @pytest.mark.slow
-def test_cohort_discovery_job_writes_the_cohort(small_cohort, tmp_path):
-    from imaging_assets.defs.cohorts import CohortConfig
+def test_cohort_assets_one_partition_per_cohort(small_cohort, tmp_path):
+    """A cohort is a partition of `cohort` + `cohort_outcomes`: pictures, explanations, one row per patient,
+    the reference patient left out, its stored query re-run when no reference is given."""
+    import json
+    from pathlib import Path
+
     from imaging_assets.defs.reproducibility import RobustnessConfig
     from imaging_assets.defs.resources import OutcomeSourcesResource
 
@@ -198,6 +202,10 @@ def test_cohort_discovery_job_writes_the_cohort(small_cohort, tmp_path):
         "dicom_sources": DicomSourcesResource(roots=[str(small_cohort.dicom_dir)], workers=2),
         "outcome_sources": OutcomeSourcesResource(path=str(small_cohort.outcomes_csv)),
     }
+    graph = defs.resolve_asset_graph()
+    parents = {k.to_user_string() for k in graph.get(dg.AssetKey("cohort")).parent_keys}
+    assert {"lesion_vectors", "phenotype_clusters", "lesion_thumbnails"} <= parents
+    assert dg.AssetKey("cohort") in graph.get(dg.AssetKey("cohort_outcomes")).parent_keys
     with dg.instance_for_test() as instance:
         assert dg.materialize(
             [a for a in defs.assets if a.partitions_def is None], instance=instance, resources=resources,
@@ -205,24 +213,62 @@ def test_cohort_discovery_job_writes_the_cohort(small_cohort, tmp_path):
         ).success
         con = duckdb.connect(str(warehouse.get_warehouse().duckdb_path), read_only=True)
         lid, patient = con.execute("SELECT lesion_id, patient_key FROM lesions WHERE extractable "
-                                   "ORDER BY 1 LIMIT 1").fetchone()
+                                   "ORDER BY volume_mm3 DESC, lesion_id LIMIT 1").fetchone()
         con.close()
         job = defs.resolve_job_def("cohort_discovery")
+        instance.add_dynamic_partitions("cohorts", ["first"])
         result = job.execute_in_process(
-            instance=instance, resources=resources,
-            run_config=dg.RunConfig(ops={"find_cohort": CohortConfig(name="first", reference_lesion_id=lid, k=3,
-                                                                      modality=["CT"])}),
-        )
+            instance=instance, resources=resources, partition_key="first",
+            run_config={"ops": {"cohort": {"config": {"reference_lesion_id": lid, "k": 3, "modality": ["CT"]}}}})
         assert result.success
-    con = duckdb.connect(str(warehouse.get_warehouse().duckdb_path), read_only=True)
-    try:
-        assert con.execute("SELECT count(*) FROM cohort_first").fetchone()[0] == 3
-        assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'cohort'").fetchone()[0] == 1
-        # one search path: the job, like the CLI and the Python API, leaves the reference patient out
-        # (before, its rank 1 was the reference's own re-scan)
-        assert patient not in {r[0] for r in con.execute("SELECT patient_key FROM cohort_first").fetchall()}
-    finally:
-        con.close()
+        meta = result.asset_materializations_for_node("cohort")[0].metadata
+        assert meta["dagster/row_count"].value == 3
+        assert meta["reference_and_neighbours"].value.startswith("![reference and neighbours](data:image/png")
+        explanations = meta["explanations"].value
+        assert len(explanations) == 3
+        assert all(abs(sum(e["groups"].values()) - 1) < 1e-3 for e in explanations)
+        assert all(e["agree"] and e["differ"] and e["agree"][0]["name"] for e in explanations)
+        assert meta["reference"].value["lesion_id"] == lid
+        km = result.asset_materializations_for_node("cohort_outcomes")[0].metadata
+        assert km["kaplan_meier"].value.startswith("![")
+        assert km["cohort_patients"].value == 3
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        # 3 patients cannot be compared honestly: the check warns, the run succeeds
+        assert checks["cohort_comparison_adequate"].passed is False
+
+        con = duckdb.connect(str(warehouse.get_warehouse().duckdb_path), read_only=True)
+        try:
+            rows = con.execute("SELECT rank, lesion_id, patient_key, explanation, thumbnail, why FROM cohort_first "
+                               "ORDER BY rank").fetchall()
+            registry = con.execute("SELECT reference_lesion_id, reference_patient_key, patients, audit_id "
+                                   "FROM cohorts WHERE name = 'first'").fetchone()
+            assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'cohort'").fetchone()[0] == 1
+        finally:
+            con.close()
+        assert [r[0] for r in rows] == [1, 2, 3]
+        patients = [r[2] for r in rows]
+        assert len(set(patients)) == 3 and patient not in patients  # one row per patient, reference left out
+        assert lid not in {r[1] for r in rows}
+        assert all(Path(r[4]).is_file() and r[4].endswith(f"{r[1]}.png") for r in rows)
+        assert all(json.loads(r[3])["groups"] and r[5] for r in rows)
+        assert registry[:3] == (lid, patient, 3) and registry[3]
+
+        # no reference in the config: the stored query of this name runs again
+        again = job.execute_in_process(instance=instance, resources=resources, partition_key="first")
+        assert again.success
+        con = duckdb.connect(str(warehouse.get_warehouse().duckdb_path), read_only=True)
+        try:
+            assert [r[0] for r in con.execute("SELECT lesion_id FROM cohort_first ORDER BY rank").fetchall()] == [
+                r[1] for r in rows]
+        finally:
+            con.close()
+        # a new name without a reference fails and says what to give
+        instance.add_dynamic_partitions("cohorts", ["empty"])
+        failed = job.execute_in_process(instance=instance, resources=resources, partition_key="empty",
+                                        raise_on_error=False)
+        assert not failed.success
+        errors = [ev.step_failure_data.error.message for ev in failed.all_events if ev.is_step_failure]
+        assert any("reference_lesion_id" in e for e in errors), errors
 
 
 def test_outcomes_sensor_reads_duckdb_state_and_folder(tmp_path):
