@@ -1,7 +1,8 @@
 # imaging_assets — every target sets itself up from a fresh clone (virtualenv, install, demo data).
 # `make demo`  generate the demo cohort if missing and materialize every asset on it
 # `make test`  lint (ruff) and run the whole test suite
-# `make dev`   the Dagster UI (http://127.0.0.1:3000) with a persistent DAGSTER_HOME (yours, else .dagster_home)
+# `make dev`   the Dagster UI (http://127.0.0.1:3000) with a persistent DAGSTER_HOME (yours, else .dagster_home),
+#              and the pictures server (http://127.0.0.1:8321) its asset pages show plots and lesions from
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -15,6 +16,9 @@ DAGSTER_HOME_DIR := $(CURDIR)/.dagster_home
 DEMO_DIR ?= data/demo
 DEMO_PATIENTS ?= 100
 PORT ?= 3000
+# imaging-assets serve: the pictures the asset pages show (make dev starts it; make demo links to it)
+PICTURES_PORT ?= 8321
+PICTURES_URL ?= http://127.0.0.1:$(PICTURES_PORT)/pictures
 # Your DAGSTER_HOME (environment or `make dev DAGSTER_HOME=...`) when set and not empty, else .dagster_home
 # in the repo (`?=` semantics); Dagster wants an absolute path, so a relative one is taken from the repo root.
 ifeq ($(strip $(DAGSTER_HOME)),)
@@ -60,8 +64,10 @@ endif
 
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/imaging-assets demo-data --out $(DEMO_DIR) --patients $(DEMO_PATIENTS) --if-missing
-	IMAGING_ASSETS_DICOM_ROOTS=$(CURDIR)/$(DEMO_DIR)/dicom \
-	  $(BIN)/dagster asset materialize -m imaging_assets.definitions --select '*'
+	IMAGING_ASSETS_DICOM_ROOTS=$(CURDIR)/$(DEMO_DIR)/dicom IMAGING_ASSETS_PICTURES_URL=$(PICTURES_URL) \
+	  $(BIN)/dagster job execute -m imaging_assets.definitions -j refresh_job
+	IMAGING_ASSETS_DICOM_ROOTS=$(CURDIR)/$(DEMO_DIR)/dicom IMAGING_ASSETS_PICTURES_URL=$(PICTURES_URL) \
+	  $(BIN)/imaging-assets cohort largest_lesion --largest -k 20
 	$(BIN)/imaging-assets summary
 
 test: $(STAMP)
@@ -69,9 +75,13 @@ test: $(STAMP)
 	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The pictures server (imaging-assets serve) runs beside the UI, so plots and lesion pictures show inline
+# on asset pages; it stops with the UI.
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	@echo "DAGSTER_HOME=$(DAGSTER_HOME)"
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
+	@echo "DAGSTER_HOME=$(DAGSTER_HOME); pictures on $(PICTURES_URL)"
+	@$(BIN)/imaging-assets serve --host 127.0.0.1 --port $(PICTURES_PORT) & serve=$$!; \
+	trap 'kill $$serve 2>/dev/null || true' EXIT INT TERM; \
+	IMAGING_ASSETS_PICTURES_URL=$(PICTURES_URL) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
 clean-demo:
 	rm -rf $(DEMO_DIR) data/warehouse

@@ -256,7 +256,7 @@ def _parse_filters(items: list[str]) -> dict:
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
-    from imaging_assets.stages.cohorts import explain_similar, find_similar, query_vector
+    from imaging_assets.stages.similar import explain_similar, find_similar, query_vector
 
     wh = _warehouse(args)
     if wh is None:
@@ -359,8 +359,11 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
         return 2
     if not instance.has_dynamic_partition("cohorts", args.name):
         instance.add_dynamic_partitions("cohorts", [args.name])
+    from imaging_assets.defs.resources import WarehouseResource
+
     job = defs().resolve_job_def("cohort_discovery")
     result = job.execute_in_process(instance=instance, partition_key=args.name, raise_on_error=False,
+                                    resources={"warehouse": WarehouseResource(root=str(wh.root), lance=wh.lance_uri)},
                                     run_config={"ops": {"cohort": {"config": config}}} if len(config) > 1 else None)
     if not result.success:
         for ev in result.all_events:

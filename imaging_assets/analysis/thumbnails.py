@@ -541,7 +541,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return text + "..."
 
 
-_CAPTION_ASCII = str.maketrans({"σ": "sigma ", "²": "^2", "≥": ">=", "≤": "<="})
+_CAPTION_ASCII = str.maketrans({"σ": "sigma", "²": "^2", "≥": ">=", "≤": "<="})
 
 
 def montage(tiles: list[tuple[bytes | None, list[str]]], columns: int = 4, title: str | None = None) -> bytes:

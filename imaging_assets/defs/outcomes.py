@@ -80,7 +80,7 @@ class ClusterConfig(dg.Config):
     seed: int = Field(default=0, description="Random seed.")
 
 
-@dg.asset(deps=[lesion_vectors], group_name=GROUP, kinds={"python", "duckdb", "lancedb"}, owners=OWNERS,
+@dg.asset(deps=[lesion_vectors, "lesion_thumbnails"], group_name=GROUP, kinds={"python", "duckdb", "lancedb"}, owners=OWNERS,
           pool="duckdb_writer", automation_condition=dg.AutomationCondition.eager(),
           check_specs=[dg.AssetCheckSpec(
               "clusters_adequate", asset="phenotype_clusters",
@@ -95,9 +95,12 @@ def phenotype_clusters(context: dg.AssetExecutionContext, config: ClusterConfig,
     cluster with Cohen's d, and a PCA projection coloured by cluster. A k whose smallest cluster is below
     max(5 lesions, 5 % of the lesions) is not chosen by silhouette; when none qualifies, or a configured k
     violates it, the check `clusters_adequate` warns. Re-runs by itself (eager automation) when
-    `lesion_vectors` changes.
+    `lesion_vectors` changes. The reference picker (metadata) lists the largest lesions of each cluster
+    with their pictures: copy a lesion_id from it into a cohort's config.
     """
+    from imaging_assets.stages.cohorts import reference_candidates
     from imaging_assets.stages.outcomes import build_clusters
+    from imaging_assets.stages.thumbnails import montage_png
 
     wh = warehouse.get_warehouse()
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,6 +108,12 @@ def phenotype_clusters(context: dg.AssetExecutionContext, config: ClusterConfig,
                            method=config.method, seed=config.seed, png_path=Path(tmp) / "clusters.png")
         plot = picture(wh, "phenotype_clusters", s.png, "PCA projection by cluster")
     context.log.info(f"{s.lesions} lesions in {s.k} clusters, sizes {s.sizes}")
+    picks = reference_candidates(wh)
+    firsts = [r for i, r in enumerate(picks) if i == 0 or (r["space"], r["cluster"]) != (picks[i - 1]["space"],
+                                                                                            picks[i - 1]["cluster"])]
+    tiles = [{"lesion_id": r["lesion_id"], "caption": [f"cluster {r['cluster']} ({r['space']}): largest lesion",
+                                                       f"{r['lesion_id']}  {(r['volume_mm3'] or 0) / 1000:.1f} cm3"]}
+             for r in firsts[:8]]
     return dg.MaterializeResult(metadata={
         "dagster/row_count": s.lesions,
         "k": s.k, "method": s.method,
@@ -112,6 +121,11 @@ def phenotype_clusters(context: dg.AssetExecutionContext, config: ClusterConfig,
         "silhouette_by_k": dg.MetadataValue.json({str(a): b for a, b in s.silhouette_by_k.items()}),
         "feature_set_version": s.feature_set_version,
         "projection": plot,
+        "reference_picker": table_metadata(picks, ["space", "cluster", "lesion_id", "patient_key", "roi_name",
+                                                   "volume_mm3", "time_months", "event", "thumbnail"], 40),
+        "largest_lesion_per_cluster": picture(wh, "phenotype_clusters_references",
+                                              montage_png(wh, tiles, columns=1) if tiles else None,
+                                              "largest lesion of each cluster"),
         "profile": table_metadata(_round(s.profile), ["cluster", "rank", "feature",
                                                                     "effect_size", "size"], 40),
         "elapsed_s": s.elapsed_s,

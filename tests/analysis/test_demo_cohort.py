@@ -4,7 +4,7 @@ The 100-patient demo (seed 0, exactly what ``make demo`` generates) is materiali
 process (``dg.materialize`` of every asset and check, default run config, 2 workers), then:
 
 * every lesion of every valid series has features, and a rebuild of ``lesions`` gives identical ids;
-* similar-case search (the public :func:`~imaging_assets.stages.cohorts.find_similar`, other patients only)
+* similar-case search (the public :func:`~imaging_assets.stages.similar.find_similar`, other patients only)
   returns lesions of the query's ground-truth phenotype: precision@10 >= 0.9;
 * the phenotype clusters separate survival (the demo plants a phenotype effect): log-rank p < 0.01, while
   with outcomes permuted across patients p >= 0.05 in at least 9 of 10 seeds.
@@ -99,7 +99,7 @@ def test_every_lesion_of_every_valid_series_has_features_and_stable_ids(demo):
 
 
 def test_similar_case_precision_at_10_of_the_ground_truth_phenotype(demo):
-    from imaging_assets.stages.cohorts import find_similar
+    from imaging_assets.stages.similar import find_similar
 
     truth = _phenotypes(demo)
     precisions = []

@@ -30,7 +30,7 @@ def _patient_ids(root) -> list[str]:
 def test_mixed_archive_runs_end_to_end_with_default_settings(shared_data, tmp_path):
     from imaging_assets.definitions import defs as load_defs
     from imaging_assets.defs.resources import DicomSourcesResource, OutcomeSourcesResource, WarehouseResource
-    from imaging_assets.stages.cohorts import find_similar
+    from imaging_assets.stages.similar import find_similar
 
     dicom = shared_data / "dicom"
     outcomes = tmp_path / "outcomes.csv"

@@ -34,6 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "e2e"
 LOCATION = "imaging_assets"
 REPOSITORY = "__repository__"
+#: The job of the whole chain (every asset but the cohorts, which are partitions of their own).
+CHAIN_JOB = "refresh_job"
 CHROMIUM = os.environ.get("E2E_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("E2E_CHROMEDRIVER", "/usr/bin/chromedriver")
 STARTUP_TIMEOUT_S = 240
@@ -71,6 +73,8 @@ class DagsterDev:
     log_path: Path
     proc: subprocess.Popen
     cohort: Any
+    #: where ``imaging-assets serve`` publishes the pictures the asset pages link to
+    pictures_url: str = ""
     #: id of a successful full materialization once one exists (set by the tests / ``materialized_run``)
     materialized_run_id: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -272,6 +276,14 @@ def dagster_dev(small_cohort, tmp_path_factory, artifacts_dir) -> Iterator[Dagst
         "PYTHONUNBUFFERED": "1",
         "NO_COLOR": "1",
     })
+    # the pictures server beside the UI, as `make dev` runs it: asset pages link their plots to it
+    pictures_port = _free_port()
+    env["IMAGING_ASSETS_PICTURES_URL"] = f"http://127.0.0.1:{pictures_port}/pictures"
+    serve_log = open(root / "serve.log", "wb")  # noqa: SIM115 - closed on teardown
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "imaging_assets.cli", "serve", "--port", str(pictures_port), "--warehouse",
+         str(warehouse)], cwd=REPO_ROOT, env=env, stdout=serve_log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True)
     port = _free_port()
     log_path = root / "dagster-dev.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed on teardown
@@ -280,7 +292,7 @@ def dagster_dev(small_cohort, tmp_path_factory, artifacts_dir) -> Iterator[Dagst
         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True)
     server = DagsterDev(host="127.0.0.1", port=port, home=home, warehouse=warehouse, log_path=log_path,
-                        proc=proc, cohort=small_cohort)
+                        proc=proc, cohort=small_cohort, pictures_url=env["IMAGING_ASSETS_PICTURES_URL"])
     try:
         t0 = time.monotonic()
         _wait_until_loaded(server)
@@ -288,6 +300,8 @@ def dagster_dev(small_cohort, tmp_path_factory, artifacts_dir) -> Iterator[Dagst
         yield server
     finally:
         _stop(proc)
+        _stop(serve)
+        serve_log.close()
         log.close()
         shutil.copy(log_path, artifacts_dir / "dagster-dev.log")
         if _failed:
@@ -297,21 +311,21 @@ def dagster_dev(small_cohort, tmp_path_factory, artifacts_dir) -> Iterator[Dagst
 
 @pytest.fixture(scope="session")
 def materialized_run(dagster_dev: DagsterDev) -> str:
-    """Id of a successful materialization of every asset: the browser test's run when it made one, a run in
+    """Id of a successful run of the whole chain (``refresh_job``): the browser test's run when it made one, a run in
     progress when there is one, else one launched here through GraphQL (so the tests stay independent)."""
     server = dagster_dev
     if server.materialized_run_id:
         return server.materialized_run_id
-    for run in server.runs(job_name="__ASSET_JOB"):
+    for run in server.runs(job_name=CHAIN_JOB):
         if run["status"] == "SUCCESS":
             server.materialized_run_id = run["runId"]
             return run["runId"]
-    in_progress = server.runs(job_name="__ASSET_JOB", statuses=IN_PROGRESS)
+    in_progress = server.runs(job_name=CHAIN_JOB, statuses=IN_PROGRESS)
     if in_progress:
         run_id = in_progress[0]["runId"]
     else:
         run_id = server.client().submit_job_execution(
-            "__ASSET_JOB", repository_location_name=LOCATION, repository_name=REPOSITORY)
+            CHAIN_JOB, repository_location_name=LOCATION, repository_name=REPOSITORY)
     server.wait_for_run(run_id)
     server.materialized_run_id = run_id
     return run_id

@@ -1,10 +1,14 @@
 """End to end through a real ``dagster dev`` (issue 8).
 
-1. In headless Chromium: the global asset lineage shows every asset of the code location, "Materialize all"
-   runs the whole pipeline to success, and the page of ``cluster_outcomes`` shows its Kaplan-Meier plot
-   (markdown metadata with an embedded PNG) and its asset checks. Screenshots go to ``test-artifacts/e2e/``.
+1. In headless Chromium: the global asset lineage shows every asset of the code location, the chain job's
+   "Materialize all" runs the whole pipeline to success, and the page of ``cluster_outcomes`` shows its
+   Kaplan-Meier plot and its asset checks. Screenshots go to ``test-artifacts/e2e/``.
 2. Through the Dagster GraphQL API (the dagster-graphql client), as a scheduler or another service would:
-   ``cohort_discovery`` is launched with run config and writes its cohort table and audit row.
+   a cohort's partition is added and ``cohort_discovery`` launched for it with run config; it writes its
+   cohort table (one row per patient, the reference patient left out) and audit row.
+3. In headless Chromium: the cohort's page shows the reference and its neighbours as pictures, inline (served
+   by ``imaging-assets serve``, which the fixture runs beside the UI as ``make dev`` does), and the pages of
+   ``cohort_outcomes``, ``phenotype_clusters``, ``lesion_thumbnails`` and ``cluster_outcomes`` their plots.
 
 The tests share one server (session fixture ``dagster_dev``) but not an order: the GraphQL test reuses the
 browser test's materialization when there is one and otherwise materializes everything itself.
@@ -27,7 +31,7 @@ pytestmark = [
 
 LOCATION = "imaging_assets"
 REPOSITORY = "__repository__"
-ASSET_JOB = "__ASSET_JOB"
+CHAIN_JOB = "refresh_job"
 
 
 def _asset_graph():
@@ -139,13 +143,17 @@ def test_materialize_all_from_the_asset_graph(browser, dagster_dev, artifacts_di
         text = _body_text(driver)
         assert [a for a in assets if a not in text] == []
 
-        # 2. "Materialize all" launches one run of every asset; wait for it through GraphQL.
+        # 2. The chain job's "Materialize all" launches one run of every asset but the cohorts (partitions of
+        # their own); wait for it through GraphQL.
+        driver.get(f"{base}/locations/{LOCATION}/jobs/{CHAIN_JOB}")
+        wait.until(lambda d: d.find_elements(By.XPATH, "//button[normalize-space()='Materialize all']"))
+        _dismiss_community_dialog(driver)
         before = {r["runId"] for r in server.runs()}
         driver.find_element(By.XPATH, "//button[normalize-space()='Materialize all']").click()
         deadline = time.monotonic() + 60
         new: list[dict] = []
         while time.monotonic() < deadline:
-            new = [r for r in server.runs(job_name=ASSET_JOB) if r["runId"] not in before]
+            new = [r for r in server.runs(job_name=CHAIN_JOB) if r["runId"] not in before]
             if new:
                 break
             _confirm_launch_dialog(driver)
@@ -202,35 +210,53 @@ def test_materialize_all_from_the_asset_graph(browser, dagster_dev, artifacts_di
         raise
 
 
+def _make_cohort(server, name: str, lesion_id: str, k: int = 3, tags: dict | None = None) -> str:
+    """Add the cohort's partition and launch `cohort_discovery` for it through GraphQL; the run id."""
+    added = server.graphql(
+        """mutation Add($repo: RepositorySelector!, $defName: String!, $key: String!) {
+             addDynamicPartition(repositorySelector: $repo, partitionsDefName: $defName, partitionKey: $key) {
+               __typename ... on PythonError { message } ... on UnauthorizedError { message } } }""",
+        {"repo": {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}, "defName": "cohorts",
+         "key": name})["addDynamicPartition"]
+    assert added["__typename"] in ("AddDynamicPartitionSuccess", "DuplicateDynamicPartitionError"), added
+    return server.client().submit_job_execution(
+        "cohort_discovery", repository_location_name=LOCATION, repository_name=REPOSITORY,
+        run_config={"ops": {"cohort": {"config": {"reference_lesion_id": lesion_id, "k": k}}}},
+        tags={"dagster/partition": name, **(tags or {})})
+
+
+def _largest_lesion(server) -> tuple[str, str]:
+    server.wait_until_idle()  # DuckDB: read only while no run writes
+    return server.read_warehouse("SELECT lesion_id, patient_key FROM lesions WHERE extractable "
+                                 "ORDER BY volume_mm3 DESC, lesion_id LIMIT 1")[0]
+
+
 def test_cohort_discovery_through_graphql(dagster_dev, materialized_run):
     from dagster_graphql import DagsterGraphQLClientError
 
     server = dagster_dev
     client = server.client()
-    server.wait_until_idle()  # DuckDB: read only while no run writes
-    lesion_id = server.read_warehouse("SELECT lesion_id FROM phenotype_clusters ORDER BY lesion_id LIMIT 1")[0][0]
+    lesion_id, patient = _largest_lesion(server)
 
     # Invalid run config is refused by the server before any run exists.
     with pytest.raises(DagsterGraphQLClientError) as bad:
         client.submit_job_execution(
             "cohort_discovery", repository_location_name=LOCATION, repository_name=REPOSITORY,
-            run_config={"ops": {"find_cohort": {"config": {"name": "gql", "k": "three"}}}})
+            run_config={"ops": {"cohort": {"config": {"k": "three"}}}}, tags={"dagster/partition": "gql"})
     assert "RunConfigValidationInvalid" in str(bad.value)
 
-    run_id = client.submit_job_execution(
-        "cohort_discovery", repository_location_name=LOCATION, repository_name=REPOSITORY,
-        run_config={"ops": {"find_cohort": {"config": {"name": "gql", "reference_lesion_id": lesion_id, "k": 3}}}},
-        tags={"imaging_assets/trigger": "e2e-graphql"})
+    run_id = _make_cohort(server, "gql", lesion_id, tags={"imaging_assets/trigger": "e2e-graphql"})
     server.wait_for_run(run_id)
     runs = {r["runId"]: r for r in server.runs(job_name="cohort_discovery")}
     assert runs[run_id]["status"] == "SUCCESS"
 
     server.wait_until_idle()
-    rows = server.read_warehouse("SELECT rank, lesion_id, distance FROM cohort_gql ORDER BY rank")
+    rows = server.read_warehouse("SELECT rank, lesion_id, distance, patient_key, why FROM cohort_gql ORDER BY rank")
     assert [r[0] for r in rows] == [1, 2, 3]
-    assert len({r[1] for r in rows}) == 3
+    assert len({r[3] for r in rows}) == 3 and patient not in {r[3] for r in rows}  # one row per other patient
     assert all(r[2] is not None and r[2] >= 0 for r in rows)
     assert [r[2] for r in rows] == sorted(r[2] for r in rows)
+    assert all(r[4] for r in rows)
     registry = server.read_warehouse("SELECT table_name, n_rows, audit_id FROM cohorts WHERE name = 'gql'")
     assert registry and registry[0][0] == "cohort_gql" and registry[0][1] == 3, registry
     audit = server.read_warehouse(
@@ -238,3 +264,54 @@ def test_cohort_discovery_through_graphql(dagster_dev, materialized_run):
     assert audit, "cohort_discovery wrote no 'cohort' row to audit_log"
     assert lesion_id in audit[-1][1] and audit[-1][2] == 3 and audit[-1][3] == "ok", audit[-1]
     assert registry[0][2] == audit[-1][0]
+
+
+def _loaded_images(driver, alt_part: str) -> list:
+    from selenium.webdriver.common.by import By
+
+    return [i for i in driver.find_elements(By.CSS_SELECTOR, "img")
+            if alt_part in (i.get_attribute("alt") or "") and i.is_displayed()
+            and driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) > 0]
+
+
+def test_cohort_pages_show_pictures(browser, dagster_dev, materialized_run, artifacts_dir):
+    """A person opens the cohort's asset page and sees the reference and its neighbours as pictures (served
+    by `imaging-assets serve`, inline, no click), the cohort's Kaplan-Meier curve against the rest, the
+    columns of the cohort table, the reference picker of the clusters and the lesions' pictures."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, driver = dagster_dev, browser
+    base = server.base_url
+    wait = WebDriverWait(driver, 90, poll_frequency=0.5)
+    screens = Screens(driver, artifacts_dir)
+    if not server.read_warehouse("SELECT count(*) FROM information_schema.tables WHERE table_name = 'cohort_ui'")[0][0]:
+        lesion_id, _ = _largest_lesion(server)
+        server.wait_for_run(_make_cohort(server, "ui", lesion_id, k=4))
+    try:
+        driver.get(f"{base}/server_info")
+        driver.execute_script("window.localStorage.setItem('communityNux', JSON.stringify('1'));")
+        pages = [("cohort", "reference and neighbours", "cohort"), ("cohort_outcomes", "Kaplan-Meier", "cohort-km"),
+                 ("phenotype_clusters", "largest lesion of each cluster", "reference-picker"),
+                 ("lesion_thumbnails", "largest lesions", "lesion-pictures"),
+                 ("cluster_outcomes", "Kaplan-Meier", "cluster-km")]
+        for asset, alt, shot in pages:
+            driver.get(f"{base}/assets/{asset}")
+            wait.until(lambda d: "Metadata" in _body_text(d))
+            _dismiss_community_dialog(driver)
+            images = wait.until(lambda d, alt=alt: _loaded_images(d, alt))
+            assert images[0].size["width"] >= 300, (asset, images[0].size)
+            src = images[0].get_attribute("src")
+            assert src.startswith(server.pictures_url), src  # a served file, shown without a click
+            driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", images[0])
+            time.sleep(0.5)
+            screens.shot(shot)
+        driver.get(f"{base}/assets/cohort")
+        wait.until(lambda d: "Columns" in _body_text(d) and "explanation" in _body_text(d))
+        screens.shot("cohort-columns")
+    except BaseException:
+        try:
+            screens.shot("failure")
+            (artifacts_dir / "failure-cohort.html").write_text(driver.page_source)
+        except Exception:  # noqa: BLE001 - keep the original error
+            pass
+        raise

@@ -173,7 +173,7 @@ def mode_vector_writer(args: argparse.Namespace) -> int:
 def mode_reader(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from imaging_assets.stages.cohorts import find_similar
+    from imaging_assets.stages.similar import find_similar
     from imaging_assets.store.lance import nearest, table_version
     from imaging_assets.store.sql import run_sql
     from imaging_assets.store.warehouse import Warehouse

@@ -210,7 +210,7 @@ def _last_audit(db: Path) -> dict:
 
 def test_search_audits_the_version_it_searched(chain_copy, monkeypatch):
     import imaging_assets.store.lance as vectors_mod
-    from imaging_assets.stages.cohorts import find_similar
+    from imaging_assets.stages.similar import find_similar
 
     db, lance, wh = chain_copy["db"], chain_copy["lance"], chain_copy["warehouse"]
     con = duckdb.connect(str(db), read_only=True)

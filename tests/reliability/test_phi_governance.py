@@ -24,7 +24,8 @@ import pytest
 import reliability_helpers as rh
 
 from imaging_assets.errors import QueryRefused
-from imaging_assets.stages.cohorts import discover_cohort, find_similar
+from imaging_assets.stages.cohorts import discover_cohort
+from imaging_assets.stages.similar import find_similar
 from imaging_assets.store.lance import table_version
 from imaging_assets.store.sql import run_sql
 

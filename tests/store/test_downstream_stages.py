@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 from imaging_assets.errors import QueryRefused
 from imaging_assets.features.perturb import PerturbationSpec
 from imaging_assets.stages import ChainSettings, run_chain
-from imaging_assets.stages.cohorts import cohort_table_name, discover_cohort, find_similar
+from imaging_assets.stages.cohorts import cohort_table_name, discover_cohort
 from imaging_assets.stages.outcomes import build_clusters
 from imaging_assets.stages.reproducibility import (
     compute_robustness,
@@ -18,6 +18,7 @@ from imaging_assets.stages.reproducibility import (
     feature_matrix,
     select_robust_set,
 )
+from imaging_assets.stages.similar import find_similar
 from imaging_assets.stages.vectors import build_lesion_vectors, load_scaler, vectors_frame
 from imaging_assets.store.sql import run_sql
 from imaging_assets.store.warehouse import Warehouse, connect
@@ -206,7 +207,7 @@ def test_same_seed_gives_the_same_iccs(chain, tmp_path):
 def test_find_similar_returns_a_ranked_polars_frame_without_the_same_patient(chain):
     import polars as pl
 
-    from imaging_assets.stages.cohorts import find_similar
+    from imaging_assets.stages.similar import find_similar
 
     db, wh = chain["db"], chain["wh"]
     lid, patient = _q(db, "SELECT lesion_id, patient_key FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0]

@@ -14,9 +14,9 @@ import yaml
 from imaging_assets.features.params import PRESETS_DIR
 from imaging_assets.features.perturb import PerturbationSpec
 from imaging_assets.stages import ChainSettings, run_chain
-from imaging_assets.stages.cohorts import feature_spaces, find_similar, query_vector
 from imaging_assets.stages.radiomics import extract_features
 from imaging_assets.stages.reproducibility import validate_feature_table
+from imaging_assets.stages.similar import feature_spaces, find_similar, query_vector
 from imaging_assets.stages.vectors import vector_integrity
 from imaging_assets.store.warehouse import Warehouse
 

@@ -12,7 +12,7 @@ Filters (:func:`filters_to_where`, :func:`sql_string`)
     Lance/DataFusion SQL, never pasted in.
 
 The public similar-case search of the project (audited, with cohort metadata) is
-:func:`imaging_assets.stages.cohorts.find_similar`, built on :func:`nearest`.
+:func:`imaging_assets.stages.similar.find_similar`, built on :func:`nearest`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,334 @@
+"""The similar-case search path: the one way the job, the CLI, the Python API and the search page ask
+"which lesions look like this one?", and why.
+
+:func:`find_similar` answers for a lesion id of the warehouse or for a vector (a new image + mask goes
+through :func:`query_vector`: extracted with the settings of the feature space it is compared with and
+scaled with the stored scaler), with metadata filters; by default the query lesion's patient is left out
+(its other lesions and re-scans would otherwise rank first); every search is audited once, also when it
+fails. :func:`explain_similar` says why each result is close (:mod:`imaging_assets.features.explain`).
+Cohorts built on it are in :mod:`imaging_assets.stages.cohorts`. No Dagster here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imaging_assets.store import audit
+from imaging_assets.store.schema import ensure_schema
+from imaging_assets.store.warehouse import Warehouse
+
+#: Columns of a :func:`find_similar` answer, in order (``distance``: L2 on the scaled robust features).
+RESULT_COLUMNS = ("rank", "lesion_id", "distance", "patient_key", "series_instance_uid", "segment_number",
+                  "raw_label", "roi_name", "modality", "body_part", "volume_mm3", "study_date", "cluster",
+                  "feature_set_version", "space")
+
+
+def _warehouse(warehouse: Warehouse | str | Path | None) -> Warehouse:
+    if isinstance(warehouse, Warehouse):
+        return warehouse
+    return Warehouse.from_settings(root=warehouse)
+
+
+@dataclass(frozen=True)
+class QueryVector:
+    """A new lesion as a query: its vector (padded to the table's dimension) and the space it belongs to."""
+
+    vector: np.ndarray
+    feature_set_version: str
+    space: str
+    params_hash: str
+    params_source: str
+    #: the lesion's raw feature values (pyradiomics names), shown in explanations
+    values: dict[str, float] = field(default_factory=dict)
+
+
+def feature_spaces(wh: Warehouse) -> list[dict[str, Any]]:
+    """The warehouse's feature spaces with an active robust set: space, modality, params hash, source, the
+    robust-set version and size, lesions with vectors' worth of features."""
+    from imaging_assets.stages.reproducibility import current_robust_sets
+
+    with wh.connect(read_only=True) as con:
+        sets = current_robust_sets(con)
+        rows = con.execute("SELECT s.space, s.modality, s.params_hash, s.source, s.params_json, "
+                           "(SELECT count(*) FROM radiomics_provenance p WHERE p.space = s.space) AS lesions "
+                           "FROM feature_spaces s ORDER BY 1").fetchdf().to_dict("records")
+    return [{**r, "feature_set_version": sets[r["space"]][0], "robust_features": len(sets[r["space"]][1])}
+            for r in rows if r["space"] in sets]
+
+
+def query_vector(wh: Warehouse, image: str | Path, mask: str | Path, label: int | None = None,
+                 segment: str | None = None, params: str | Path | None = None, space: str | None = None,
+                 modality: str | None = None, resample_mask: bool = False) -> QueryVector:
+    """Vector of a new lesion (image + mask), extracted with **the settings of the feature space it is
+    compared with** (read from ``feature_spaces``), then the space's robust set and stored scaler.
+
+    The space is ``space`` when given; else the one made by ``params`` (a pyradiomics file) for the image's
+    modality; else the warehouse's only space of that modality (a DICOM image names its modality; a NIfTI /
+    NRRD image takes ``modality``, or the warehouse's only space).
+
+    Raises
+    ------
+    ValueError
+        No or several matching spaces (the message lists the warehouse's spaces), or the extraction failed.
+    """
+    import json
+
+    from imaging_assets.features.params import extraction_settings, modality_code
+    from imaging_assets.features.pipeline import extract_one, resolve_inputs
+    from imaging_assets.stages.vectors import load_scaler
+    from imaging_assets.store.lance import open_db
+
+    spaces = {r["space"]: r for r in feature_spaces(wh)}
+    listing = ", ".join(f"{k} ({v['modality']}, {Path(str(v['source'])).name})" for k, v in sorted(spaces.items()))
+    if not spaces:
+        raise RuntimeError("no feature space with a robust set yet: materialize lesion_vectors first")
+    if space is None:
+        series, _ = resolve_inputs(image, mask, modality)
+        is_volume = str(image).lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"))
+        image_modality = modality or (None if is_volume else series.get("modality"))
+        if params is not None:
+            chosen = extraction_settings(image_modality or next(iter(spaces.values()))["modality"], params)
+            space = chosen.space
+            if space not in spaces:
+                raise ValueError(f"{params}: the warehouse has no lesions extracted with these settings "
+                                 f"(space {space}); its spaces: {listing}")
+        else:
+            matches = [k for k, v in spaces.items()
+                       if image_modality is None or v["modality"] == modality_code(image_modality)]
+            if len(matches) != 1:
+                what = f"modality {image_modality}" if image_modality else "this image"
+                raise ValueError(f"{len(matches)} feature spaces match {what}; name one with --space "
+                                 f"(or --params): {listing}")
+            space = matches[0]
+    if space not in spaces:
+        raise ValueError(f"unknown feature space {space!r}; the warehouse's spaces: {listing}")
+    info = spaces[space]
+    stored = json.loads(info["params_json"])
+    outcome = extract_one(image, mask, label=label, segment=segment, params=stored, modality=info["modality"],
+                          resample_mask=resample_mask)
+    if not outcome.ok:
+        raise ValueError(f"{mask}: extraction failed: {outcome.error}")
+    with wh.connect(read_only=True) as con:
+        scaler = load_scaler(con, info["feature_set_version"])
+    if scaler is None:
+        raise RuntimeError(f"no vector scaler stored for space {space}: materialize lesion_vectors first")
+    values = np.array([[outcome.features.get(n, np.nan) for n in scaler.feature_names]], dtype=float)
+    vec = scaler.transform(values)[0].astype(np.float32)
+    from imaging_assets.store.lance import VECTOR_TABLE
+
+    dim = open_db(wh.lance_uri).open_table(VECTOR_TABLE).schema.field("vector").type.list_size
+    padded = np.zeros(dim, np.float32)
+    padded[: len(vec)] = vec
+    return QueryVector(padded, str(info["feature_set_version"]), space, str(info["params_hash"]), str(info["source"]),
+                       values={n: float(outcome.features[n]) for n in scaler.feature_names if n in outcome.features})
+
+
+def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None, k: int = 10,
+                 where: dict[str, Any] | None = None, exclude_same_patient: bool = True,
+                 warehouse: Warehouse | str | Path | None = None, version: int | None = None,
+                 action: str = "search", extra_params: dict[str, Any] | None = None, space: str | None = None,
+                 one_per_patient: bool = False):
+    """The lesions most similar to a lesion (or a vector), as a polars DataFrame ranked by distance.
+
+    Parameters
+    ----------
+    lesion_id, vector
+        The query: a lesion of the warehouse, or a standardised vector (see :func:`query_vector`).
+    k
+        Number of rows returned.
+    where
+        Structured filters ``{column: value | [values] | (low, high)}`` on modality, body_part, roi_name,
+        patient_key, cluster, study_date, volume_mm3; values are quoted by the vector store, never
+        spliced into a filter string.
+    exclude_same_patient
+        Leave out the query lesion's patient (its other lesions and retest scans). With False, the query
+        lesion itself comes first (distance 0).
+    warehouse
+        A :class:`~imaging_assets.store.warehouse.Warehouse`, a warehouse folder, or None for the
+        configured one (``IMAGING_ASSETS_WAREHOUSE`` and ``IMAGING_ASSETS_LANCE_URI``).
+    version
+        Search an older version of the Lance table (the audit log names the version of every answer).
+    one_per_patient
+        Return the closest lesion of each patient only (a cohort counts each patient once).
+    space
+        The feature space searched. A lesion id searches its own space (always: a CT lesion is never
+        compared with an MR lesion's vector); a vector needs it unless the table holds one space only.
+    action, extra_params
+        What the audit row calls this search (``search`` | ``cohort``) and extra parameters it records.
+
+    Returns
+    -------
+    polars.DataFrame
+        :data:`RESULT_COLUMNS`. The query is audited once (with ``status`` ``error: ...`` when it fails).
+
+    Raises
+    ------
+    KeyError
+        ``lesion_id`` is not in the vector table.
+    """
+    import polars as pl
+
+    from imaging_assets.stages.reproducibility import current_robust_set
+    from imaging_assets.store import lance
+
+    wh = _warehouse(warehouse)
+    if (lesion_id is None) == (vector is None):
+        raise ValueError("give either a lesion_id or a vector")
+    params: dict[str, Any] = {"lesion_id": lesion_id, "k": k, "filters": where or {}, "version": version,
+                              "exclude_same_patient": exclude_same_patient, "space": space,
+                              **({"one_per_patient": True} if one_per_patient else {}), **(extra_params or {})}
+    query: str | np.ndarray = lesion_id if lesion_id is not None else np.asarray(vector, np.float32)
+    if vector is not None:
+        vec = np.asarray(vector, np.float32)
+        params["vector_sha1"] = hashlib.sha1(vec.tobytes()).hexdigest()
+        params["vector"] = [round(float(x), 6) for x in vec]
+    # One connection per search: opening a DuckDB file costs ~10 ms, the Lance search itself ~3 ms; the
+    # write lock is held for the search's few milliseconds only (robust-set version, audit row, metadata).
+    with wh.connect() as con:
+        ensure_schema(con)
+        # pin the table version first: the audit names exactly the version that was searched
+        pinned = version if version is not None else lance.table_version(wh.lance_uri)
+        versions: dict[str, Any] = {"lesion_vectors": pinned}
+        try:
+            patient, extra = None, 0
+            ds = lance.lance_dataset(wh.lance_uri, version=pinned)
+            if lesion_id is not None:
+                row = ds.to_table(columns=["patient_key", "space"],
+                                  filter=f"lesion_id = {lance.sql_string(lesion_id)}").to_pylist()
+                if not row:
+                    raise KeyError(f"lesion {lesion_id!r} is not in the vector table at {wh.lance_uri}")
+                if space is not None and row[0]["space"] != space:
+                    raise ValueError(f"lesion {lesion_id!r} is in feature space {row[0]['space']}, not {space}")
+                space = row[0]["space"]
+                patient = row[0]["patient_key"] if exclude_same_patient else None
+                if patient is not None:  # fetch enough rows to still return k after dropping the patient's own
+                    extra = ds.count_rows(filter=f"patient_key = {lance.sql_string(patient)}")
+            elif space is None:
+                stored = sorted({s for s in ds.to_table(columns=["space"]).column("space").to_pylist() if s})
+                if len(stored) > 1:
+                    raise ValueError(f"the vector table holds {len(stored)} feature spaces ({', '.join(stored)}): "
+                                     "a query vector needs its space")
+                space = stored[0] if stored else None
+            versions["robust_feature_set"] = current_robust_set(con, space)[0] if space else None
+            params["space"] = space
+            filters = {**(where or {}), **({"space": [space]} if space is not None else {})}
+            fetch = k + extra
+            while True:
+                rows = lance.nearest(wh.lance_uri, query, k=fetch, filters=filters or None, version=pinned,
+                                     exclude_self=exclude_same_patient)
+                got = len(rows)
+                if patient is not None:
+                    rows = [r for r in rows if r.get("patient_key") != patient]
+                if one_per_patient:  # the closest lesion of each patient, in rank order
+                    seen: set[Any] = set()
+                    rows = [r for r in rows if r.get("patient_key") not in seen and not seen.add(r.get("patient_key"))]
+                if len(rows) >= k or got < fetch:  # enough, or the table (under the filters) is exhausted
+                    break
+                fetch *= 4
+        except Exception as exc:
+            audit.record_on(con, action, "find_similar", params, versions, 0, status=f"error: {exc}")
+            raise
+        rows = rows[:k]
+        audit.record_on(con, action, "find_similar", params, versions, len(rows))
+        ids = [r["lesion_id"] for r in rows]
+        meta = {r[0]: r[1:] for r in con.execute(
+            "SELECT lesion_id, segment_number, raw_label FROM lesions WHERE list_contains(?, lesion_id)",
+            [ids]).fetchall()}
+    return pl.DataFrame({
+        "rank": list(range(1, len(rows) + 1)),
+        "lesion_id": ids,
+        "distance": [float(r["_distance"]) for r in rows],
+        "patient_key": [r.get("patient_key") for r in rows],
+        "series_instance_uid": [r.get("series_instance_uid") for r in rows],
+        "segment_number": [meta.get(i, (None, None))[0] for i in ids],
+        "raw_label": [meta.get(i, (None, None))[1] for i in ids],
+        "roi_name": [r.get("roi_name") for r in rows],
+        "modality": [r.get("modality") for r in rows],
+        "body_part": [r.get("body_part") for r in rows],
+        "volume_mm3": [r.get("volume_mm3") for r in rows],
+        "study_date": [r.get("study_date") for r in rows],
+        "cluster": [r.get("cluster") for r in rows],
+        "feature_set_version": [r.get("feature_set_version") for r in rows],
+        "space": [r.get("space") for r in rows],
+    }, schema_overrides={"rank": pl.Int64, "lesion_id": pl.String, "distance": pl.Float64,
+                         "patient_key": pl.String, "series_instance_uid": pl.String, "segment_number": pl.Int32,
+                         "raw_label": pl.String, "roi_name": pl.String, "modality": pl.String,
+                         "body_part": pl.String, "volume_mm3": pl.Float64, "study_date": pl.Date,
+                         "cluster": pl.Int32, "feature_set_version": pl.String, "space": pl.String})
+
+
+def explain_similar(wh: Warehouse, results: Any, reference_lesion_id: str | None = None,
+                    query: QueryVector | None = None, n: int = 5, version: int | None = None) -> list[Any]:
+    """Why each result of :func:`find_similar` is close to its reference: one
+    :class:`~imaging_assets.features.explain.Explanation` per result row, in order (the one explanation of
+    the CLI, the Python API, the cohort asset and the search page).
+
+    Parameters
+    ----------
+    results
+        The rows of :func:`find_similar` (a polars/pandas DataFrame or a list of dicts with ``lesion_id``
+        and ``feature_set_version``).
+    reference_lesion_id, query
+        The reference: a lesion of the warehouse, or the :class:`QueryVector` of a new lesion.
+    version
+        The Lance table version the results came from (default: the latest).
+
+    Raises
+    ------
+    ValueError
+        Neither or both references given; KeyError when the reference lesion has no vector.
+    """
+    from imaging_assets.features.explain import explain
+    from imaging_assets.stages.vectors import load_quantiles, load_scaler
+    from imaging_assets.store.lance import vectors_of
+
+    if (reference_lesion_id is None) == (query is None):
+        raise ValueError("explain_similar needs either reference_lesion_id or query")
+    rows = _result_rows(results)
+    if not rows:
+        return []
+    ids = [str(r["lesion_id"]) for r in rows]
+    vectors = vectors_of(wh.lance_uri, ids + ([reference_lesion_id] if reference_lesion_id else []), version=version)
+    if reference_lesion_id is not None and reference_lesion_id not in vectors:
+        raise KeyError(f"lesion {reference_lesion_id!r} is not in the vector table at {wh.lance_uri}")
+    ref_vec = vectors[reference_lesion_id] if reference_lesion_id is not None else query.vector
+    fs_versions = sorted({str(r["feature_set_version"]) for r in rows if r.get("feature_set_version")})
+    with wh.connect(read_only=True) as con:
+        scalers = {v: load_scaler(con, version=v) for v in fs_versions}
+        quantiles = {v: load_quantiles(con, v) for v in fs_versions}
+        names = sorted({f for sc in scalers.values() if sc is not None for f in sc.feature_names})
+        raw: dict[str, dict[str, float]] = {}
+        wanted = ids + ([reference_lesion_id] if reference_lesion_id else [])
+        for lid, name, value in con.execute(
+                "SELECT lesion_id, image_type || '_' || feature_class || '_' || feature, value "
+                "FROM radiomics_features WHERE list_contains(?, lesion_id) "
+                "AND list_contains(?, image_type || '_' || feature_class || '_' || feature)",
+                [wanted, names]).fetchall():
+            raw.setdefault(lid, {})[name] = value
+    ref_values = raw.get(reference_lesion_id, {}) if reference_lesion_id is not None else query.values
+    out = []
+    for r in rows:
+        lid = str(r["lesion_id"])
+        scaler = scalers.get(str(r.get("feature_set_version")))
+        if scaler is None or lid not in vectors:
+            raise RuntimeError(f"no scaler or vector for lesion {lid} (feature set {r.get('feature_set_version')}): "
+                               "materialize lesion_vectors")
+        out.append(explain(ref_vec, vectors[lid], scaler.feature_names, reference_values=ref_values,
+                           neighbour_values=raw.get(lid, {}), quantiles=quantiles.get(str(r["feature_set_version"])),
+                           n=n))
+    return out
+
+
+def _result_rows(results: Any) -> list[dict[str, Any]]:
+    if results is None:
+        return []
+    if hasattr(results, "to_dicts"):  # polars
+        return results.to_dicts()
+    if hasattr(results, "to_dict"):  # pandas
+        return results.to_dict("records")
+    return [dict(r) for r in results]
