@@ -34,7 +34,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 help:
 	@echo "make demo   - set up, generate data/demo if missing, materialize all assets, print a summary"
 	@echo "make test   - set up and run the whole test suite"
-	@echo "make dev    - Dagster UI on http://127.0.0.1:$(PORT) (DAGSTER_HOME=$(DAGSTER_HOME))"
+	@echo "make dev    - Dagster UI on http://127.0.0.1:$(PORT) (DAGSTER_HOME=$(DAGSTER_HOME)), pictures on $(PICTURES_URL)"
 
 install: $(STAMP)
 
@@ -78,7 +78,8 @@ test: $(STAMP)
 # The pictures server (imaging-assets serve) runs beside the UI, so plots and lesion pictures show inline
 # on asset pages; it stops with the UI.
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	@echo "DAGSTER_HOME=$(DAGSTER_HOME); pictures on $(PICTURES_URL)"
+	@echo "DAGSTER_HOME=$(DAGSTER_HOME)"
+	@echo "pictures (imaging-assets serve): $(PICTURES_URL)"
 	@$(BIN)/imaging-assets serve --host 127.0.0.1 --port $(PICTURES_PORT) & serve=$$!; \
 	trap 'kill $$serve 2>/dev/null || true' EXIT INT TERM; \
 	IMAGING_ASSETS_PICTURES_URL=$(PICTURES_URL) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)

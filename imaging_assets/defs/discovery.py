@@ -4,7 +4,7 @@ import json
 
 import dagster as dg
 
-from imaging_assets.defs.metadata import table_metadata
+from imaging_assets.defs.metadata import table_definition, table_metadata
 from imaging_assets.defs.resources import DicomSourcesResource, WarehouseResource
 from imaging_assets.errors import DicomRootsMissingError
 from imaging_assets.stages import discovery
@@ -13,7 +13,7 @@ GROUP = "ingest"
 OWNERS = ["team:imaging"]
 
 
-@dg.asset(
+@dg.asset(metadata=table_definition("dicom_files"),
     group_name=GROUP,
     kinds={"python", "duckdb"},
     owners=OWNERS,
@@ -75,7 +75,7 @@ def dicom_files(
     )
 
 
-@dg.asset(
+@dg.asset(metadata=table_definition("imaging_series"),
     deps=[dicom_files],
     group_name=GROUP,
     kinds={"python", "duckdb"},
@@ -105,7 +105,7 @@ def imaging_series(context: dg.AssetExecutionContext, warehouse: WarehouseResour
     )
 
 
-@dg.asset(
+@dg.asset(metadata=table_definition("segmentations"),
     deps=[imaging_series],
     group_name=GROUP,
     kinds={"python", "duckdb"},

@@ -79,3 +79,46 @@ def picture(wh, name: str, data, alt: str = "plot") -> dg.MetadataValue:
         return dg.MetadataValue.md(f"[![{alt}]({base}/plots/{small.name})]({base}/plots/{path.name})")
     encoded = base64.b64encode(path.read_bytes()).decode("ascii")
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
+
+
+#: What the main columns mean (shown in each asset's Columns section beside the stored type).
+COLUMN_NOTES = {
+    "lesion_id": "stable id: sha1 of series UID, segmentation, segment and component",
+    "patient_key": "pseudonymised patient id (keyed HMAC)", "series_key": "imaging_series key",
+    "seg_key": "segmentations key", "modality": "CT, MR, PT, ...", "roi_name": "harmonised ROI name",
+    "raw_label": "the segment / ROI name as stored", "volume_mm3": "lesion volume", "status": "ok or why not",
+    "reason": "why a row is not usable", "extractable": "status ok and the series passed geometry QC",
+    "space": "feature space: modality + extraction settings hash", "feature": "pyradiomics feature name",
+    "image_type": "original or a filter (log-sigma-*, wavelet-*)", "feature_class": "shape, firstorder, glcm, ...",
+    "value": "feature value", "cluster": "phenotype cluster", "time_months": "follow-up in months",
+    "event": "1 = event, 0 = censored", "content_hash": "what the picture was drawn from",
+    "path": "file path", "icc": "ICC(3,1)", "ci_low": "lower 95% bound", "ci_high": "upper 95% bound",
+    "analysis": "perturbation or test_retest", "vector": "scaled robust features (float32)",
+    "feature_set_version": "robust feature set version", "study_date": "study date",
+}
+
+
+def column_schema(table: str) -> dg.TableSchema:
+    """The ``dagster/column_schema`` of a warehouse table, from its one declaration in ``store.schema``
+    (the Lance table ``lesion_vectors`` from ``store.lance``)."""
+    from imaging_assets.store import schema
+
+    if table == "lesion_vectors":
+        from imaging_assets.store.lance import METADATA_TYPES
+
+        columns = {"lesion_id": "VARCHAR", "vector": "FLOAT[dim]",
+                   **{k: str(v).upper() for k, v in METADATA_TYPES.items() if k != "lesion_id"}}
+    else:
+        t = schema.TABLES[table]
+        columns = {**t.columns, **t.extra}
+        key = set(t.primary_key)
+    return dg.TableSchema(columns=[
+        dg.TableColumn(name, typ.lower(), description=COLUMN_NOTES.get(name),
+                       constraints=dg.TableColumnConstraints(unique=True, nullable=False)
+                       if table != "lesion_vectors" and {name} == key else None)
+        for name, typ in columns.items()])
+
+
+def table_definition(table: str) -> dict:
+    """Definition metadata of an asset stored as one table: its name and its columns."""
+    return {"dagster/table_name": table, "dagster/column_schema": column_schema(table)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import picture, table_metadata
+from imaging_assets.defs.metadata import picture, table_definition, table_metadata
 from imaging_assets.defs.resources import OutcomeSourcesResource, WarehouseResource
 from imaging_assets.defs.vectors import lesion_vectors
 
@@ -27,7 +27,8 @@ def _warn(name: str, passed: bool, **metadata) -> dg.AssetCheckResult:
                                metadata=metadata)
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS, pool="duckdb_writer",
+@dg.asset(metadata=table_definition("clinical_outcomes"),
+          group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS, pool="duckdb_writer",
           check_specs=[dg.AssetCheckSpec(
               "outcomes_source_present", asset="clinical_outcomes",
               description="The configured outcome path exists and holds at least one outcome file (warns: a "
@@ -80,7 +81,8 @@ class ClusterConfig(dg.Config):
     seed: int = Field(default=0, description="Random seed.")
 
 
-@dg.asset(deps=[lesion_vectors, "lesion_thumbnails"], group_name=GROUP, kinds={"python", "duckdb", "lancedb"}, owners=OWNERS,
+@dg.asset(metadata=table_definition("phenotype_clusters"),
+          deps=[lesion_vectors, "lesion_thumbnails"], group_name=GROUP, kinds={"python", "duckdb", "lancedb"}, owners=OWNERS,
           pool="duckdb_writer", automation_condition=dg.AutomationCondition.eager(),
           check_specs=[dg.AssetCheckSpec(
               "clusters_adequate", asset="phenotype_clusters",
@@ -144,7 +146,8 @@ class SurvivalConfig(dg.Config):
     covariates: list[str] = Field(default=["age", "stage"], description="Cox covariates besides cluster.")
 
 
-@dg.asset(deps=[phenotype_clusters, clinical_outcomes], group_name=GROUP, kinds={"python", "duckdb"},
+@dg.asset(metadata=table_definition("cluster_survival"),
+          deps=[phenotype_clusters, clinical_outcomes], group_name=GROUP, kinds={"python", "duckdb"},
           owners=OWNERS, pool="duckdb_writer", automation_condition=dg.AutomationCondition.eager(),
           check_specs=[dg.AssetCheckSpec(
               "survival_model_adequate", asset="cluster_outcomes",

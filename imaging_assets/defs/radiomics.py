@@ -4,7 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from imaging_assets.defs.discovery import segmentations
-from imaging_assets.defs.metadata import table_metadata
+from imaging_assets.defs.metadata import table_definition, table_metadata
 from imaging_assets.defs.resources import WarehouseResource
 from imaging_assets.progress import ProgressReporter
 
@@ -31,7 +31,8 @@ class RadiomicsConfig(dg.Config):
     retry_failed: bool = Field(default=False, description="Retry lesions that failed with the same inputs.")
 
 
-@dg.asset(deps=[segmentations], group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS,
+@dg.asset(metadata=table_definition("lesions"),
+          deps=[segmentations], group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS,
           pool="duckdb_writer")
 def lesions(context: dg.AssetExecutionContext, config: LesionConfig,
             warehouse: WarehouseResource) -> dg.MaterializeResult:
@@ -65,7 +66,8 @@ def lesions(context: dg.AssetExecutionContext, config: LesionConfig,
     })
 
 
-@dg.asset(deps=[lesions], group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS,
+@dg.asset(metadata=table_definition("radiomics_features"),
+          deps=[lesions], group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS,
           pool="duckdb_writer")
 def radiomics_features(context: dg.AssetExecutionContext, config: RadiomicsConfig,
                        warehouse: WarehouseResource) -> dg.MaterializeResult:

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import picture, table_metadata
+from imaging_assets.defs.metadata import picture, table_definition, table_metadata
 from imaging_assets.defs.radiomics import radiomics_features
 from imaging_assets.defs.resources import WarehouseResource
 from imaging_assets.progress import ProgressReporter
@@ -35,7 +35,8 @@ class RobustSetConfig(dg.Config):
                                 "features count as duplicates (the one with the higher ICC bound stays).")
 
 
-@dg.asset(deps=[radiomics_features], group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS,
+@dg.asset(metadata=table_definition("feature_robustness"),
+          deps=[radiomics_features], group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS,
           pool="duckdb_writer")
 def feature_robustness(context: dg.AssetExecutionContext, config: RobustnessConfig,
                        warehouse: WarehouseResource) -> dg.MaterializeResult:

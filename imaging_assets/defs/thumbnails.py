@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import picture, table_metadata
+from imaging_assets.defs.metadata import picture, table_definition, table_metadata
 from imaging_assets.defs.radiomics import lesions
 from imaging_assets.defs.resources import WarehouseResource
 
@@ -18,7 +18,8 @@ class ThumbnailConfig(dg.Config):
     force: bool = Field(default=False, description="Draw every picture again (default: only new or changed lesions).")
 
 
-@dg.asset(deps=[lesions], group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS, pool="duckdb_writer",
+@dg.asset(metadata=table_definition("lesion_thumbnails"),
+          deps=[lesions], group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS, pool="duckdb_writer",
           check_specs=[dg.AssetCheckSpec(
               "thumbnails_complete", asset="lesion_thumbnails",
               description="Every extractable lesion has a picture (warns and names the lesions that could not "

@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from imaging_assets.defs.metadata import table_metadata
+from imaging_assets.defs.metadata import table_definition, table_metadata
 from imaging_assets.defs.reproducibility import robust_feature_set
 from imaging_assets.defs.resources import WarehouseResource
 
@@ -20,7 +20,8 @@ class VectorConfig(dg.Config):
         "rows, clipped to [5,000, 100,000] (a flat scan stays near 10 ms).")
 
 
-@dg.asset(deps=[robust_feature_set, "radiomics_features"], group_name=GROUP, kinds={"python", "lancedb"},
+@dg.asset(metadata=table_definition("lesion_vectors"),
+          deps=[robust_feature_set, "radiomics_features"], group_name=GROUP, kinds={"python", "lancedb"},
           owners=OWNERS, pool="duckdb_writer")
 def lesion_vectors(context: dg.AssetExecutionContext, config: VectorConfig,
                    warehouse: WarehouseResource) -> dg.MaterializeResult:

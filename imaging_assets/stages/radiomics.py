@@ -349,12 +349,16 @@ def extract_features(
 
 
 def lesions_preview(wh: Warehouse, limit: int = 10) -> list[dict[str, Any]]:
-    """The first lesions by id (id, patient key, modality, ROI, label, volume, status): where a user copies
-    a reference lesion id from."""
+    """The largest extractable lesions (id, patient key, modality, ROI, label, volume, status, the path of
+    the picture ``lesion_thumbnails`` draws): where a user copies a reference lesion id from."""
+    from imaging_assets.stages.thumbnails import thumbnail_path
+
     with wh.connect(read_only=True) as con:
-        return con.execute(
+        rows = con.execute(
             "SELECT lesion_id, patient_key, modality, roi_name, raw_label, round(volume_mm3, 1) AS volume_mm3, "
-            "status FROM lesions ORDER BY lesion_id LIMIT ?", [limit]).fetchdf().to_dict("records")
+            "status FROM lesions ORDER BY extractable DESC, volume_mm3 DESC NULLS LAST, lesion_id LIMIT ?",
+            [limit]).fetchdf().to_dict("records")
+    return [{**r, "thumbnail": str(thumbnail_path(wh, r["lesion_id"]))} for r in rows]
 
 
 def feature_table_report(wh: Warehouse) -> FeatureTableReport:

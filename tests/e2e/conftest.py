@@ -352,6 +352,7 @@ def browser(tmp_path_factory) -> Iterator[Any]:
         opts.add_argument(flag)
     profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path_factory.getbasetemp())
     opts.add_argument(f"--user-data-dir={profile}")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors go with a failure's artefacts
     driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(60)
     try:

@@ -52,8 +52,8 @@ def _check_names(asset: str) -> list[str]:
 class Screens:
     """Numbered screenshots in the artefact folder."""
 
-    def __init__(self, driver, folder: Path) -> None:
-        self.driver, self.folder, self.n, self.saved = driver, folder, 0, []
+    def __init__(self, driver, folder: Path, first: int = 1) -> None:
+        self.driver, self.folder, self.n, self.saved = driver, folder, first - 1, []
 
     def shot(self, name: str) -> Path:
         self.n += 1
@@ -113,6 +113,7 @@ def _confirm_launch_dialog(driver) -> bool:
 
 
 def test_materialize_all_from_the_asset_graph(browser, dagster_dev, artifacts_dir):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -131,7 +132,8 @@ def test_materialize_all_from_the_asset_graph(browser, dagster_dev, artifacts_di
 
         # 1. The global asset lineage shows every asset of the code location.
         driver.get(f"{base}/asset-groups")
-        wait.until(lambda d: d.find_elements(By.XPATH, "//button[normalize-space()='Materialize all']"))
+        # "Materialize all…": the graph holds partitioned assets (the cohorts), so the global button asks first
+        wait.until(lambda d: d.find_elements(By.XPATH, "//button[starts-with(normalize-space(), 'Materialize all')]"))
         _dismiss_community_dialog(driver)
         groups = sorted({_asset_graph().get(dg.AssetKey(a)).group_name for a in assets})
         wait.until(lambda d: all(g in _body_text(d) for g in groups))
@@ -180,14 +182,16 @@ def test_materialize_all_from_the_asset_graph(browser, dagster_dev, artifacts_di
         screens.shot("cluster-outcomes-overview")
 
         def km_images(d):
-            return [i for i in d.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")
-                    if i.is_displayed() and d.execute_script("return arguments[0].naturalWidth", i) > 0]
+            return _loaded_images(d, "Kaplan-Meier")
 
-        if not km_images(driver):  # markdown metadata sits behind "[Show Markdown]" in the table
+        try:  # served by imaging-assets serve: inline on the page
+            imgs = WebDriverWait(driver, 30, poll_frequency=0.5).until(km_images)
+        except TimeoutException:  # a picture carried in the metadata sits behind "[Show Markdown]"
             row = driver.find_element(By.XPATH, "//tr[.//*[normalize-space(text())='kaplan_meier']]")
             row.find_element(By.XPATH, ".//a[contains(normalize-space(.), 'Show Markdown')] | "
                                        ".//button[contains(normalize-space(.), 'Show Markdown')]").click()
-        imgs = wait.until(km_images)
+            imgs = wait.until(km_images)
+        assert imgs[0].get_attribute("src").startswith(server.pictures_url)
         assert imgs[0].size["width"] > 100 and imgs[0].size["height"] > 100, imgs[0].size
         screens.shot("cluster-outcomes-kaplan-meier")
         for b in driver.find_elements(By.XPATH, "//*[@role='dialog']//button[normalize-space()='Close']"):
@@ -205,6 +209,7 @@ def test_materialize_all_from_the_asset_graph(browser, dagster_dev, artifacts_di
         try:
             screens.shot("failure")
             (artifacts_dir / "failure.html").write_text(driver.page_source)
+            (artifacts_dir / "failure-console.txt").write_text("\n".join(map(str, driver.get_log("browser"))))
         except Exception:  # noqa: BLE001 - keep the original error
             pass
         raise
@@ -267,11 +272,18 @@ def test_cohort_discovery_through_graphql(dagster_dev, materialized_run):
 
 
 def _loaded_images(driver, alt_part: str) -> list:
+    """Displayed images whose alt text holds ``alt_part`` and that have loaded (scrolled into view first:
+    the UI may load images lazily)."""
     from selenium.webdriver.common.by import By
 
-    return [i for i in driver.find_elements(By.CSS_SELECTOR, "img")
-            if alt_part in (i.get_attribute("alt") or "") and i.is_displayed()
-            and driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) > 0]
+    found = []
+    for i in driver.find_elements(By.CSS_SELECTOR, "img"):
+        if alt_part not in (i.get_attribute("alt") or "") or not i.is_displayed():
+            continue
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", i)
+        if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) > 0:
+            found.append(i)
+    return found
 
 
 def test_cohort_pages_show_pictures(browser, dagster_dev, materialized_run, artifacts_dir):
@@ -283,7 +295,7 @@ def test_cohort_pages_show_pictures(browser, dagster_dev, materialized_run, arti
     server, driver = dagster_dev, browser
     base = server.base_url
     wait = WebDriverWait(driver, 90, poll_frequency=0.5)
-    screens = Screens(driver, artifacts_dir)
+    screens = Screens(driver, artifacts_dir, first=21)  # after the first browser test's screenshots
     if not server.read_warehouse("SELECT count(*) FROM information_schema.tables WHERE table_name = 'cohort_ui'")[0][0]:
         lesion_id, _ = _largest_lesion(server)
         server.wait_for_run(_make_cohort(server, "ui", lesion_id, k=4))

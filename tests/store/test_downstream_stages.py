@@ -237,3 +237,127 @@ def test_find_similar_honours_the_lance_uri_setting(chain, tmp_path, monkeypatch
     assert not (root / "lance").exists()
     assert find_similar(lid, k=3).height == 3
     assert find_similar(lid, k=3, warehouse=root).height == 3
+
+
+def test_one_row_per_patient_keeps_each_patients_closest_lesion(chain):
+    db, wh = chain["db"], chain["wh"]
+    lid = _q(db, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0][0]
+    everyone = find_similar(lid, k=200, warehouse=wh).to_dicts()
+    closest: dict[str, dict] = {}
+    for r in everyone:
+        closest.setdefault(r["patient_key"], r)
+    per_patient = find_similar(lid, k=3, warehouse=wh, one_per_patient=True).to_dicts()
+    assert len({r["patient_key"] for r in per_patient}) == len(per_patient) == min(3, len(closest))
+    assert [r["lesion_id"] for r in per_patient] == [r["lesion_id"] for r in list(closest.values())[:3]]
+
+
+def test_explanations_of_the_search_are_exact(chain):
+    """explain_similar: shares of the squared distance sum to 1 and match the vectors; raw values are the
+    stored features; percentiles in [0, 100]; a planted shape difference shows up as the Shape share."""
+    from imaging_assets.features.explain import explain, feature_group
+    from imaging_assets.stages.similar import explain_similar
+    from imaging_assets.store.lance import vectors_of
+
+    db, wh = chain["db"], chain["wh"]
+    lid = _q(db, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0][0]
+    found = find_similar(lid, k=3, warehouse=wh)
+    explanations = explain_similar(wh, found, reference_lesion_id=lid)
+    assert len(explanations) == 3
+    with connect(db, read_only=True) as con:
+        names = load_scaler(con).feature_names
+    vecs = vectors_of(wh.lance_uri, [lid, *found["lesion_id"].to_list()])
+    for row, e in zip(found.to_dicts(), explanations):
+        assert sum(e.groups.values()) == pytest.approx(1.0)
+        assert e.distance == pytest.approx(row["distance"], rel=1e-4)
+        terms = (vecs[lid][: len(names)] - vecs[row["lesion_id"]][: len(names)]) ** 2
+        for group, share in e.groups.items():
+            mine = sum(t for n, t in zip(names, terms) if feature_group(n) == group) / terms.sum()
+            assert share == pytest.approx(mine, abs=1e-6)
+        for c in e.agree + e.differ:
+            stored = _q(db, "SELECT value FROM radiomics_features WHERE lesion_id = ? AND "
+                            "image_type || '_' || feature_class || '_' || feature = ?", [row["lesion_id"], c.feature])
+            assert c.neighbour_value == pytest.approx(stored[0][0])
+            assert 0 <= c.reference_percentile <= 100 and 0 <= c.neighbour_percentile <= 100
+    shape = [i for i, n in enumerate(names) if feature_group(n) == "Shape"]
+    if shape:
+        planted = vecs[lid].copy()
+        planted[shape] += 4.0
+        assert explain(vecs[lid], planted, names).groups["Shape"] == pytest.approx(1.0)
+
+
+def test_cli_similar_explain_json(chain, capsys):
+    import json
+
+    from imaging_assets.cli import main
+
+    db, wh = chain["db"], chain["wh"]
+    lid = _q(db, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0][0]
+    assert main(["similar", lid, "-k", "2", "--explain", "--json", "--warehouse", str(wh.root)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2
+    for r in rows:
+        ex = r["explanation"]
+        assert set(ex) >= {"groups", "agree", "differ"}
+        assert sum(ex["groups"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert ex["agree"][0]["name"] and ex["differ"][0]["reference_percentile"] is not None
+    assert main(["similar", lid, "-k", "2", "--explain", "--warehouse", str(wh.root)]) == 0
+    text = capsys.readouterr().out
+    assert "why:" in text and "agree" in text and "differ" in text and "percentile" in text
+
+
+def test_thumbnails_are_incremental_and_follow_the_lesions(chain, tmp_path):
+    """One PNG per extractable lesion, named by its id; unchanged lesions are not drawn again, a changed one
+    is, and the picture of a removed lesion goes with it."""
+    import shutil
+
+    from PIL import Image
+
+    from imaging_assets.stages.thumbnails import render_lesion_thumbnails, thumbnail_path
+
+    src = chain["wh"]
+    root = tmp_path / "wh"
+    shutil.copytree(src.root, root)
+    wh = Warehouse(root)
+    ids = [r[0] for r in _q(wh.duckdb_path, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1")]
+    assert ids and all(thumbnail_path(wh, i).is_file() for i in ids)  # drawn by the chain
+    with Image.open(thumbnail_path(wh, ids[0])) as im:
+        assert im.format == "PNG" and im.width > 2.5 * im.height  # axial, coronal, sagittal side by side
+    again = render_lesion_thumbnails(wh, workers=1)
+    assert (again.rendered, again.unchanged, again.removed, again.failed) == (0, len(ids), 0, [])
+    before = thumbnail_path(wh, ids[1]).stat().st_mtime_ns
+    with connect(wh.duckdb_path) as con:
+        con.execute("UPDATE lesions SET source_fingerprint = 'changed' WHERE lesion_id = ?", [ids[0]])
+        con.execute("DELETE FROM lesions WHERE lesion_id = ?", [ids[-1]])
+    third = render_lesion_thumbnails(wh, workers=1)
+    assert (third.rendered, third.unchanged, third.removed) == (1, len(ids) - 2, 1)
+    assert not thumbnail_path(wh, ids[-1]).exists()
+    assert thumbnail_path(wh, ids[1]).stat().st_mtime_ns == before
+    assert _q(wh.duckdb_path, "SELECT count(*) FROM lesion_thumbnails")[0][0] == len(ids) - 1
+
+
+def test_cli_cohort_materializes_the_partition(chain, tmp_path, monkeypatch, capsys):
+    """`imaging-assets cohort NAME --largest` adds the partition in DAGSTER_HOME and materializes `cohort` and
+    `cohort_outcomes` for it; without a reference it re-runs the stored query; a bad name is refused."""
+    import shutil
+
+    import dagster as dg
+
+    from imaging_assets.cli import main
+
+    root = tmp_path / "wh"
+    shutil.copytree(chain["wh"].root, root)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.delenv("IMAGING_ASSETS_PICTURES_URL", raising=False)
+    assert main(["cohort", "cli_made", "--largest", "-k", "2", "--warehouse", str(root)]) == 0
+    assert "cohort_cli_made" in capsys.readouterr().out
+    first = _q(root / "warehouse.duckdb", "SELECT lesion_id FROM cohort_cli_made ORDER BY rank")
+    assert len(first) == 2
+    with dg.DagsterInstance.get() as instance:
+        assert instance.has_dynamic_partition("cohorts", "cli_made")
+        assert instance.get_latest_materialization_event(dg.AssetKey("cohort_outcomes")) is not None
+    assert main(["cohort", "cli_made", "--warehouse", str(root)]) == 0  # the stored query again
+    assert _q(root / "warehouse.duckdb", "SELECT lesion_id FROM cohort_cli_made ORDER BY rank") == first
+    assert main(["cohort", "Bad Name", "--largest", "--warehouse", str(root)]) == 2
+    assert "not valid" in capsys.readouterr().err
