@@ -155,7 +155,11 @@ def test_whole_graph_materializes_with_checks(small_cohort, tmp_path):
             e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
             for e in result.get_asset_materialization_events()
         }
-        assert set(meta) == {k.to_user_string() for k in defs.get_repository_def().asset_graph.get_all_asset_keys()}
+        graph = defs.get_repository_def().asset_graph
+        assert set(meta) == {k.to_user_string() for k in graph.get_all_asset_keys()
+                             if graph.get(k).partitions_def is None}  # cohorts: partitions of their own
+        assert meta["lesion_thumbnails"]["dagster/row_count"].value == meta["lesions"]["extractable"].value
+        assert graph.get(dg.AssetKey("lesions")).metadata["dagster/column_schema"].columns
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
         for name in ("radiomics_failure_share", "lesions_decodable", "radiomics_expectations",
                      "robust_set_not_collapsed", "vectors_integrity", "robustness_sample_size", "outcomes_coverage"):
