@@ -178,7 +178,7 @@ def render_lesion_thumbnails(wh: Warehouse, workers: int | None = None, force: b
             for part in pool.map(_render_series, tasks, chunksize=max(1, len(tasks) // (4 * n))):
                 results.extend(part)
     by_id = {r["lesion_id"]: r for r in lesions}
-    rows = [{"lesion_id": lid, "path": str(thumbnail_path(wh, lid)), "content_hash": hashes[lid],
+    rows = [{"lesion_id": lid, "path": f"{THUMBNAIL_DIR}/{lid}.png", "content_hash": hashes[lid],
              "status": "ok" if err is None else "error", "error": err} for lid, _, err in results]
     gone = sorted(set(stored) - set(by_id))
     with wh.transaction() as con:

@@ -268,7 +268,8 @@ CLUSTER_TABLES: dict[str, dict[str, str]] = {
 
 #: One picture per lesion (``<warehouse>/thumbnails/<lesion_id>.png``; see stages.thumbnails).
 THUMBNAIL_COLUMNS: dict[str, str] = {
-    "lesion_id": "VARCHAR", "path": "VARCHAR",
+    "lesion_id": "VARCHAR",
+    "path": "VARCHAR",  # relative to the warehouse folder: thumbnails/<lesion_id>.png (the warehouse can move)
     "content_hash": "VARCHAR",  # what the picture was drawn from (source fingerprint, modality, renderer)
     "status": "VARCHAR",  # ok | error
     "error": "VARCHAR", "rendered_at": "TIMESTAMP",

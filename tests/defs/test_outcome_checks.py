@@ -81,7 +81,7 @@ def test_inadequate_survival_model_is_a_warning_with_the_reason(tmp_path, with_o
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     meta = _meta(result, "cluster_outcomes")
     assert meta["adequate"].value is False and meta["logrank_p"].value == -1.0
-    assert meta["cox"].value == "_none_"  # no Cox row, rather than HR 526 (0.0124-22,354,930)
+    assert meta["cox"].value.records == []  # no Cox row, rather than HR 526 (0.0124-22,354,930)
     if with_outcomes:
         assert "fewer than 5 patients" in check.metadata["reason"].value
         assert "fewer than 5 patients" in meta["notes"].value
