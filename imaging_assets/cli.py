@@ -10,6 +10,7 @@ sql         read-only SQL over the warehouse, Lance tables included
 cohort      make (or refresh) a similar-case cohort: the Dagster assets ``cohort`` + ``cohort_outcomes``
 serve       publish the warehouse's pictures over HTTP for the Dagster UI (``make dev`` runs it)
 summary     print what the warehouse holds (used at the end of ``make demo``)
+users       add / list / remove the users of the web server (roles and tokens, imaging_assets.access)
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def _parse_filters(items: list[str]) -> dict:
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
-    from imaging_assets.stages.similar import explain_similar, find_similar, query_vector
+    from imaging_assets.stages.similar import explain_similar, query_vector, similar_rows
 
     wh = _warehouse(args)
     if wh is None:
@@ -273,16 +274,16 @@ def _cmd_similar(args: argparse.Namespace) -> int:
             header = {"space": q.space, "params_hash": q.params_hash, "params_source": q.params_source,
                       "feature_set_version": q.feature_set_version}
         t0 = time.perf_counter()
-        df = find_similar(lesion_id=args.lesion_id, vector=vector, k=args.k, where=filters,
-                          exclude_same_patient=not args.include_same_patient, warehouse=wh,
-                          version=args.version, space=space, one_per_patient=args.one_per_patient)
+        # the rows of find_similar without its polars frame (the same search; the command stays quick to start)
+        rows = similar_rows(lesion_id=args.lesion_id, vector=vector, k=args.k, where=filters,
+                            exclude_same_patient=not args.include_same_patient, warehouse=wh,
+                            version=args.version, space=space, one_per_patient=args.one_per_patient)
         ms = (time.perf_counter() - t0) * 1000
-        explanations = (explain_similar(wh, df, reference_lesion_id=args.lesion_id, query=q, version=args.version)
+        explanations = (explain_similar(wh, rows, reference_lesion_id=args.lesion_id, query=q, version=args.version)
                         if args.explain else None)
     except (ValueError, KeyError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = df.to_dicts()
     if explanations is not None:
         for r, e in zip(rows, explanations):
             r["explanation"] = e.to_dict()
@@ -404,6 +405,41 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_users(args: argparse.Namespace) -> int:
+    """``users add`` (prints the new token once, as the last line), ``users list``, ``users remove``."""
+    from imaging_assets import access
+    from imaging_assets.errors import AccessError
+
+    path = Path(args.file) if args.file else settings.users_file()
+    try:
+        if args.users_command == "add":
+            token = access.add_user(args.name, args.role, path, replace=args.replace)
+            print(f"{'replaced' if args.replace else 'added'} user {args.name} (role {args.role}) in {path}; its token "
+                  "follows, shown this once (only its SHA-256 is stored):", file=sys.stderr)
+            sys.stderr.flush()
+            print(token)
+        elif args.users_command == "remove":
+            access.remove_user(args.name, path)
+            print(f"removed user {args.name} from {path}: their token no longer authenticates")
+        else:
+            users = access.list_users(path)
+            if args.json:
+                json.dump(users, sys.stdout, indent=1)
+                sys.stdout.write("\n")
+                return 0
+            if not users:
+                print(f"no users in {path} (add one: imaging-assets users add NAME --role viewer|analyst|admin)")
+                return 0
+            width = max(len("name"), *(len(u["name"]) for u in users))
+            print(f"{'name':{width}s}  {'role':7s}  created_at")
+            for u in users:
+                print(f"{u['name']:{width}s}  {u['role']:7s}  {u['created_at'] or '-'}")
+    except AccessError as exc:  # bad name or role, unknown user, existing user, unreadable file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     p = argparse.ArgumentParser(prog="imaging-assets", description=__doc__.split("\n")[0])
@@ -504,6 +540,22 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("summary", help="print what the warehouse holds")
     m.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
     m.set_defaults(func=_cmd_summary)
+
+    u = sub.add_parser("users", help="users of the web server: roles and tokens (tokens are stored hashed)")
+    u.add_argument("--file", help="users file (default IMAGING_ASSETS_USERS, else <warehouse>/users.json)")
+    users = u.add_subparsers(dest="users_command", required=True)
+    ua = users.add_parser("add", help="add a user and print their token once (the last line of the output)")
+    ua.add_argument("name", help="user name: 1-64 of a-z, 0-9, '.', '_', '-'")
+    ua.add_argument("--role", required=True, help="viewer (search, view), analyst (viewer + save cohorts + "
+                                                  "read-only SQL) or admin (everything, manage users)")
+    ua.add_argument("--replace", action="store_true", help="re-issue the token (and role) of an existing user")
+    ul = users.add_parser("list", help="the users: name, role, created_at (never tokens)")
+    ul.add_argument("--json", action="store_true", help="print JSON")
+    ur = users.add_parser("remove", help="remove a user (their token stops working)")
+    ur.add_argument("name", help="user name")
+    for sp in (ua, ul, ur):
+        sp.add_argument("--file", default=argparse.SUPPRESS, help="users file (as before the sub-command)")
+    u.set_defaults(func=_cmd_users)
     return p
 
 

@@ -43,3 +43,16 @@ class MaskGeometryError(LesionError):
     Raised by :func:`imaging_assets.features.lesions.check_mask_geometry`; the message names the mask and
     the image and says what differs. Callers opt into resampling such a mask with ``resample_mask=True``.
     """
+
+
+class AccessError(ValueError):
+    """Users and tokens (:mod:`imaging_assets.access`): a bad user name, unknown role or permission, or a users
+    file that cannot be read; the message names the file or value and what is accepted."""
+
+
+class UnknownUserError(AccessError):
+    """No user of that name in the users file (the message names the file and the users it holds)."""
+
+
+class UserExistsError(AccessError):
+    """A user of that name exists already: pass ``replace=True`` (CLI ``--replace``) to issue a new token."""

@@ -15,6 +15,7 @@ DICOM roots (``os.pathsep`` list)  ``IMAGING_ASSETS_DICOM_ROOTS``               
 NIfTI/NRRD manifests (list)        ``IMAGING_ASSETS_MANIFESTS``                    none
 pseudonymisation secret            ``IMAGING_ASSETS_PSEUDONYM_KEY``                dev default + warning
 pictures' public URL               ``IMAGING_ASSETS_PICTURES_URL``                 none (pictures inlined)
+users, roles and token hashes      ``IMAGING_ASSETS_USERS``                        ``<warehouse>/users.json``
 =================================  =============================================  ==========================
 """
 
@@ -48,6 +49,18 @@ def lance_uri(warehouse: str | Path | None = None) -> str:
     if env:
         return env
     return str(Path(warehouse if warehouse is not None else warehouse_dir()) / "lance")
+
+
+def users_file() -> Path:
+    """The users file of :mod:`imaging_assets.access` (names, roles, token hashes): ``IMAGING_ASSETS_USERS``,
+    else ``<warehouse>/users.json``.
+
+    Next to the warehouse by default because the users are those of that warehouse (its web server, its
+    audit log), and a second warehouse gets its own; point the variable elsewhere to keep the file off a
+    shared warehouse folder. The file holds no token in clear, only SHA-256 hashes, and is written 0600.
+    """
+    env = os.environ.get("IMAGING_ASSETS_USERS", "").strip()
+    return Path(env) if env else warehouse_dir() / "users.json"
 
 
 def pictures_url() -> str | None:

@@ -23,6 +23,8 @@ LONG_MODULES = {
                            "spec and one loader",
     "demo/generator.py": "the synthetic cohort: one generator for CT series, SEG, RTSTRUCT, outcomes and truth",
     "dicom/series.py": "series assembly and its geometry QC flags share the slice geometry helpers",
+    "store/lance/memory.py": "the in-memory index: snapshot, filter masks, search paths and the graph cache share "
+                             "one snapshot's arrays",
     "analysis/thumbnails.py": "one picture: panel geometry, orientation letters, windowing, outline, scale bar and "
                               "text sprites share the sampling grid of each panel",
 }

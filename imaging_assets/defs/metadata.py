@@ -68,7 +68,7 @@ def picture(wh, name: str, data, alt: str = "plot") -> dg.MetadataValue:
     import base64
 
     from imaging_assets import settings
-    from imaging_assets.stages.thumbnails import keep_picture, page_sized
+    from imaging_assets.stages.thumbnails import keep_picture, page_sized, picture_url
 
     path = keep_picture(wh, name, data)
     if path is None:
@@ -76,7 +76,8 @@ def picture(wh, name: str, data, alt: str = "plot") -> dg.MetadataValue:
     base = settings.pictures_url()
     if base:
         small = page_sized(wh, path, PAGE_WIDTH)
-        return dg.MetadataValue.md(f"[![{alt}]({base}/plots/{small.name})]({base}/plots/{path.name})")
+        return dg.MetadataValue.md(f"[![{alt}]({picture_url(wh, base, 'plots', small.name)})]"
+                                   f"({picture_url(wh, base, 'plots', path.name)})")
     encoded = base64.b64encode(path.read_bytes()).decode("ascii")
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
 

@@ -104,7 +104,8 @@ def stored_cohort_query(wh: Warehouse, name: str) -> dict[str, Any] | None:
     return json.loads(row[0]) if row and row[0] else None
 
 
-def _reference_row(wh: Warehouse, lesion_id: str) -> dict[str, Any]:
+def reference_row(wh: Warehouse, lesion_id: str) -> dict[str, Any]:
+    """A lesion as a cohort's or a search's reference: its row, cluster, space and picture path."""
     from imaging_assets.stages.thumbnails import thumbnail_path
 
     with wh.connect(read_only=True) as con:
@@ -167,7 +168,7 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
              "filters": filters or {}, "exclude_same_patient": exclude_same_patient,
              "one_per_patient": one_per_patient}
     if reference_lesion_id is not None:
-        reference = _reference_row(wh, reference_lesion_id)
+        reference = reference_row(wh, reference_lesion_id)
     else:
         reference = {"lesion_id": None, "image": image, "mask": mask, "segment": segment, "space": space,
                      "patient_key": None, "thumbnail": None}

@@ -84,6 +84,47 @@ def keep_picture(wh: Warehouse, name: str, data: bytes | Path | None) -> Path | 
     return final
 
 
+#: The warehouse's key for signed picture links (made on first use, mode 0600).
+PICTURE_KEY = ".pictures_key"
+
+
+def _picture_key(wh: Warehouse) -> bytes:
+    import secrets
+
+    path = Path(wh.root) / PICTURE_KEY
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # made by another process meanwhile
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+        return path.read_bytes()
+
+
+def picture_signature(wh: Warehouse, folder: str, name: str) -> str:
+    """HMAC-SHA256 (hex, 32 characters) of ``<folder>/<name>`` with the warehouse's picture key: a link
+    carrying it opens that one picture without a token (what a browser's ``<img>`` in the Dagster UI needs)."""
+    import hmac
+
+    return hmac.new(_picture_key(wh), f"{folder}/{name}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def picture_signature_ok(wh: Warehouse, folder: str, name: str, signature: str) -> bool:
+    """Whether ``signature`` is :func:`picture_signature` of that picture (constant-time comparison)."""
+    import hmac
+
+    return bool(signature) and hmac.compare_digest(picture_signature(wh, folder, name), str(signature))
+
+
+def picture_url(wh: Warehouse, base: str, folder: str, name: str) -> str:
+    """The signed link to a picture under ``base`` (``IMAGING_ASSETS_PICTURES_URL``, or the server's own)."""
+    return f"{base.rstrip('/')}/{folder}/{name}?sig={picture_signature(wh, folder, name)}"
+
+
 def page_sized(wh: Warehouse, path: Path, width: int) -> Path:
     """``path`` itself when at most ``width`` pixels wide, else a scaled-down copy kept beside it."""
     from PIL import Image

@@ -361,3 +361,39 @@ def test_cli_cohort_materializes_the_partition(chain, tmp_path, monkeypatch, cap
     assert _q(root / "warehouse.duckdb", "SELECT lesion_id FROM cohort_cli_made ORDER BY rank") == first
     assert main(["cohort", "Bad Name", "--largest", "--warehouse", str(root)]) == 2
     assert "not valid" in capsys.readouterr().err
+
+
+def test_api_similar_answers_with_explanations_pictures_and_the_user(chain, tmp_path):
+    """`/api/similar/{lesion_id}` through Starlette's test client: 401 without a token, the answer's shape,
+    signed picture links that open, and the audit row carrying the user's name."""
+    import json
+
+    from starlette.testclient import TestClient
+
+    from imaging_assets.access import add_user
+    from imaging_assets.web import create_app
+
+    db, wh = chain["db"], chain["wh"]
+    users = tmp_path / "users.json"
+    token = add_user("dr.who", "viewer", path=users)
+    lid, patient = _q(db, "SELECT lesion_id, patient_key FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0]
+    client = TestClient(create_app(wh, users=users))
+    assert client.get(f"/api/similar/{lid}").status_code == 401
+    r = client.get(f"/api/similar/{lid}?k=3&modality=CT", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["reference"]["lesion_id"] == lid and answer["reference"]["patient_key"] == patient
+    results = answer["results"]
+    assert len(results) == 3 and len({x["patient_key"] for x in results}) == 3 and patient not in {
+        x["patient_key"] for x in results}
+    for x in results:
+        assert {"lesion_id", "patient_key", "distance", "modality", "explanation", "thumbnail_url"} <= set(x)
+        assert sum(x["explanation"]["groups"].values()) == pytest.approx(1.0, abs=1e-3)
+        picture = client.get(x["thumbnail_url"].replace("http://testserver", ""))  # signed: no token needed
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert client.get("/api/similar/no-such-lesion", headers={"Authorization": f"Bearer {token}"}).status_code == 404
+    last = _q(db, "SELECT \"user\", action, params FROM audit_log WHERE action = 'search' ORDER BY logged_at DESC LIMIT 2")
+    assert {row[0] for row in last} == {"dr.who"}
+    assert any(json.loads(row[2])["lesion_id"] == lid for row in last)
+    page = client.get(f"/?lesion_id={lid}&k=2", cookies={"ia_token": token})
+    assert page.status_code == 200 and "closest patients" in page.text and "agree" in page.text

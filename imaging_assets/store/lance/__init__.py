@@ -7,7 +7,7 @@ Dagster; ``lancedb`` is imported when first used. One concept per module:
 * :mod:`~imaging_assets.store.lance.schema` -- the table layout (:func:`vector_schema`,
   :data:`VECTOR_TABLE`, :data:`METADATA_COLUMNS`) and the shaping of inputs into it;
 * :mod:`~imaging_assets.store.lance.connection` -- connections cached per URI and opening tables
-  (:func:`open_db`, :func:`table_version`, :func:`table_names`);
+  (:func:`open_db`, :func:`open_dataset`, :func:`table_version`, :func:`table_names`);
 * :mod:`~imaging_assets.store.lance.sync` -- verified idempotent writes (:func:`sync_vectors`,
   :func:`update_clusters`, :class:`SyncReport`, :class:`VectorStoreIntegrityError`);
 * :mod:`~imaging_assets.store.lance.index` -- the measured index policy (exact search below
@@ -20,7 +20,7 @@ Dagster; ``lancedb`` is imported when first used. One concept per module:
 
 from __future__ import annotations
 
-from imaging_assets.store.lance.connection import open_db, table_names, table_version
+from imaging_assets.store.lance.connection import open_dataset, open_db, table_names, table_version
 from imaging_assets.store.lance.duckdb import lance_dataset, register_duckdb_views
 from imaging_assets.store.lance.index import (
     ANN_INDEX_NAME,
@@ -70,6 +70,7 @@ __all__ = [
     "ivf_sq_params",
     "lance_dataset",
     "nearest",
+    "open_dataset",
     "open_db",
     "register_duckdb_views",
     "sql_string",

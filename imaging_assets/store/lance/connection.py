@@ -3,6 +3,11 @@
 ``uri`` everywhere is a local folder or an object-store URI (``s3://``, ``gs://``, ``az://``); LanceDB
 reads the credentials from the usual environment variables, so object storage works by configuration
 alone.
+
+Reads of a local table (:func:`open_dataset`, :func:`table_version`) open its pylance dataset
+(``<uri>/<table>.lance``, the folder LanceDB itself writes) directly: importing ``lancedb`` costs ~1 s of
+a command's start (its namespace and embedding clients), ``lance`` alone a tenth of it. Object-store URIs,
+and anything the direct path cannot open, go through LanceDB's connection as before.
 """
 
 from __future__ import annotations
@@ -91,8 +96,39 @@ def _require_table(uri: str | os.PathLike[str], table_name: str) -> lancedb.tabl
     return tbl
 
 
+def _local_dataset_path(uri: str | os.PathLike[str], table_name: str) -> Path | None:
+    """The folder of a local table as LanceDB lays it out (``<uri>/<table>.lance``) when it holds a committed
+    version, else None (object-store URI, no such table yet, or not a plain table name)."""
+    text = os.fspath(uri)
+    if "://" in text or not table_name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        return None
+    path = Path(_uri_str(text)) / f"{table_name}.lance"
+    return path if (path / "_versions").is_dir() else None
+
+
+def open_dataset(uri: str | os.PathLike[str], table_name: str = VECTOR_TABLE, version: int | None = None) -> Any:
+    """The pylance ``LanceDataset`` of a table, latest or at ``version`` (read-only).
+
+    A local table is opened directly with ``lance.dataset`` (no ``lancedb`` import); an object-store
+    table, or a version the direct open refuses, through LanceDB (:func:`open_db`), which raises the
+    explanations (no such table: ``FileNotFoundError``; no such version: ``ValueError`` listing the
+    available ones).
+    """
+    path = _local_dataset_path(uri, table_name)
+    if path is not None:
+        import lance
+
+        try:
+            return lance.dataset(str(path), version=None if version is None else int(version))
+        except Exception as exc:  # noqa: BLE001 - let LanceDB open it, or explain why it cannot
+            logger.debug("direct open of %s (version %s) failed, trying LanceDB: %s", path, version, exc)
+    return _checked_out(uri, table_name, version).to_lance()
+
+
 def table_version(uri: str | os.PathLike[str], table_name: str = VECTOR_TABLE) -> int | None:
     """Current version of the table (for time travel), ``None`` when it does not exist."""
+    if _local_dataset_path(uri, table_name) is not None:
+        return int(open_dataset(uri, table_name).version)
     tbl = _open_table(uri, table_name)
     return None if tbl is None else int(tbl.version)
 

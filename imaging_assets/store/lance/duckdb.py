@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from imaging_assets.store.lance.connection import _checked_out
+from imaging_assets.store.lance.connection import open_dataset
 from imaging_assets.store.lance.schema import VECTOR_TABLE
 
 if TYPE_CHECKING:  # the top-level duckdb package (absolute import), only for annotations
@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # the top-level duckdb package (absolute import), only for an
 
 
 def lance_dataset(uri: str | os.PathLike[str], table_name: str = VECTOR_TABLE, version: int | None = None) -> Any:
-    """The pylance ``LanceDataset`` behind a table (latest or ``version``), with the connection's storage options."""
-    return _checked_out(uri, table_name, version).to_lance()
+    """The pylance ``LanceDataset`` behind a table (latest or ``version``), with the connection's storage options
+    (a local table is opened directly, without importing ``lancedb``: :func:`~.connection.open_dataset`)."""
+    return open_dataset(uri, table_name, version)
 
 
 def register_duckdb_views(

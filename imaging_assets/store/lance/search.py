@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from imaging_assets.store.lance.connection import _checked_out, _require_table, _uri_str
+from imaging_assets.store.lance.connection import _uri_str, open_dataset
 from imaging_assets.store.lance.index import _INDEX_TYPE_NAMES, DEFAULT_NPROBES, DEFAULT_REFINE
 from imaging_assets.store.lance.schema import (
     VECTOR_COLUMN,
@@ -177,7 +177,7 @@ def _search_dataset(uri: str | os.PathLike[str], table_name: str, version: int |
             logger.debug("cached dataset of %s at %s is gone: %s", table_name, key[0], exc)
             ds = None
     if ds is None:
-        ds = _require_table(uri, table_name).to_lance()
+        ds = open_dataset(uri, table_name)
         latest = int(ds.version)
     elif latest != ds.version:
         ds = ds.checkout_version(latest)
@@ -187,8 +187,8 @@ def _search_dataset(uri: str | os.PathLike[str], table_name: str, version: int |
         return ds
     try:
         return ds.checkout_version(int(version))
-    except Exception:  # noqa: BLE001 - let _checked_out raise its explanation (available versions)
-        return _checked_out(uri, table_name, version).to_lance()
+    except Exception:  # noqa: BLE001 - let open_dataset raise its explanation (available versions)
+        return open_dataset(uri, table_name, version)
 
 
 def _vector_index_type(ds: Any, key: tuple[str, str]) -> str:
