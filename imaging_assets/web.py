@@ -64,7 +64,7 @@ def _filters(params: Any) -> dict[str, Any]:
 
 
 def similar_answer(wh: Warehouse, lesion_id: str, k: int, filters: dict[str, Any], user: str,
-                   picture_base: str, one_per_patient: bool = True) -> dict[str, Any]:
+                   picture_base: str, one_per_patient: bool = True, index: Any = None) -> dict[str, Any]:
     """The JSON answer of ``/api/similar``: the reference and the results with explanations and the
     (signed) URLs of their pictures."""
     from imaging_assets.stages.cohorts import reference_row
@@ -72,7 +72,7 @@ def similar_answer(wh: Warehouse, lesion_id: str, k: int, filters: dict[str, Any
     from imaging_assets.stages.thumbnails import picture_url
 
     found = find_similar(lesion_id, k=k, where=filters or None, warehouse=wh, one_per_patient=one_per_patient,
-                         user=user)
+                         user=user, index=index)
     explanations = explain_similar(wh, found, reference_lesion_id=lesion_id)
     ref = reference_row(wh, lesion_id)
     ref["thumbnail_url"] = picture_url(wh, picture_base, "thumbnails", f"{lesion_id}.png")
@@ -94,6 +94,18 @@ def create_app(wh: Warehouse, users: str | Path | None = None):
 
     from imaging_assets.access import SEARCH, authenticate
     from imaging_assets.stages.thumbnails import picture_signature_ok
+    from imaging_assets.store.lance.memory import MemoryIndex
+
+    warm: dict[str, Any] = {}
+
+    def memory() -> Any:
+        """The vectors kept in memory (loaded on first use; refreshed by each search when the table moved)."""
+        if "index" not in warm:
+            try:
+                warm["index"] = MemoryIndex.load(wh.lance_uri)
+            except (FileNotFoundError, ValueError, OSError):  # no vector table yet: searches say so
+                return None
+        return warm["index"]
 
     def token_of(request: Request) -> str | None:
         auth = request.headers.get("authorization", "")
@@ -143,14 +155,15 @@ def create_app(wh: Warehouse, users: str | Path | None = None):
                 raise ValueError("k must be between 1 and 500")
             filters = _filters(request.query_params)
             answer = similar_answer(wh, request.path_params["lesion_id"], k, filters, user.name, base(request),
-                                    one_per_patient=request.query_params.get("all_lesions") not in ("1", "true"))
+                                    one_per_patient=request.query_params.get("all_lesions") not in ("1", "true"),
+                                    index=memory())
         except KeyError as exc:
             return JSONResponse({"error": str(exc.args[0] if exc.args else exc)}, status_code=404)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse(answer)
 
-    async def index(request: Request):
+    async def search_page(request: Request):
         user, denied = guard(request, SEARCH, page=True)
         if denied is not None:
             return denied
@@ -159,7 +172,7 @@ def create_app(wh: Warehouse, users: str | Path | None = None):
         if q.get("lesion_id"):
             try:
                 answer = similar_answer(wh, q["lesion_id"].strip(), int(q.get("k") or 10), _filters(q), user.name,
-                                        base(request))
+                                        base(request), index=memory())
                 body += _results_html(answer)
             except (KeyError, ValueError) as exc:
                 body += f"<p class='error'>{html.escape(str(exc.args[0] if exc.args else exc))}</p>"
@@ -179,7 +192,7 @@ def create_app(wh: Warehouse, users: str | Path | None = None):
         return JSONResponse({"ok": True})
 
     return Starlette(routes=[
-        Route("/", index), Route("/login", login, methods=["POST"]), Route("/api/similar/{lesion_id}", api_similar),
+        Route("/", search_page), Route("/login", login, methods=["POST"]), Route("/api/similar/{lesion_id}", api_similar),
         Route("/pictures/{folder}/{name}", pictures), Route("/healthz", healthz)])
 
 

@@ -138,7 +138,7 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
                  where: dict[str, Any] | None = None, exclude_same_patient: bool = True,
                  warehouse: Warehouse | str | Path | None = None, version: int | None = None,
                  action: str = "search", extra_params: dict[str, Any] | None = None, space: str | None = None,
-                 one_per_patient: bool = False, user: str | None = None):
+                 one_per_patient: bool = False, user: str | None = None, index: Any = None):
     """The lesions most similar to a lesion (or a vector), as a polars DataFrame ranked by distance.
 
     Parameters
@@ -163,6 +163,9 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
         Return the closest lesion of each patient only (a cohort counts each patient once).
     user
         Who asks (the audit row's ``user``; default :func:`imaging_assets.store.audit.current_user`).
+    index
+        A :class:`~imaging_assets.store.lance.memory.MemoryIndex` of the table kept warm by a server:
+        refreshed when the table moved on, then searched instead of the Lance files (same rows).
     space
         The feature space searched. A lesion id searches its own space (always: a CT lesion is never
         compared with an MR lesion's vector); a vector needs it unless the table holds one space only.
@@ -185,7 +188,7 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
     rows = similar_rows(lesion_id=lesion_id, vector=vector, k=k, where=where,
                         exclude_same_patient=exclude_same_patient, warehouse=warehouse, version=version,
                         action=action, extra_params=extra_params, space=space, one_per_patient=one_per_patient,
-                        user=user)
+                        user=user, index=index)
     return pl.DataFrame({c: [r[c] for r in rows] for c in RESULT_COLUMNS},
                         schema_overrides={c: getattr(pl, t) for c, t in RESULT_SCHEMA.items()})
 
@@ -194,7 +197,7 @@ def similar_rows(lesion_id: str | None = None, vector: np.ndarray | None = None,
                  where: dict[str, Any] | None = None, exclude_same_patient: bool = True,
                  warehouse: Warehouse | str | Path | None = None, version: int | None = None,
                  action: str = "search", extra_params: dict[str, Any] | None = None, space: str | None = None,
-                 one_per_patient: bool = False, user: str | None = None) -> list[dict[str, Any]]:
+                 one_per_patient: bool = False, user: str | None = None, index: Any = None) -> list[dict[str, Any]]:
     """:func:`find_similar` as a list of row dicts (keys :data:`RESULT_COLUMNS`, in order), without polars.
 
     The one search path: :func:`find_similar` wraps these rows into its DataFrame; the CLI prints them
@@ -221,7 +224,11 @@ def similar_rows(lesion_id: str | None = None, vector: np.ndarray | None = None,
     with wh.connect() as con:
         ensure_schema(con)
         # pin the table version first: the audit names exactly the version that was searched
-        pinned = version if version is not None else lance.table_version(wh.lance_uri)
+        if index is not None and version is None:  # a warm in-memory mirror (the server): search the latest
+            index.refresh()
+        pinned = version if version is not None else (index.version if index is not None
+                                                      else lance.table_version(wh.lance_uri))
+        warm = index is not None and index.version == pinned
         versions: dict[str, Any] = {"lesion_vectors": pinned}
         try:
             patient, extra = None, 0
@@ -248,8 +255,11 @@ def similar_rows(lesion_id: str | None = None, vector: np.ndarray | None = None,
             filters = {**(where or {}), **({"space": [space]} if space is not None else {})}
             fetch = k + extra
             while True:
-                rows = lance.nearest(wh.lance_uri, query, k=fetch, filters=filters or None, version=pinned,
-                                     exclude_self=exclude_same_patient)
+                if warm:  # the same answer from memory (store.lance.memory: exact, or HNSW at scale)
+                    rows = index.search(query, k=fetch, filters=filters or None, exclude_self=exclude_same_patient)
+                else:
+                    rows = lance.nearest(wh.lance_uri, query, k=fetch, filters=filters or None, version=pinned,
+                                         exclude_self=exclude_same_patient)
                 got = len(rows)
                 if patient is not None:
                     rows = [r for r in rows if r.get("patient_key") != patient]
