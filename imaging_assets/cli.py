@@ -305,16 +305,10 @@ def _cmd_similar(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pct(v: float | None) -> str:
-    if v is None:
-        return "no percentile"
-    n = int(round(v))
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix} percentile"
-
-
 def _print_explanation(e) -> None:
     """The explanation of one result, indented under it."""
+    from imaging_assets.features.explain import percentile_words as _pct
+
     groups = sorted(e.groups.items(), key=lambda kv: -kv[1])
     print("       why: " + ", ".join(f"{g} {s:.0%}" for g, s in groups if s >= 0.005) + " of the squared distance")
     for label, items in (("agree ", e.agree), ("differ", e.differ)):

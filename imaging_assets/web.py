@@ -234,6 +234,8 @@ def _search_form(q: Any) -> str:
 
 
 def _results_html(answer: dict[str, Any]) -> str:
+    from imaging_assets.features.explain import percentile_words as _pct
+
     ref = answer["reference"]
     out = [f"<h2>Reference {html.escape(str(ref.get('lesion_id')))}</h2><p><img class='thumb' "
            f"src='{html.escape(ref['thumbnail_url'], quote=True)}' alt='reference'><br>{html.escape(str(ref.get('modality')))}"
@@ -260,6 +262,3 @@ def _results_html(answer: dict[str, Any]) -> str:
     out.append("</table>")
     return "".join(out)
 
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{v:.0f}th pct"

@@ -3,19 +3,6 @@
 import dagster as dg
 
 
-def md_table(rows: list[dict], columns: list[str], limit: int = 20) -> str:
-    """A markdown table of the first ``limit`` rows (for asset metadata)."""
-    if not rows:
-        return "_none_"
-    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    body = "".join(
-        "| " + " | ".join(str(r.get(c, "")).replace("|", "/").replace("\n", " ") for c in columns) + " |\n"
-        for r in rows[:limit]
-    )
-    more = f"\n_{len(rows) - limit} more not shown_" if len(rows) > limit else ""
-    return head + body + more
-
-
 def _cell(v):
     if v is None or isinstance(v, (bool, int, str)):
         return v

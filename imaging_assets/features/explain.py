@@ -137,6 +137,15 @@ def percentile(z: float, quantiles: Sequence[float] | np.ndarray | None) -> floa
     return float(np.interp(z, q, QUANTILE_GRID))
 
 
+def percentile_words(v: float | None) -> str:
+    """``93rd percentile`` (``no percentile`` for None): how the CLI and the search page print one."""
+    if v is None:
+        return "no percentile"
+    n = int(round(v))
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix} percentile"
+
+
 def quantiles_of(values: np.ndarray) -> np.ndarray:
     """The 0th..100th percentiles of each column of ``values`` (shape ``(101, n_features)``), NaN-aware."""
     v = np.asarray(values, dtype=float)

@@ -46,27 +46,6 @@ def yeo_johnson(u: np.ndarray, lam: np.ndarray) -> np.ndarray:
     return out.reshape(u.shape)
 
 
-def inverse_yeo_johnson(y: np.ndarray, lam: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`yeo_johnson` per feature (column ``j`` with ``lam[j]``): Yeo-Johnson maps ``u >= 0``
-    to ``y >= 0`` and ``u < 0`` to ``y < 0``, so each branch inverts on its own sign."""
-    y = np.asarray(y, dtype=np.float64)
-    rows = np.atleast_2d(y)
-    lam = np.broadcast_to(np.asarray(lam, dtype=np.float64), rows.shape[1:])
-    out = np.empty_like(rows)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        for j in range(rows.shape[1]):
-            col, lj = rows[:, j], lam[j]
-            pos = col >= 0
-            res = np.empty_like(col)
-            res[pos] = np.expm1(col[pos]) if abs(lj) < 1e-12 else np.power(col[pos] * lj + 1.0, 1.0 / lj) - 1.0
-            neg = ~pos
-            l2 = 2.0 - lj
-            res[neg] = (-np.expm1(-col[neg]) if abs(l2) < 1e-12
-                        else 1.0 - np.power(1.0 - l2 * col[neg], 1.0 / l2))
-            out[:, j] = res
-    return out.reshape(y.shape)
-
-
 @dataclass
 class Scaler:
     """Per-feature ``z = (YJ_lambda((x - center) / scale) - mean) / std`` fitted on the cohort.
@@ -127,16 +106,6 @@ class Scaler:
         z = (y - _finite_or(self.mean, 0.0)) / _positive_or_one(self.std)
         z[~np.isfinite(z)] = 0.0
         return z.astype(np.float32)
-
-    def inverse_transform(self, vectors: np.ndarray) -> np.ndarray:
-        """Feature values of scaled vectors: the exact inverse of :meth:`transform` (to float32 rounding of
-        the vectors; a value that was missing comes back as the cohort's typical value)."""
-        z = np.asarray(vectors, dtype=np.float64)
-        if z.shape[-1:] != (self.dim,) or z.ndim not in (1, 2):
-            raise ValueError(f"Scaler.inverse_transform: expected shape (n, {self.dim}) or ({self.dim},), got {z.shape}")
-        y = z * _positive_or_one(self.std) + _finite_or(self.mean, 0.0)
-        u = inverse_yeo_johnson(y, self.lambdas)
-        return u * _positive_or_one(self.scale) + _finite_or(self.center, 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (lists of floats) for storage or asset metadata."""
