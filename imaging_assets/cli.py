@@ -256,66 +256,129 @@ def _parse_filters(items: list[str]) -> dict:
     return out
 
 
-def _cmd_similar(args: argparse.Namespace) -> int:
-    from imaging_assets.stages.similar import explain_similar, query_vector, similar_rows
+def _similar_via_server(args: argparse.Namespace, filters: dict) -> tuple[list[dict], float, str] | None:
+    """The rows (with explanations) of ``similar <lesion_id>`` from a running ``imaging-assets serve``
+    (``IMAGING_ASSETS_SERVER_URL`` + ``IMAGING_ASSETS_TOKEN``): its vectors and tables are warm, so the
+    command costs an HTTP request instead of opening the files. None when no server is configured, the
+    query is one the server does not answer (a new image, an old ``--version``) or the server is down.
 
-    wh = _warehouse(args)
-    if wh is None:
-        return 2
+    Raises
+    ------
+    RuntimeError
+        The server refused (401/403, naming why) or failed.
+    """
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url, token = os.environ.get("IMAGING_ASSETS_SERVER_URL"), os.environ.get("IMAGING_ASSETS_TOKEN")
+    if not url or not token or args.local or args.lesion_id is None or args.version is not None or args.space:
+        return None
+    params = {"k": args.k, "filters": json.dumps({c: ({"range": list(v)} if isinstance(v, tuple) else v)
+                                                  for c, v in filters.items()}),
+              "all_lesions": "0" if args.one_per_patient else "1",
+              "include_same_patient": "1" if args.include_same_patient else "0"}
+    target = f"{url.rstrip('/')}/api/similar/{urllib.parse.quote(args.lesion_id, safe='')}?{urllib.parse.urlencode(params)}"
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"}),
+                                    timeout=30) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        try:
+            message = json.loads(err.read()).get("error", "")
+        except ValueError:
+            message = ""
+        if err.code == 404:
+            raise KeyError(message) from None
+        if err.code == 400:
+            raise ValueError(message) from None
+        raise RuntimeError(f"the server at {url} answered {err.code}: {message}") from None
+    except (urllib.error.URLError, OSError):  # not running: search in process
+        return None
+    ms = (time.perf_counter() - t0) * 1000
+    rows = answer["results"]
+    for r in rows:
+        r.pop("thumbnail_url", None)
+        if not args.explain:
+            r.pop("explanation", None)
+    return rows, ms, f"via the server at {url}"
+
+
+def _cmd_similar(args: argparse.Namespace) -> int:
     try:
         filters = _parse_filters((args.filter or []) + ([f"modality={args.modality}"] if args.modality else []))
-        vector, space, header, q = None, args.space, None, None
-        if args.lesion_id is None:
-            if not (args.image and args.mask):
-                raise ValueError("give a lesion id, or --image and --mask of a new lesion")
-            q = query_vector(wh, args.image, args.mask, segment=args.segment, params=args.params, space=args.space,
-                             modality=args.image_modality, resample_mask=args.resample_mask)
-            vector, space = q.vector, q.space
-            header = {"space": q.space, "params_hash": q.params_hash, "params_source": q.params_source,
-                      "feature_set_version": q.feature_set_version}
-        t0 = time.perf_counter()
-        # the rows of find_similar without its polars frame (the same search; the command stays quick to start)
-        rows = similar_rows(lesion_id=args.lesion_id, vector=vector, k=args.k, where=filters,
-                            exclude_same_patient=not args.include_same_patient, warehouse=wh,
-                            version=args.version, space=space, one_per_patient=args.one_per_patient)
-        ms = (time.perf_counter() - t0) * 1000
-        explanations = (explain_similar(wh, rows, reference_lesion_id=args.lesion_id, query=q, version=args.version)
-                        if args.explain else None)
+        via = _similar_via_server(args, filters)
+        header, space = None, args.space
+        if via is not None:
+            rows, ms, where = via
+        else:
+            rows, ms, header = _similar_in_process(args, filters)
+            where = "including audit"
+            if rows is None:
+                return 2
     except (ValueError, KeyError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2
-    if explanations is not None:
-        for r, e in zip(rows, explanations):
-            r["explanation"] = e.to_dict()
     if args.json:
         json.dump(rows, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
         return 0
-    searched = rows[0]["space"] if rows else space
+    searched = rows[0]["space"] if rows else (header or {}).get("space", space)
     if header:
         print(f"query extracted with the settings of space {header['space']} (params {header['params_hash'][:12]}, "
               f"{header['params_source']}; robust set {header['feature_set_version']})")
-    print(f"{len(rows)} similar lesions in space {searched} ({ms:.0f} ms including audit)")
+    print(f"{len(rows)} similar lesions in space {searched} ({ms:.0f} ms {where})")
     for r in rows:
         print(f"{r['rank']:3d}  {r['lesion_id']}  d={r['distance']:.3f}  {r['patient_key']}  {r['modality']}  "
               f"{r['roi_name']} ({r['raw_label']}, segment {r['segment_number']})  {r['volume_mm3'] or 0:.0f} mm3  "
               f"{r['study_date']}  cluster={r['cluster']}")
-        if explanations is not None:
-            _print_explanation(explanations[r["rank"] - 1])
+        if r.get("explanation") is not None:
+            _print_explanation(r["explanation"])
     return 0
 
 
-def _print_explanation(e) -> None:
-    """The explanation of one result, indented under it."""
+def _similar_in_process(args: argparse.Namespace, filters: dict) -> tuple[list[dict] | None, float, dict | None]:
+    """``similar`` opening the warehouse's files itself: (rows, search ms, the new lesion's header)."""
+    from imaging_assets.stages.similar import explain_similar, query_vector, similar_rows
+
+    wh = _warehouse(args)
+    if wh is None:
+        return None, 0.0, None
+    vector, space, header, q = None, args.space, None, None
+    if args.lesion_id is None:
+        if not (args.image and args.mask):
+            raise ValueError("give a lesion id, or --image and --mask of a new lesion")
+        q = query_vector(wh, args.image, args.mask, segment=args.segment, params=args.params, space=args.space,
+                         modality=args.image_modality, resample_mask=args.resample_mask)
+        vector, space = q.vector, q.space
+        header = {"space": q.space, "params_hash": q.params_hash, "params_source": q.params_source,
+                  "feature_set_version": q.feature_set_version}
+    t0 = time.perf_counter()
+    # the rows of find_similar without its polars frame (the same search; the command stays quick to start)
+    rows = similar_rows(lesion_id=args.lesion_id, vector=vector, k=args.k, where=filters,
+                        exclude_same_patient=not args.include_same_patient, warehouse=wh,
+                        version=args.version, space=space, one_per_patient=args.one_per_patient)
+    ms = (time.perf_counter() - t0) * 1000
+    if args.explain:
+        for r, e in zip(rows, explain_similar(wh, rows, reference_lesion_id=args.lesion_id, query=q,
+                                              version=args.version)):
+            r["explanation"] = e.to_dict()
+    return rows, ms, header
+
+
+def _print_explanation(e: dict) -> None:
+    """The explanation of one result (:meth:`~imaging_assets.features.explain.Explanation.to_dict`), indented."""
     from imaging_assets.features.explain import percentile_words as _pct
 
-    groups = sorted(e.groups.items(), key=lambda kv: -kv[1])
+    groups = sorted(e["groups"].items(), key=lambda kv: -kv[1])
     print("       why: " + ", ".join(f"{g} {s:.0%}" for g, s in groups if s >= 0.005) + " of the squared distance")
-    for label, items in (("agree ", e.agree), ("differ", e.differ)):
+    for label, items in (("agree ", e["agree"]), ("differ", e["differ"])):
         for c in items:
-            share = f"  ({c.share:.0%} of d^2)" if label == "differ" else ""
-            print(f"       {label}  {c.name}: reference {_pct(c.reference_percentile)}, "
-                  f"this lesion {_pct(c.neighbour_percentile)}{share}")
+            share = f"  ({c['share']:.0%} of d^2)" if label == "differ" else ""
+            print(f"       {label}  {c['name']}: reference {_pct(c['reference_percentile'])}, "
+                  f"this lesion {_pct(c['neighbour_percentile'])}{share}")
 
 
 def _cmd_cohort(args: argparse.Namespace) -> int:
@@ -323,7 +386,6 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     ``DAGSTER_HOME`` (so the cohort is in the UI's catalog, with its run), adding the partition first."""
     import dagster as dg
 
-    from imaging_assets.definitions import defs
     from imaging_assets.stages.cohorts import cohort_table_name, largest_lesion
 
     try:
@@ -335,38 +397,51 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     if wh is None:
         return 2
     config: dict[str, Any] = {"k": args.k}
-    lesion = args.lesion_id
-    if args.largest:
-        lesion = largest_lesion(wh, modality=args.modality)
-        if lesion is None:
-            print("error: the warehouse has no lesion with a vector", file=sys.stderr)
+    if args.config:  # the search page's "save as cohort": the whole launchpad config
+        try:
+            from imaging_assets.defs.cohorts import CohortConfig
+
+            config = json.loads(args.config)
+            CohortConfig(**config)
+        except Exception as exc:  # noqa: BLE001 - bad JSON or a field the launchpad does not know
+            print(f"error: --config: {exc}", file=sys.stderr)
             return 2
-    if lesion:
-        config["reference_lesion_id"] = lesion
-    elif args.image or args.mask:
-        config.update(image=args.image, mask=args.mask, segment=args.segment)
-    if args.modality:
-        config["modality"] = [m.strip() for m in args.modality.split(",") if m.strip()]
+    else:
+        lesion = args.lesion_id
+        if args.largest:
+            lesion = largest_lesion(wh, modality=args.modality)
+            if lesion is None:
+                print("error: the warehouse has no lesion with a vector", file=sys.stderr)
+                return 2
+        if lesion:
+            config["reference_lesion_id"] = lesion
+        elif args.image or args.mask:
+            config.update(image=args.image, mask=args.mask, segment=args.segment)
+        if args.modality:
+            config["modality"] = [m.strip() for m in args.modality.split(",") if m.strip()]
     try:
         instance = dg.DagsterInstance.get()
     except Exception as exc:  # noqa: BLE001 - DAGSTER_HOME unset or unreadable
         print(f"error: no Dagster instance ({exc}); set DAGSTER_HOME (make sets .dagster_home)", file=sys.stderr)
         return 2
-    if not instance.has_dynamic_partition("cohorts", args.name):
-        instance.add_dynamic_partitions("cohorts", [args.name])
+    from imaging_assets.defs.cohorts import materialize_cohort
     from imaging_assets.defs.resources import WarehouseResource
 
-    job = defs().resolve_job_def("cohort_discovery")
-    result = job.execute_in_process(instance=instance, partition_key=args.name, raise_on_error=False,
-                                    resources={"warehouse": WarehouseResource(root=str(wh.root), lance=wh.lance_uri)},
-                                    run_config={"ops": {"cohort": {"config": config}}} if len(config) > 1 else None)
+    result = materialize_cohort(WarehouseResource(root=str(wh.root), lance=wh.lance_uri), args.name,
+                                config if (len(config) > 1 or args.config) else None, user=args.requested_by,
+                                instance=instance)
+    table = cohort_table_name(args.name)
+    if args.json:
+        json.dump({"name": args.name, "table": table, "run_id": result.run_id, "success": result.success,
+                   "errors": result.errors, "config": config}, sys.stdout)
+        sys.stdout.write("\n")
+        return 0 if result.success else 1
     if not result.success:
-        for ev in result.all_events:
-            if ev.is_step_failure:
-                print(f"error: {ev.step_failure_data.error.message.strip()}", file=sys.stderr)
+        for message in result.errors:
+            print(f"error: {message}", file=sys.stderr)
         return 1
-    print(f"cohort {args.name}: run {result.run_id}; table {cohort_table_name(args.name)} "
-          f"(imaging-assets sql \"SELECT rank, lesion_id, patient_key, distance, why FROM {cohort_table_name(args.name)}\")")
+    print(f"cohort {args.name}: run {result.run_id}; table {table} "
+          f"(imaging-assets sql \"SELECT rank, lesion_id, patient_key, distance, why FROM {table}\")")
     return 0
 
 
@@ -375,7 +450,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from imaging_assets.web import serve
 
     wh = Warehouse.from_settings(root=args.warehouse)
-    print(f"serving the pictures of {wh.root} on http://{args.host}:{args.port}/pictures (Ctrl-C stops)")
+    print(f"searching {wh.root} on http://{args.host}:{args.port}/ (pictures under /pictures; Ctrl-C stops)",
+          flush=True)
     serve(wh, host=args.host, port=args.port)
     return 0
 
@@ -511,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="why each result is close: feature-group shares of the squared distance, the features "
                         "that agree and differ most, with both lesions' percentiles (with --json: 'explanation')")
     f.add_argument("--json", action="store_true", help="print JSON")
+    f.add_argument("--local", action="store_true", help="open the warehouse's files even when a server is "
+                   "configured (IMAGING_ASSETS_SERVER_URL + IMAGING_ASSETS_TOKEN; then the server answers, fast)")
     f.set_defaults(func=_cmd_similar)
 
     c = sub.add_parser("cohort", help="make or refresh a similar-case cohort as Dagster assets (in DAGSTER_HOME)")
@@ -522,10 +600,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--segment", help="segment / ROI name in the mask")
     c.add_argument("-k", type=int, default=20, help="number of similar patients (default 20)")
     c.add_argument("--modality", help="filter: modalities, e.g. CT or CT,MR")
+    c.add_argument("--config", help="the cohort op's whole config as JSON (the launchpad's fields: "
+                   "reference_lesion_id or image + mask, k, filters); replaces the options above")
+    c.add_argument("--requested-by", help="who asked, for the run's tags and the audit row (the search page "
+                   "passes its signed-in user; default: IMAGING_ASSETS_USER or the login name)")
+    c.add_argument("--json", action="store_true", help="print the run as JSON (name, table, run_id, success, errors)")
     c.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
     c.set_defaults(func=_cmd_cohort)
 
-    v = sub.add_parser("serve", help="publish the warehouse's pictures for the Dagster UI (loopback by default)")
+    v = sub.add_parser("serve", help="the similar-case search page and JSON API, and the pictures of the Dagster UI "
+                                            "(loopback by default)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     v.add_argument("--port", type=int, default=8321, help="port (default 8321)")
     v.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")

@@ -6,6 +6,7 @@ partition without a reference re-runs the query stored for that name (new lesion
 """
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -25,6 +26,10 @@ MONTAGE_RESULTS = 5
 
 #: One partition per cohort name (its table is cohort_<name>).
 cohort_partitions = dg.DynamicPartitionsDefinition(name="cohorts")
+
+#: Run tag naming who asked for a cohort (the search page sets it to the signed-in user; the audit row and
+#: the `cohorts` registry take it; without it, the run's OS user).
+USER_TAG = "imaging_assets/user"
 
 COHORT_COLUMNS = dg.TableSchema(columns=[
     dg.TableColumn("rank", "integer", description="1 = closest (one row per patient by default)"),
@@ -115,7 +120,7 @@ def cohort(context: dg.AssetExecutionContext, config: CohortConfig, warehouse: W
     out = discover_cohort(wh, name, reference_lesion_id=query.get("reference_lesion_id"), image=query.get("image"),
                           mask=query.get("mask"), segment=query.get("segment"), k=int(query.get("k") or 20),
                           filters=filters, exclude_same_patient=query.get("exclude_same_patient", True),
-                          one_per_patient=query.get("one_per_patient", True))
+                          one_per_patient=query.get("one_per_patient", True), user=context.run.tags.get(USER_TAG))
     context.log.info(f"cohort {out.table}: {out.rows} rows, {out.patients} patients (lesion_vectors v{out.lance_version})")
     ref = out.reference
     ref_caption = [f"REFERENCE  lesion {ref.get('lesion_id') or 'new lesion'}",
@@ -211,3 +216,37 @@ cohort_discovery = dg.define_asset_job(
     description="Similar-case cohort and its outcomes: pick (or add) a partition named after the cohort, give a "
     "reference lesion id (see `phenotype_clusters`' reference picker) or a new image + mask in the config of "
     "`cohort`; the cohort goes to the DuckDB table cohort_<name>, the query to `cohorts` and `audit_log`.")
+
+
+@dataclass(frozen=True)
+class CohortRun:
+    """A cohort materialized by :func:`materialize_cohort`: the Dagster run and, when it failed, why."""
+
+    name: str
+    run_id: str
+    success: bool
+    errors: list[str]
+
+
+def materialize_cohort(wh: WarehouseResource, name: str, config: dict | None = None, user: str | None = None,
+                       instance: dg.DagsterInstance | None = None) -> CohortRun:
+    """Materialize the cohort's partition of `cohort` and `cohort_outcomes` in a Dagster instance (default:
+    that of ``DAGSTER_HOME``), adding the partition first: the one way the CLI (`imaging-assets cohort`) and
+    the search page's "save as cohort" make a cohort, so it is in the UI's catalog with its run.
+
+    ``config`` is the cohort op's config (:class:`CohortConfig` fields; empty re-runs the stored query);
+    ``user`` goes into the run's tags (:data:`USER_TAG`) and from there into the audit row.
+    """
+    from imaging_assets.definitions import defs
+
+    instance = instance or dg.DagsterInstance.get()
+    if not instance.has_dynamic_partition(cohort_partitions.name, name):
+        instance.add_dynamic_partitions(cohort_partitions.name, [name])
+    job = defs().resolve_job_def("cohort_discovery")
+    result = job.execute_in_process(
+        instance=instance, partition_key=name, raise_on_error=False, resources={"warehouse": wh},
+        tags={USER_TAG: user} if user else None,
+        run_config={"ops": {"cohort": {"config": config}}} if config else None)
+    errors = [ev.step_failure_data.error.message.strip() for ev in result.all_events
+              if ev.is_step_failure and ev.step_failure_data.error is not None]
+    return CohortRun(name, result.run_id, bool(result.success), errors)

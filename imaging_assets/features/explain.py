@@ -23,9 +23,12 @@ scaling is monotone, so percentiles of scaled values are those of the raw values
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -65,6 +68,7 @@ def _family(image_type: str) -> str:
     return image_type.split("-", 1)[0].lower()
 
 
+@lru_cache(maxsize=65536)
 def feature_group(name: str) -> str:
     """The group of a pyradiomics feature name (see the module docstring): ``Shape``, ``GLCM texture``, ...,
     or ``<Filter> filtered`` for any feature of a filtered image."""
@@ -99,6 +103,7 @@ def _filter_label(image_type: str) -> str | None:
     return label if fam.lower() == "lbp" else label.lower()
 
 
+@lru_cache(maxsize=65536)
 def plain_name(name: str) -> str:
     """A person's name for a feature: ``original_shape_Sphericity`` -> ``Sphericity``,
     ``log-sigma-2-0-mm-3D_glcm_Contrast`` -> ``GLCM Contrast (LoG σ=2 mm)``,
@@ -122,19 +127,30 @@ def percentile(z: float, quantiles: Sequence[float] | np.ndarray | None) -> floa
     (:func:`quantiles_of`); None when none are stored."""
     if quantiles is None:
         return None
-    q = np.asarray(quantiles, dtype=float)
-    if q.size != QUANTILE_GRID.size or not np.isfinite(z) or not np.isfinite(q).all():
+    q = np.asarray(quantiles, dtype=float).reshape(-1)
+    if q.size != QUANTILE_GRID.size or not np.isfinite(q).all():
+        return None
+    return _percentile_of(float(z), q.tolist())
+
+
+_GRID = QUANTILE_GRID.tolist()
+
+
+def _percentile_of(z: float, q: list[float]) -> float | None:
+    """:func:`percentile` on a validated, finite quantile list (bisect: a few µs, called per shown feature)."""
+    if not math.isfinite(z):
         return None
     # a value equal to tied quantiles (a feature with many equal values) gets the middle of the tie
-    lo = int(np.searchsorted(q, z, side="left"))
-    hi = int(np.searchsorted(q, z, side="right"))
+    lo, hi = bisect.bisect_left(q, z), bisect.bisect_right(q, z)
     if hi - lo > 1:
-        return float((QUANTILE_GRID[lo] + QUANTILE_GRID[hi - 1]) / 2)
+        return float((_GRID[lo] + _GRID[hi - 1]) / 2)
     if z <= q[0]:
         return 0.0
     if z >= q[-1]:
         return 100.0
-    return float(np.interp(z, q, QUANTILE_GRID))
+    j = bisect.bisect_right(q, z)  # q[j-1] <= z < q[j]
+    x0, x1 = q[j - 1], q[j]
+    return float(_GRID[j - 1] + (_GRID[j] - _GRID[j - 1]) * (z - x0) / (x1 - x0)) if x1 > x0 else float(_GRID[j - 1])
 
 
 def percentile_words(v: float | None) -> str:
@@ -170,6 +186,9 @@ class FeatureComparison:
     share: float
 
 
+_COMPARISON_FIELDS = tuple(f.name for f in fields(FeatureComparison))
+
+
 @dataclass(frozen=True)
 class Explanation:
     """Why a neighbour is close to its reference (see the module docstring)."""
@@ -190,7 +209,7 @@ class Explanation:
             return round(float(v), digits) if isinstance(v, (float, np.floating)) and np.isfinite(v) else v
 
         def item(c: FeatureComparison) -> dict[str, Any]:
-            return {k: r(v) for k, v in asdict(c).items()}
+            return {k: r(getattr(c, k)) for k in _COMPARISON_FIELDS}
 
         out: dict[str, Any] = {"distance": r(self.distance), "groups": {k: r(v) for k, v in self.groups.items()},
                                "agree": [item(c) for c in self.agree], "differ": [item(c) for c in self.differ],
@@ -257,6 +276,16 @@ def explain(reference: np.ndarray, neighbour: np.ndarray, feature_names: Sequenc
     if q is None and not any("quantiles" in note for note in notes):
         notes.append("no quantiles stored for this space (rebuild lesion_vectors): no percentiles")
 
+    columns: dict[int, list[float] | None] = {}
+
+    def pct(i: int, z: float) -> float | None:
+        if q is None:
+            return None
+        if i not in columns:
+            col = q[:, i]
+            columns[i] = col.tolist() if np.isfinite(col).all() else None
+        return None if columns[i] is None else _percentile_of(z, columns[i])
+
     def comparison(i: int) -> FeatureComparison:
         f = names[i]
         rv = None if reference_values is None else reference_values.get(f)
@@ -264,19 +293,30 @@ def explain(reference: np.ndarray, neighbour: np.ndarray, feature_names: Sequenc
         return FeatureComparison(
             feature=f, name=plain_name(f), group=groups_of[i], reference_z=float(a[i]), neighbour_z=float(b[i]),
             reference_value=None if rv is None else float(rv), neighbour_value=None if nv is None else float(nv),
-            reference_percentile=None if q is None else percentile(float(a[i]), q[:, i]),
-            neighbour_percentile=None if q is None else percentile(float(b[i]), q[:, i]),
+            reference_percentile=pct(i, float(a[i])), neighbour_percentile=pct(i, float(b[i])),
             share=float(terms[i] / total) if total > 0 else 0.0)
 
     gap = np.abs(a - b)
     same_side = np.sign(a) == np.sign(b)
     agree_score = np.where(same_side, gap / (1.0 + np.minimum(np.abs(a), np.abs(b))), gap)
     k = max(0, min(n, p))
-    agree_idx = sorted(range(p), key=lambda i: (agree_score[i], names[i]))[:k]
-    differ_idx = sorted(range(p), key=lambda i: (-terms[i], names[i]))[:k] if total > 0 else []
+    agree_idx = _smallest(agree_score, names, k)
+    differ_idx = _smallest(-terms, names, k) if total > 0 else []
     return Explanation(distance=float(np.sqrt(total)), groups=groups, agree=[comparison(i) for i in agree_idx],
                        differ=[comparison(i) for i in differ_idx], notes=notes,
                        group_features={g: groups_of.count(g) for g in groups})
+
+
+def _smallest(score: np.ndarray, names: list[str], k: int) -> list[int]:
+    """Indices of the ``k`` smallest scores, ties by name (the order of ``sorted`` by (score, name))."""
+    if k <= 0:
+        return []
+    if k < len(score):  # only the candidates up to the k-th score can be among them (ties included)
+        cut = np.partition(score, k - 1)[k - 1]
+        cand = np.flatnonzero(score <= cut)
+    else:
+        cand = np.arange(len(score))
+    return sorted(cand.tolist(), key=lambda i: (score[i], names[i]))[:k]
 
 
 def _group_order(g: str) -> tuple[int, str]:

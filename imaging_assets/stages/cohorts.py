@@ -104,16 +104,23 @@ def stored_cohort_query(wh: Warehouse, name: str) -> dict[str, Any] | None:
     return json.loads(row[0]) if row and row[0] else None
 
 
-def reference_row(wh: Warehouse, lesion_id: str) -> dict[str, Any]:
-    """A lesion as a cohort's or a search's reference: its row, cluster, space and picture path."""
+def reference_row(wh: Warehouse, lesion_id: str, warm: Any = None) -> dict[str, Any]:
+    """A lesion as a cohort's or a search's reference: its row, cluster, space and picture path (from a
+    server's :class:`~imaging_assets.stages.serving.WarmSearch` when given)."""
     from imaging_assets.stages.thumbnails import thumbnail_path
 
-    with wh.connect(read_only=True) as con:
-        rows = con.execute(
-            "SELECT l.lesion_id, l.patient_key, l.modality, l.body_part, l.roi_name, l.raw_label, l.volume_mm3, "
-            "l.study_date, pc.cluster, p.space FROM lesions l LEFT JOIN phenotype_clusters pc USING (lesion_id) "
-            "LEFT JOIN radiomics_provenance p USING (lesion_id) WHERE l.lesion_id = ?", [lesion_id]).fetchdf()
-    row = rows.to_dict("records")[0] if len(rows) else {"lesion_id": lesion_id}
+    cols = ("lesion_id", "patient_key", "modality", "body_part", "roi_name", "raw_label", "volume_mm3",
+            "study_date", "cluster", "space")
+    cached = warm.tables.lesions.get(lesion_id) if warm is not None else None
+    if cached is not None:
+        row = {c: cached.get(c) for c in cols}
+    else:
+        with wh.connect(read_only=True) as con:
+            rows = con.execute(
+                "SELECT l.lesion_id, l.patient_key, l.modality, l.body_part, l.roi_name, l.raw_label, l.volume_mm3, "
+                "l.study_date, pc.cluster, p.space FROM lesions l LEFT JOIN phenotype_clusters pc USING (lesion_id) "
+                "LEFT JOIN radiomics_provenance p USING (lesion_id) WHERE l.lesion_id = ?", [lesion_id]).fetchall()
+        row = dict(zip(cols, rows[0])) if rows else {"lesion_id": lesion_id}
     row = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
     if row.get("study_date") is not None:
         row["study_date"] = str(row["study_date"])[:10]
@@ -126,7 +133,7 @@ def reference_row(wh: Warehouse, lesion_id: str) -> dict[str, Any]:
 def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = None, image: str | None = None,
                     mask: str | None = None, segment: str | None = None, k: int = 20,
                     filters: dict[str, Any] | None = None, exclude_same_patient: bool = True,
-                    one_per_patient: bool = True) -> CohortResult:
+                    one_per_patient: bool = True, user: str | None = None) -> CohortResult:
     """Run a similar-case search (:func:`find_similar`) and store the ranked cohort as ``cohort_<name>``.
 
     By default the cohort has **one row per patient** (their closest lesion) and leaves out the reference
@@ -135,7 +142,8 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
     ``patient_outcomes`` (NULL where there is none), the explanation (:func:`explain_similar`) as JSON and
     in words (``why``), and the path of the lesion's picture. The reference is not a row: it is in the
     ``cohorts`` registry (with the query, the Lance version searched, the audit id) and in the result.
-    Re-running a name replaces its table and registry row in one transaction.
+    Re-running a name replaces its table and registry row in one transaction. ``user`` is who asked (the
+    audit row and the registry; default :func:`imaging_assets.store.audit.current_user`).
     """
     from imaging_assets.stages.thumbnails import thumbnail_path
     from imaging_assets.store.lance import table_version
@@ -153,7 +161,7 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
         found = find_similar(reference_lesion_id, vector=vector, k=k, where=filters, warehouse=wh,
                              exclude_same_patient=exclude_same_patient, version=lance_version, action="cohort",
                              extra_params={"name": name, "image": image, "mask": mask, "segment": segment},
-                             space=space, one_per_patient=one_per_patient)
+                             space=space, one_per_patient=one_per_patient, user=user)
     except KeyError as exc:  # a mistyped id in the launchpad: say what to do, not a raw KeyError
         raise ValueError(f"{exc.args[0]}: copy a lesion_id from the `lesions` asset's preview, or give image + "
                          "mask of a new lesion") from None
@@ -193,7 +201,7 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
                     "INSERT INTO cohorts (name, table_name, created_at, \"user\", query, lance_version, "
                     "feature_set_version, n_rows, audit_id, space, reference_lesion_id, reference_patient_key, "
                     "patients) VALUES (?, ?, (now() AT TIME ZONE 'UTC'), ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
-                    [name, table, audit.current_user(), json.dumps(query, sort_keys=True), lance_version, fs,
+                    [name, table, user or audit.current_user(), json.dumps(query, sort_keys=True), lance_version, fs,
                      len(df), space, reference_lesion_id, reference.get("patient_key"),
                      int(df["patient_key"].nunique()) if len(df) else 0])
         finally:

@@ -138,7 +138,7 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
                  where: dict[str, Any] | None = None, exclude_same_patient: bool = True,
                  warehouse: Warehouse | str | Path | None = None, version: int | None = None,
                  action: str = "search", extra_params: dict[str, Any] | None = None, space: str | None = None,
-                 one_per_patient: bool = False, user: str | None = None, index: Any = None):
+                 one_per_patient: bool = False, user: str | None = None, warm: Any = None):
     """The lesions most similar to a lesion (or a vector), as a polars DataFrame ranked by distance.
 
     Parameters
@@ -163,9 +163,10 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
         Return the closest lesion of each patient only (a cohort counts each patient once).
     user
         Who asks (the audit row's ``user``; default :func:`imaging_assets.store.audit.current_user`).
-    index
-        A :class:`~imaging_assets.store.lance.memory.MemoryIndex` of the table kept warm by a server:
-        refreshed when the table moved on, then searched instead of the Lance files (same rows).
+    warm
+        What a server keeps in memory (:class:`~imaging_assets.stages.serving.WarmSearch`): the search
+        then opens no file (the vectors, tables and audit journal are in memory; same rows). Ignored with
+        ``version``.
     space
         The feature space searched. A lesion id searches its own space (always: a CT lesion is never
         compared with an MR lesion's vector); a vector needs it unless the table holds one space only.
@@ -188,7 +189,7 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
     rows = similar_rows(lesion_id=lesion_id, vector=vector, k=k, where=where,
                         exclude_same_patient=exclude_same_patient, warehouse=warehouse, version=version,
                         action=action, extra_params=extra_params, space=space, one_per_patient=one_per_patient,
-                        user=user, index=index)
+                        user=user, warm=warm)
     return pl.DataFrame({c: [r[c] for r in rows] for c in RESULT_COLUMNS},
                         schema_overrides={c: getattr(pl, t) for c, t in RESULT_SCHEMA.items()})
 
@@ -197,7 +198,7 @@ def similar_rows(lesion_id: str | None = None, vector: np.ndarray | None = None,
                  where: dict[str, Any] | None = None, exclude_same_patient: bool = True,
                  warehouse: Warehouse | str | Path | None = None, version: int | None = None,
                  action: str = "search", extra_params: dict[str, Any] | None = None, space: str | None = None,
-                 one_per_patient: bool = False, user: str | None = None, index: Any = None) -> list[dict[str, Any]]:
+                 one_per_patient: bool = False, user: str | None = None, warm: Any = None) -> list[dict[str, Any]]:
     """:func:`find_similar` as a list of row dicts (keys :data:`RESULT_COLUMNS`, in order), without polars.
 
     The one search path: :func:`find_similar` wraps these rows into its DataFrame; the CLI prints them
@@ -205,8 +206,6 @@ def similar_rows(lesion_id: str | None = None, vector: np.ndarray | None = None,
     ``distance`` float, ``study_date`` :class:`datetime.date`, None where a value is missing. Same
     parameters, audit row and errors as :func:`find_similar`.
     """
-    from imaging_assets.stages.reproducibility import current_robust_set
-    from imaging_assets.store import lance
 
     wh = _warehouse(warehouse)
     if (lesion_id is None) == (vector is None):
@@ -219,65 +218,134 @@ def similar_rows(lesion_id: str | None = None, vector: np.ndarray | None = None,
         vec = np.asarray(vector, np.float32)
         params["vector_sha1"] = hashlib.sha1(vec.tobytes()).hexdigest()
         params["vector"] = [round(float(x), 6) for x in vec]
+    if warm is not None and version is None and warm.index is not None:
+        # a server: vectors, tables and audit journal in memory (stages.serving), no file opened
+        return _search(_WarmSources(warm), query, lesion_id, k, where, exclude_same_patient, space, one_per_patient,
+                       params, action, user)
     # One connection per search: opening a DuckDB file costs ~10 ms, the Lance search itself ~3 ms; the
     # write lock is held for the search's few milliseconds only (robust-set version, audit row, metadata).
     with wh.connect() as con:
         ensure_schema(con)
+        return _search(_StoreSources(wh, con, version), query, lesion_id, k, where, exclude_same_patient,
+                       space, one_per_patient, params, action, user)
+
+
+class _StoreSources:
+    """What a search reads and writes, from the files (one DuckDB connection, the Lance table)."""
+
+    def __init__(self, wh: Warehouse, con: Any, version: int | None) -> None:
+        from imaging_assets.store import lance
+
+        self.wh, self.con, self.lance = wh, con, lance
         # pin the table version first: the audit names exactly the version that was searched
-        if index is not None and version is None:  # a warm in-memory mirror (the server): search the latest
-            index.refresh()
-        pinned = version if version is not None else (index.version if index is not None
-                                                      else lance.table_version(wh.lance_uri))
-        warm = index is not None and index.version == pinned
-        versions: dict[str, Any] = {"lesion_vectors": pinned}
-        try:
-            patient, extra = None, 0
-            ds = lance.lance_dataset(wh.lance_uri, version=pinned)
-            if lesion_id is not None:
-                row = ds.to_table(columns=["patient_key", "space"],
-                                  filter=f"lesion_id = {lance.sql_string(lesion_id)}").to_pylist()
-                if not row:
-                    raise KeyError(f"lesion {lesion_id!r} is not in the vector table at {wh.lance_uri}")
-                if space is not None and row[0]["space"] != space:
-                    raise ValueError(f"lesion {lesion_id!r} is in feature space {row[0]['space']}, not {space}")
-                space = row[0]["space"]
-                patient = row[0]["patient_key"] if exclude_same_patient else None
-                if patient is not None:  # fetch enough rows to still return k after dropping the patient's own
-                    extra = ds.count_rows(filter=f"patient_key = {lance.sql_string(patient)}")
-            elif space is None:
-                stored = sorted({s for s in ds.to_table(columns=["space"]).column("space").to_pylist() if s})
-                if len(stored) > 1:
-                    raise ValueError(f"the vector table holds {len(stored)} feature spaces ({', '.join(stored)}): "
-                                     "a query vector needs its space")
-                space = stored[0] if stored else None
-            versions["robust_feature_set"] = current_robust_set(con, space)[0] if space else None
-            params["space"] = space
-            filters = {**(where or {}), **({"space": [space]} if space is not None else {})}
-            fetch = k + extra
-            while True:
-                if warm:  # the same answer from memory (store.lance.memory: exact, or HNSW at scale)
-                    rows = index.search(query, k=fetch, filters=filters or None, exclude_self=exclude_same_patient)
-                else:
-                    rows = lance.nearest(wh.lance_uri, query, k=fetch, filters=filters or None, version=pinned,
-                                         exclude_self=exclude_same_patient)
-                got = len(rows)
-                if patient is not None:
-                    rows = [r for r in rows if r.get("patient_key") != patient]
-                if one_per_patient:  # the closest lesion of each patient, in rank order
-                    seen: set[Any] = set()
-                    rows = [r for r in rows if r.get("patient_key") not in seen and not seen.add(r.get("patient_key"))]
-                if len(rows) >= k or got < fetch:  # enough, or the table (under the filters) is exhausted
-                    break
-                fetch *= 4
-        except Exception as exc:
-            audit.record_on(con, action, "find_similar", params, versions, 0, status=f"error: {exc}", user=user)
-            raise
-        rows = rows[:k]
-        audit.record_on(con, action, "find_similar", params, versions, len(rows), user=user)
-        ids = [r["lesion_id"] for r in rows]
-        meta = {r[0]: r[1:] for r in con.execute(
+        self.version = version if version is not None else lance.table_version(wh.lance_uri)
+        self._ds: Any = None
+
+    @property
+    def ds(self) -> Any:
+        if self._ds is None:
+            self._ds = self.lance.lance_dataset(self.wh.lance_uri, version=self.version)
+        return self._ds
+
+    def lesion(self, lesion_id: str) -> dict[str, Any] | None:
+        row = self.ds.to_table(columns=["patient_key", "space"],
+                               filter=f"lesion_id = {self.lance.sql_string(lesion_id)}").to_pylist()
+        return row[0] if row else None
+
+    def spaces(self) -> list[str]:
+        return sorted({s for s in self.ds.to_table(columns=["space"]).column("space").to_pylist() if s})
+
+    def robust_version(self, space: str) -> str | None:
+        from imaging_assets.stages.reproducibility import current_robust_set
+
+        return current_robust_set(self.con, space)[0]
+
+    def nearest(self, query: Any, k: int, filters: dict[str, Any] | None, exclude_self: bool,
+                patient: str | None) -> list[dict[str, Any]]:
+        extra = self.ds.count_rows(filter=f"patient_key = {self.lance.sql_string(patient)}") if patient else 0
+        rows = self.lance.nearest(self.wh.lance_uri, query, k=k + extra, filters=filters, version=self.version,
+                                  exclude_self=exclude_self)
+        return [r for r in rows if patient is None or r.get("patient_key") != patient]
+
+    def record(self, action: str, params: dict[str, Any], versions: dict[str, Any], n_rows: int, status: str,
+               user: str | None) -> None:
+        audit.record_on(self.con, action, "find_similar", params, versions, n_rows, status=status, user=user)
+
+    def meta(self, ids: list[str]) -> dict[str, tuple[Any, Any]]:
+        return {r[0]: r[1:] for r in self.con.execute(
             "SELECT lesion_id, segment_number, raw_label FROM lesions WHERE list_contains(?, lesion_id)",
             [ids]).fetchall()}
+
+
+class _WarmSources:
+    """The same reads and writes from a server's memory (:class:`~imaging_assets.stages.serving.WarmSearch`)."""
+
+    def __init__(self, warm: Any) -> None:
+        self.warm, self.index, self.tables = warm, warm.index, warm.tables
+        self.version = self.index.version
+
+    def lesion(self, lesion_id: str) -> dict[str, Any] | None:
+        return self.index.row(lesion_id)
+
+    def spaces(self) -> list[str]:
+        return [str(s) for s in self.index.distinct("space") if s]
+
+    def robust_version(self, space: str) -> str | None:
+        return self.tables.robust.get(space, (None, []))[0]
+
+    def nearest(self, query: Any, k: int, filters: dict[str, Any] | None, exclude_self: bool,
+                patient: str | None) -> list[dict[str, Any]]:
+        return self.index.search(query, k=k, filters=filters, exclude_self=exclude_self, exclude_patient=patient)
+
+    def record(self, action: str, params: dict[str, Any], versions: dict[str, Any], n_rows: int, status: str,
+               user: str | None) -> None:
+        self.warm.journal.record(action, "find_similar", params, versions, n_rows, status=status, user=user)
+
+    def meta(self, ids: list[str]) -> dict[str, tuple[Any, Any]]:
+        lesions = self.tables.lesions
+        return {i: (lesions[i]["segment_number"], lesions[i]["raw_label"]) for i in ids if i in lesions}
+
+
+def _search(src: Any, query: Any, lesion_id: str | None, k: int, where: dict[str, Any] | None,
+            exclude_same_patient: bool, space: str | None, one_per_patient: bool, params: dict[str, Any],
+            action: str, user: str | None) -> list[dict[str, Any]]:
+    """The search itself, on either source; audited once (also when it fails)."""
+    versions: dict[str, Any] = {"lesion_vectors": src.version}
+    try:
+        patient = None
+        if lesion_id is not None:
+            row = src.lesion(lesion_id)
+            if row is None:
+                raise KeyError(f"lesion {lesion_id!r} is not in the vector table (version {src.version})")
+            if space is not None and row["space"] != space:
+                raise ValueError(f"lesion {lesion_id!r} is in feature space {row['space']}, not {space}")
+            space = row["space"]
+            patient = row["patient_key"] if exclude_same_patient else None
+        elif space is None:
+            stored = src.spaces()
+            if len(stored) > 1:
+                raise ValueError(f"the vector table holds {len(stored)} feature spaces ({', '.join(stored)}): "
+                                 "a query vector needs its space")
+            space = stored[0] if stored else None
+        versions["robust_feature_set"] = src.robust_version(space) if space else None
+        params["space"] = space
+        filters = {**(where or {}), **({"space": [space]} if space is not None else {})}
+        fetch = k
+        while True:
+            rows = src.nearest(query, fetch, filters or None, exclude_same_patient, patient)
+            got = len(rows)
+            if one_per_patient:  # the closest lesion of each patient, in rank order
+                seen: set[Any] = set()
+                rows = [r for r in rows if r.get("patient_key") not in seen and not seen.add(r.get("patient_key"))]
+            if len(rows) >= k or got < fetch:  # enough, or the table (under the filters) is exhausted
+                break
+            fetch *= 4
+    except Exception as exc:
+        src.record(action, params, versions, 0, f"error: {exc}", user)
+        raise
+    rows = rows[:k]
+    src.record(action, params, versions, len(rows), "ok", user)
+    meta = src.meta([r["lesion_id"] for r in rows])
     return [{"rank": rank, "lesion_id": r["lesion_id"], "distance": float(r["_distance"]),
              "patient_key": r.get("patient_key"), "series_instance_uid": r.get("series_instance_uid"),
              "segment_number": meta.get(r["lesion_id"], (None, None))[0],
@@ -288,7 +356,8 @@ def similar_rows(lesion_id: str | None = None, vector: np.ndarray | None = None,
 
 
 def explain_similar(wh: Warehouse, results: Any, reference_lesion_id: str | None = None,
-                    query: QueryVector | None = None, n: int = 5, version: int | None = None) -> list[Any]:
+                    query: QueryVector | None = None, n: int = 5, version: int | None = None,
+                    warm: Any = None) -> list[Any]:
     """Why each result of :func:`find_similar` is close to its reference: one
     :class:`~imaging_assets.features.explain.Explanation` per result row, in order (the one explanation of
     the CLI, the Python API, the cohort asset and the search page).
@@ -302,6 +371,9 @@ def explain_similar(wh: Warehouse, results: Any, reference_lesion_id: str | None
         The reference: a lesion of the warehouse, or the :class:`QueryVector` of a new lesion.
     version
         The Lance table version the results came from (default: the latest).
+    warm
+        A server's :class:`~imaging_assets.stages.serving.WarmSearch` (vectors, scalers, quantiles and raw
+        values from memory; ignored with ``version``).
 
     Raises
     ------
@@ -309,6 +381,7 @@ def explain_similar(wh: Warehouse, results: Any, reference_lesion_id: str | None
         Neither or both references given; KeyError when the reference lesion has no vector.
     """
     from imaging_assets.features.explain import explain
+    from imaging_assets.stages.serving import raw_feature_values
     from imaging_assets.stages.vectors import load_quantiles, load_scaler
     from imaging_assets.store.lance import vectors_of
 
@@ -318,23 +391,26 @@ def explain_similar(wh: Warehouse, results: Any, reference_lesion_id: str | None
     if not rows:
         return []
     ids = [str(r["lesion_id"]) for r in rows]
-    vectors = vectors_of(wh.lance_uri, ids + ([reference_lesion_id] if reference_lesion_id else []), version=version)
+    wanted = ids + ([reference_lesion_id] if reference_lesion_id else [])
+    fs_versions = sorted({str(r["feature_set_version"]) for r in rows if r.get("feature_set_version")})
+    if (warm is not None and version is None and warm.index is not None
+            and all(v in warm.tables.scalers for v in fs_versions)):
+        tables = warm.tables
+        vectors = warm.index.vectors_of(wanted)
+        scalers = {v: tables.scalers.get(v) for v in fs_versions}
+        quantiles = {v: tables.quantiles.get(v) for v in fs_versions}
+        names = sorted({f for sc in scalers.values() if sc is not None for f in sc.feature_names})
+        raw = tables.raw_values(wh, wanted, names)
+    else:
+        vectors = vectors_of(wh.lance_uri, wanted, version=version)
+        with wh.connect(read_only=True) as con:
+            scalers = {v: load_scaler(con, version=v) for v in fs_versions}
+            quantiles = {v: load_quantiles(con, v) for v in fs_versions}
+            names = sorted({f for sc in scalers.values() if sc is not None for f in sc.feature_names})
+            raw = raw_feature_values(con, wanted, names)
     if reference_lesion_id is not None and reference_lesion_id not in vectors:
         raise KeyError(f"lesion {reference_lesion_id!r} is not in the vector table at {wh.lance_uri}")
     ref_vec = vectors[reference_lesion_id] if reference_lesion_id is not None else query.vector
-    fs_versions = sorted({str(r["feature_set_version"]) for r in rows if r.get("feature_set_version")})
-    with wh.connect(read_only=True) as con:
-        scalers = {v: load_scaler(con, version=v) for v in fs_versions}
-        quantiles = {v: load_quantiles(con, v) for v in fs_versions}
-        names = sorted({f for sc in scalers.values() if sc is not None for f in sc.feature_names})
-        raw: dict[str, dict[str, float]] = {}
-        wanted = ids + ([reference_lesion_id] if reference_lesion_id else [])
-        # IN (SELECT unnest(?)): a hash semi-join, ~4x faster than list_contains per row on the long table
-        for lid, name, value in con.execute(
-                "SELECT lesion_id, image_type || '_' || feature_class || '_' || feature AS name, value "
-                "FROM radiomics_features WHERE lesion_id IN (SELECT unnest(?)) AND name IN (SELECT unnest(?))",
-                [wanted, names]).fetchall():
-            raw.setdefault(lid, {})[name] = value
     ref_values = raw.get(reference_lesion_id, {}) if reference_lesion_id is not None else query.values
     out = []
     for r in rows:

@@ -39,9 +39,10 @@ def check_read_only(sql: str) -> None:
                                f"{st.query.strip()[:80]!r}")
 
 
-def run_sql(wh: Warehouse, sql: str, limit: int | None = None) -> Any:
+def run_sql(wh: Warehouse, sql: str, limit: int | None = None, user: str | None = None,
+            see_all_audit: bool = False) -> Any:
     """Run a read-only query on the warehouse (DuckDB tables plus its Lance tables as views) and return a
-    pandas DataFrame; audited (also when refused or failing)."""
+    pandas DataFrame; audited as ``user`` (default: the OS user), also when refused or failing."""
     from imaging_assets.store.lance import VECTOR_TABLE, register_duckdb_views, table_version
 
     database, lance_uri = wh.duckdb_path, wh.lance_uri
@@ -49,7 +50,7 @@ def run_sql(wh: Warehouse, sql: str, limit: int | None = None) -> Any:
     try:
         check_read_only(sql)
     except QueryRefused as exc:
-        audit.record(database, "sql", sql, {}, {}, 0, status=f"refused: {exc}")
+        audit.record(database, "sql", sql, {}, {}, 0, status=f"refused: {exc}", user=user)
         raise
     try:
         with wh.connect(read_only=True) as con:
@@ -65,7 +66,7 @@ def run_sql(wh: Warehouse, sql: str, limit: int | None = None) -> Any:
             con.execute("SET lock_configuration = true")
             df = con.execute(sql).fetchdf()
     except duckdb.Error as exc:
-        audit.record(database, "sql", sql, {}, versions, 0, status=f"error: {exc}")
+        audit.record(database, "sql", sql, {}, versions, 0, status=f"error: {exc}", user=user)
         raise
-    audit.record(database, "sql", sql, {"limit": limit}, versions, len(df))
+    audit.record(database, "sql", sql, {"limit": limit}, versions, len(df), user=user)
     return df.head(limit) if limit else df

@@ -9,6 +9,8 @@ tables, never formatted into SQL. Table declarations live in :mod:`imaging_asset
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -91,6 +93,57 @@ def connect(
     """
     if str(database) != ":memory:" and not read_only:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+    with _same_mode(database, read_only):
+        yield from _open(database, read_only, retries, wait_s)
+
+
+class _ModeGate:
+    """DuckDB refuses, within one process, a read-only and a read-write connection to one file at the same
+    time ("different configuration than existing connections"). A server (searches, SQL, its audit
+    flushes) opens both from several threads: this gate lets connections of one mode share the file and
+    makes the other mode wait until they are closed."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.mode: bool | None = None
+        self.count = 0
+        self.holders: dict[int, int] = {}  # thread id -> connections it holds
+
+
+_GATES: dict[str, _ModeGate] = {}
+_GATES_LOCK = threading.Lock()
+
+
+@contextmanager
+def _same_mode(database: str | Path, read_only: bool) -> Iterator[None]:
+    if str(database) == ":memory:":
+        yield
+        return
+    key = os.path.abspath(str(database))
+    with _GATES_LOCK:
+        gate = _GATES.setdefault(key, _ModeGate())
+    me = threading.get_ident()
+    with gate.cond:
+        if gate.count and gate.mode is not read_only and gate.holders.get(me):
+            # waiting would wait for this very thread: fail as DuckDB itself would
+            raise RuntimeError(f"{database}: this thread holds a {'read-only' if gate.mode else 'read-write'} "
+                               f"connection; close it before opening a {'read-only' if read_only else 'read-write'} one")
+        while gate.count and gate.mode is not read_only:
+            gate.cond.wait()
+        gate.mode, gate.count = read_only, gate.count + 1
+        gate.holders[me] = gate.holders.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with gate.cond:
+            gate.count -= 1
+            gate.holders[me] -= 1
+            if not gate.holders[me]:
+                del gate.holders[me]
+            gate.cond.notify_all()
+
+
+def _open(database: str | Path, read_only: bool, retries: int, wait_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
     last: Exception | None = None
     for attempt in range(retries):
         try:

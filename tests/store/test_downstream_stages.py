@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -377,23 +380,263 @@ def test_api_similar_answers_with_explanations_pictures_and_the_user(chain, tmp_
     users = tmp_path / "users.json"
     token = add_user("dr.who", "viewer", path=users)
     lid, patient = _q(db, "SELECT lesion_id, patient_key FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0]
-    client = TestClient(create_app(wh, users=users))
-    assert client.get(f"/api/similar/{lid}").status_code == 401
-    r = client.get(f"/api/similar/{lid}?k=3&modality=CT", headers={"Authorization": f"Bearer {token}"})
-    assert r.status_code == 200, r.text
-    answer = r.json()
-    assert answer["reference"]["lesion_id"] == lid and answer["reference"]["patient_key"] == patient
-    results = answer["results"]
-    assert len(results) == 3 and len({x["patient_key"] for x in results}) == 3 and patient not in {
-        x["patient_key"] for x in results}
-    for x in results:
-        assert {"lesion_id", "patient_key", "distance", "modality", "explanation", "thumbnail_url"} <= set(x)
-        assert sum(x["explanation"]["groups"].values()) == pytest.approx(1.0, abs=1e-3)
-        picture = client.get(x["thumbnail_url"].replace("http://testserver", ""))  # signed: no token needed
-        assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
-    assert client.get("/api/similar/no-such-lesion", headers={"Authorization": f"Bearer {token}"}).status_code == 404
-    last = _q(db, "SELECT \"user\", action, params FROM audit_log WHERE action = 'search' ORDER BY logged_at DESC LIMIT 2")
-    assert {row[0] for row in last} == {"dr.who"}
-    assert any(json.loads(row[2])["lesion_id"] == lid for row in last)
-    page = client.get(f"/?lesion_id={lid}&k=2", cookies={"ia_token": token})
-    assert page.status_code == 200 and "closest patients" in page.text and "agree" in page.text
+    with TestClient(create_app(wh, users=users)) as client:  # the lifespan starts and stops the warm state
+        assert client.get(f"/api/similar/{lid}").status_code == 401
+        r = client.get(f"/api/similar/{lid}?k=3&modality=CT&outcomes=1", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["reference"]["lesion_id"] == lid and answer["reference"]["patient_key"] == patient
+        results = answer["results"]
+        assert len(results) == 3 and len({x["patient_key"] for x in results}) == 3 and patient not in {
+            x["patient_key"] for x in results}
+        for x in results:
+            assert {"lesion_id", "patient_key", "distance", "modality", "explanation", "thumbnail_url"} <= set(x)
+            assert sum(x["explanation"]["groups"].values()) == pytest.approx(1.0, abs=1e-3)
+            picture = client.get(x["thumbnail_url"].replace("http://testserver", ""))  # signed: no token needed
+            assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+        near = answer["outcomes"]["neighbours"]
+        assert near["patients"] == len({x["patient_key"] for x in results} & _patients_with_outcomes(db))
+        assert answer["outcomes"]["rest"]["patients"] >= 1 and all(0 <= s <= 1 for _, s in near["km"])
+        auth = {"Authorization": f"Bearer {token}"}
+        assert client.get("/api/similar/no-such-lesion", headers=auth).status_code == 404
+        assert client.get(f"/api/similar/{lid}?k=0", headers=auth).status_code == 400
+        assert client.get(f"/api/similar/{lid}?min_volume=big", headers=auth).status_code == 400
+        page = client.get(f"/?lesion_id={lid}&k=2", cookies={"ia_token": token})
+        assert page.status_code == 200 and "closest patients" in page.text and "agree" in page.text
+        assert "<svg class='km'" in page.text and "Save as cohort" not in page.text  # a viewer cannot save
+    # the server's audit journal is copied into audit_log (at the latest when the server stops)
+    rows = _q(db, "SELECT action, params, status FROM audit_log WHERE \"user\" = 'dr.who' ORDER BY logged_at")
+    searched = [json.loads(p).get("lesion_id") for a, p, st in rows if a == "search" and st == "ok"]
+    assert searched.count(lid) == 2  # the API and the page
+    failed = [st for _, _, st in rows if st != "ok"]
+    assert len(failed) == 3 and any("no-such-lesion" in st for st in failed)  # refused and failing ones too
+
+
+def _patients_with_outcomes(db) -> set:
+    return {r[0] for r in _q(db, "SELECT patient_key FROM patient_outcomes WHERE time_months IS NOT NULL "
+                                 "AND event IS NOT NULL")}
+
+
+def test_warm_answers_equal_answers_from_the_files(chain):
+    """The server's in-memory answer (WarmSearch) is the answer read from the files: same lesions, order,
+    explanations and raw values; distances equal to float32 rounding."""
+    from imaging_assets.stages.serving import WarmSearch
+    from imaging_assets.web import similar_answer
+
+    db, wh = chain["db"], chain["wh"]
+    warm = WarmSearch(wh)
+    try:
+        for (lid,) in _q(db, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY volume_mm3 DESC LIMIT 4"):
+            for filters in ({}, {"modality": ["CT"], "volume_mm3": (100.0, None)}):
+                cold = similar_answer(wh, lid, 5, filters, "t", "http://x/pictures")
+                hot = similar_answer(wh, lid, 5, filters, "t", "http://x/pictures", warm=warm)
+                assert cold["reference"] == hot["reference"]
+                assert [r["lesion_id"] for r in cold["results"]] == [r["lesion_id"] for r in hot["results"]]
+                for c, h in zip(cold["results"], hot["results"]):
+                    assert h["distance"] == pytest.approx(c["distance"], rel=1e-5)
+                    assert {k: v for k, v in c.items() if k not in ("distance", "explanation")} == {
+                        k: v for k, v in h.items() if k not in ("distance", "explanation")}
+                    for key in ("agree", "differ"):
+                        assert [(x["feature"], x["reference_value"], x["neighbour_value"], x["reference_percentile"])
+                                for x in c["explanation"][key]] == [
+                            (x["feature"], x["reference_value"], x["neighbour_value"], x["reference_percentile"])
+                            for x in h["explanation"][key]]
+    finally:
+        warm.stop()
+
+
+def test_warm_search_follows_the_pipeline(chain, tmp_path):
+    """A change of the DuckDB tables or of the Lance table reaches the warm state at the next look; the
+    server's own audit flushes do not reload the tables."""
+    import shutil
+
+    from imaging_assets.stages.serving import WarmSearch
+    from imaging_assets.stages.similar import similar_rows
+    from imaging_assets.store.lance import lance_dataset
+
+    root = tmp_path / "wh"
+    shutil.copytree(chain["wh"].root, root)
+    wh = Warehouse(root)
+    warm = WarmSearch(wh)
+    try:
+        lid = _q(wh.duckdb_path, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0][0]
+        first = similar_rows(lid, k=3, warehouse=wh, warm=warm)
+        assert warm.flush_audit() == 1
+        assert warm.refresh() == {"vectors": False, "tables": False}
+        with wh.transaction() as con:
+            con.execute("UPDATE lesions SET roi_name = 'renamed' WHERE lesion_id = ?", [lid])
+        assert warm.refresh()["tables"] and warm.tables.lesions[lid]["roi_name"] == "renamed"
+        gone = first[0]["lesion_id"]
+        lance_dataset(wh.lance_uri).delete(f"lesion_id = '{gone}'")
+        assert warm.refresh()["vectors"]
+        assert gone not in {r["lesion_id"] for r in similar_rows(lid, k=10, warehouse=wh, warm=warm)}
+    finally:
+        warm.stop()
+
+
+def test_the_page_saves_cohorts_for_analysts_and_sql_reads_only(chain, tmp_path, monkeypatch):
+    """An analyst saves a cohort from the page (a Dagster run of the `cohort` partition, audited under their
+    name) and reads it with SQL; a viewer gets 403 for both; SQL that writes is refused."""
+    import shutil
+
+    import dagster as dg
+    from starlette.testclient import TestClient
+
+    from imaging_assets.access import add_user
+    from imaging_assets.web import create_app
+
+    root = tmp_path / "wh"
+    shutil.copytree(chain["wh"].root, root)
+    wh = Warehouse(root)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.delenv("IMAGING_ASSETS_PICTURES_URL", raising=False)
+    users = tmp_path / "users.json"
+    analyst, viewer = add_user("ana", "analyst", path=users), add_user("vic", "viewer", path=users)
+    lid = _q(wh.duckdb_path, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY volume_mm3 DESC LIMIT 1")[0][0]
+    with TestClient(create_app(wh, users=users)) as client:
+        page = client.get(f"/?lesion_id={lid}&k=3", cookies={"ia_token": analyst})
+        assert "Save as cohort" in page.text
+        denied = client.post("/cohorts", data={"name": "from_page", "reference_lesion_id": lid},
+                             cookies={"ia_token": viewer})
+        assert denied.status_code == 403
+        assert client.post("/api/sql", json={"sql": "SELECT 1"}, headers={"Authorization": f"Bearer {viewer}"}
+                           ).status_code == 403
+        bad = client.post("/cohorts", data={"name": "Bad Name", "reference_lesion_id": lid}, cookies={"ia_token": analyst})
+        assert bad.status_code == 400 and "not valid" in bad.text
+        saved = client.post("/cohorts", data={"name": "from_page", "reference_lesion_id": lid, "k": "3"},
+                            cookies={"ia_token": analyst})
+        assert saved.status_code == 201, saved.text
+        assert "cohort_from_page" in saved.text
+        auth = {"Authorization": f"Bearer {analyst}"}
+        api = client.post("/api/sql", json={"sql": "SELECT rank, lesion_id FROM cohort_from_page ORDER BY rank"},
+                          headers=auth)
+        assert api.status_code == 200 and api.json()["columns"] == ["rank", "lesion_id"]
+        assert [r[0] for r in api.json()["rows"]] == [1, 2, 3]
+        write = client.post("/api/sql", json={"sql": "DELETE FROM lesions"}, headers=auth)
+        assert write.status_code == 400 and "read-only" in write.json()["error"]
+        sql_page = client.post("/sql", data={"sql": "SELECT count(*) AS n FROM cohort_from_page"},
+                               cookies={"ia_token": analyst})
+        assert sql_page.status_code == 200 and "<th>n</th>" in sql_page.text
+        made = client.post("/api/cohorts", json={"name": "from_api", "reference_lesion_id": lid, "k": 2}, headers=auth)
+        assert made.status_code == 201 and made.json()["table"] == "cohort_from_api"
+    with dg.DagsterInstance.get() as instance:
+        assert instance.has_dynamic_partition("cohorts", "from_page")
+        runs = [instance.get_run_by_id(e.run_id) for e in instance.fetch_materializations(
+            dg.AssetKey("cohort"), limit=10).records]
+        assert {r.tags.get("imaging_assets/user") for r in runs} == {"ana"}
+    assert _q(wh.duckdb_path, "SELECT \"user\", reference_lesion_id FROM cohorts WHERE name = 'from_page'") == [
+        ("ana", lid)]
+    audit_rows = _q(wh.duckdb_path, "SELECT action, status FROM audit_log WHERE \"user\" = 'ana'")
+    assert ("cohort", "ok") in audit_rows and ("sql", "ok") in audit_rows
+    assert any(a == "sql" and s.startswith("refused") for a, s in audit_rows)
+
+
+def _reference_with_seg(db) -> tuple:
+    return _q(db, "SELECT l.lesion_id, i.files, s.path, l.segment_number FROM lesions l JOIN imaging_series i "
+                  "USING (series_key) JOIN segmentations s USING (seg_key) WHERE l.extractable AND s.kind = 'seg' "
+                  "ORDER BY l.volume_mm3 DESC LIMIT 1")[0]
+
+
+def test_a_new_lesion_is_searched_by_path_or_upload(chain, small_cohort, tmp_path):
+    """POST /api/similar with the paths of a lesion's own series and SEG (under the archive roots) finds that
+    lesion at distance ~0 when its patient is kept; a path outside the roots is refused (403); NIfTI uploads
+    are searched too; the page shows the answer."""
+    import numpy as np
+    import SimpleITK as sitk
+    from starlette.testclient import TestClient
+
+    from imaging_assets.access import add_user
+    from imaging_assets.web import create_app
+
+    db, wh = chain["db"], chain["wh"]
+    users = tmp_path / "users.json"
+    token = add_user("dr.new", "viewer", path=users)
+    auth = {"Authorization": f"Bearer {token}"}
+    lid, files, seg_path, label = _reference_with_seg(db)
+    image = str(Path(files[0]).parent)
+    with TestClient(create_app(wh, users=users, roots=[str(small_cohort.dicom_dir)])) as client:
+        r = client.post("/api/similar", json={"image": image, "mask": seg_path, "label": label, "k": 3,
+                                              "filters": {"lesion_id": [lid]}}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert [x["lesion_id"] for x in r.json()["results"]] == [lid]
+        assert r.json()["results"][0]["distance"] < 1e-3 and r.json()["reference"]["lesion_id"] is None
+        outside = client.post("/api/similar", json={"image": str(tmp_path), "mask": seg_path}, headers=auth)
+        assert outside.status_code == 403 and "archive roots" in outside.json()["error"]
+        # a NIfTI image + mask (a bright sphere in noise), uploaded
+        rng = np.random.default_rng(0)
+        zz, yy, xx = np.mgrid[:40, :64, :64]
+        sphere = ((zz - 20) ** 2 + (yy - 32) ** 2 + (xx - 32) ** 2) <= 8 ** 2
+        arr = rng.normal(40, 15, sphere.shape) + sphere * 60
+        img, msk = sitk.GetImageFromArray(arr.astype(np.int16)), sitk.GetImageFromArray(sphere.astype(np.uint8))
+        for x in (img, msk):
+            x.SetSpacing((0.8, 0.8, 2.0))
+        sitk.WriteImage(img, str(tmp_path / "image.nii.gz"))
+        sitk.WriteImage(msk, str(tmp_path / "mask.nii.gz"))
+        with (tmp_path / "image.nii.gz").open("rb") as fi, (tmp_path / "mask.nii.gz").open("rb") as fm:
+            up = client.post("/api/similar", files={"image": ("image.nii.gz", fi), "mask": ("mask.nii.gz", fm)},
+                             data={"modality": "CT", "k": "2"}, headers=auth)
+        assert up.status_code == 200, up.text
+        assert len(up.json()["results"]) == 2 and up.json()["results"][0]["explanation"]["agree"]
+        with (tmp_path / "image.nii.gz").open("rb") as fi:
+            one = client.post("/api/similar", files={"image": ("image.nii.gz", fi)}, headers=auth)
+        assert one.status_code == 400 and "both" in one.json()["error"]
+        page = client.post("/", data={"image_path": image, "mask_path": seg_path, "label": str(label), "k": "2"},
+                           cookies={"ia_token": token})
+        assert page.status_code == 200 and "the new lesion" in page.text and "closest patients" in page.text
+
+
+def test_cli_similar_asks_a_running_server(chain, tmp_path, monkeypatch, capsys):
+    """With IMAGING_ASSETS_SERVER_URL and a token, `similar <id>` is answered by the server (same rows as in
+    process, audited under the token's user); with the server down it searches in process."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from imaging_assets.access import add_user
+    from imaging_assets.cli import main
+
+    db, wh = chain["db"], chain["wh"]
+    users = tmp_path / "users.json"
+    token = add_user("cli.user", "viewer", path=users)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "IMAGING_ASSETS_USERS": str(users)}
+    proc = subprocess.Popen([sys.executable, "-m", "imaging_assets.cli", "serve", "--port", str(port), "--warehouse",
+                             str(wh.root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        lid = _q(db, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0][0]
+        args = ["similar", lid, "-k", "4", "--where", "modality=CT", "--explain", "--json", "--warehouse", str(wh.root)]
+        assert main(args) == 0
+        local = json.loads(capsys.readouterr().out)
+        monkeypatch.setenv("IMAGING_ASSETS_SERVER_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("IMAGING_ASSETS_TOKEN", token)
+        assert main(args) == 0
+        remote = json.loads(capsys.readouterr().out)
+        assert [r["lesion_id"] for r in remote] == [r["lesion_id"] for r in local]
+        assert [r["explanation"]["agree"][0]["feature"] for r in remote] == [
+            r["explanation"]["agree"][0]["feature"] for r in local]
+        assert main(["similar", lid, "-k", "2", "--warehouse", str(wh.root)]) == 0
+        assert "via the server" in capsys.readouterr().out
+        monkeypatch.setenv("IMAGING_ASSETS_TOKEN", "ia_wrong")
+        assert main(["similar", lid, "--warehouse", str(wh.root)]) == 2
+        assert "401" in capsys.readouterr().err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert _q(db, "SELECT count(*) FROM audit_log WHERE \"user\" = 'cli.user' AND status = 'ok'")[0][0] == 2
+    monkeypatch.setenv("IMAGING_ASSETS_TOKEN", token)  # the server is gone: in process again
+    assert main(["similar", lid, "-k", "2", "--warehouse", str(wh.root)]) == 0
+    assert "including audit" in capsys.readouterr().out

@@ -651,6 +651,29 @@ class MemoryIndex:
             self._state = _load_state(st.uri, st.table_name, int(target), st.config, previous=st)
             return True
 
+    def row(self, lesion_id: str) -> dict[str, Any] | None:
+        """A lesion's metadata columns (no vector) at :attr:`version`, or None when it is not in the table."""
+        st = self._state
+        r = st.row_of(str(lesion_id))
+        return None if r is None else st.meta.slice(r, 1).to_pylist()[0]
+
+    def distinct(self, column: str) -> list[str]:
+        """The distinct non-null values of a string metadata column, sorted."""
+        col = self._state.column(column)
+        if not isinstance(col, _Codes):
+            raise ValueError(f"distinct() reads string columns; {column!r} is not one")
+        return [bytes(u).decode("utf-8") for u in col.uniques]
+
+    def vectors_of(self, lesion_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """``lesion_id -> vector`` (copies) of the given lesions in the table (others are absent), as
+        :func:`~imaging_assets.store.lance.vectors_of` reads them from the Lance files."""
+        st = self._state
+        out: dict[str, np.ndarray] = {}
+        for lid in lesion_ids:
+            if (r := st.row_of(str(lid))) is not None:
+                out[str(lid)] = np.array(st.vectors[r], dtype=np.float32)
+        return out
+
     def stats(self) -> dict[str, Any]:
         """Version, size, kind, read / graph seconds, where the graph came from, approximate memory."""
         st = self._state
