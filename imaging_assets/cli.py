@@ -267,14 +267,14 @@ def _similar_via_server(args: argparse.Namespace, filters: dict) -> tuple[list[d
     RuntimeError
         The server refused (401/403, naming why) or failed.
     """
-    import os
     import urllib.error
     import urllib.parse
     import urllib.request
 
-    url, token = os.environ.get("IMAGING_ASSETS_SERVER_URL"), os.environ.get("IMAGING_ASSETS_TOKEN")
-    if not url or not token or args.local or args.lesion_id is None or args.version is not None or args.space:
+    server = settings.search_server()
+    if server is None or args.local or args.lesion_id is None or args.version is not None or args.space:
         return None
+    url, token = server
     params = {"k": args.k, "filters": json.dumps({c: ({"range": list(v)} if isinstance(v, tuple) else v)
                                                   for c, v in filters.items()}),
               "all_lesions": "0" if args.one_per_patient else "1",

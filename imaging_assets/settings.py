@@ -16,6 +16,7 @@ NIfTI/NRRD manifests (list)        ``IMAGING_ASSETS_MANIFESTS``                 
 pseudonymisation secret            ``IMAGING_ASSETS_PSEUDONYM_KEY``                dev default + warning
 pictures' public URL               ``IMAGING_ASSETS_PICTURES_URL``                 none (pictures inlined)
 users, roles and token hashes      ``IMAGING_ASSETS_USERS``                        ``<warehouse>/users.json``
+a running search server (the CLI)  ``IMAGING_ASSETS_SERVER_URL`` + ``_TOKEN``      none (files opened)
 =================================  =============================================  ==========================
 """
 
@@ -69,6 +70,15 @@ def pictures_url() -> str | None:
     (asset metadata then carries the pictures themselves, behind the UI's "Show Markdown")."""
     env = os.environ.get("IMAGING_ASSETS_PICTURES_URL", "").strip()
     return env.rstrip("/") or None
+
+
+def search_server() -> tuple[str, str] | None:
+    """(URL, token) of a running ``imaging-assets serve`` that ``imaging-assets similar`` asks instead of
+    opening the warehouse's files: ``IMAGING_ASSETS_SERVER_URL`` and ``IMAGING_ASSETS_TOKEN``, or None when
+    either is unset."""
+    url = os.environ.get("IMAGING_ASSETS_SERVER_URL", "").strip().rstrip("/")
+    token = os.environ.get("IMAGING_ASSETS_TOKEN", "").strip()
+    return (url, token) if url and token else None
 
 
 def outcomes_source() -> Path:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from imaging_assets.store.audit import AuditJournal
-from imaging_assets.store.warehouse import Warehouse
+from imaging_assets.store.warehouse import Warehouse, connect
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ def load_tables(wh: Warehouse, max_cached_values: int = MAX_CACHED_VALUES) -> Wa
     token = file_token(wh.duckdb_path)
     if not wh.duckdb_path.exists():
         return WarmTables(token, {}, {}, {}, {}, {}, load_s=0.0)
-    with wh.connect(read_only=True) as con:
+    # few tries: a reload of a busy warehouse waits for the next look instead of holding the thread
+    with connect(wh.duckdb_path, read_only=True, retries=3) as con:
         robust = current_robust_sets(con)
         versions = sorted({v for v, _ in robust.values()})
         scalers = {v: load_scaler(con, version=v) for v in versions}
@@ -190,9 +191,13 @@ class WarmSearch:
     """
 
     def __init__(self, wh: Warehouse, interval_s: float = 0.5, max_cached_values: int = MAX_CACHED_VALUES,
-                 index_options: dict[str, Any] | None = None) -> None:
+                 index_options: dict[str, Any] | None = None, quiet_s: float = 1.0, max_stale_s: float = 30.0) -> None:
         self.wh = wh
         self.interval_s = float(interval_s)
+        self.quiet_s, self.max_stale_s = float(quiet_s), float(max_stale_s)
+        self._seen: tuple | None = None  # the last file token seen changed, and since when
+        self._seen_at = 0.0
+        self._stale_since: float | None = None
         self.max_cached_values = int(max_cached_values)
         self.index_options = dict(index_options or {})
         self.journal = AuditJournal(wh.duckdb_path)
@@ -229,7 +234,8 @@ class WarmSearch:
     def refresh(self) -> dict[str, bool]:
         """Reload what changed since the last look: ``{"vectors": reloaded?, "tables": reloaded?}``.
 
-        A DuckDB file locked by the pipeline is tried again at the next look (the old snapshot stays)."""
+        A DuckDB file locked by the pipeline is tried again at the next look (the old snapshot stays); while
+        it keeps changing, the tables wait ``quiet_s`` of calm (at most ``max_stale_s``)."""
         changed = {"vectors": False, "tables": False}
         index = self._index
         if index is None:
@@ -240,16 +246,27 @@ class WarmSearch:
             except Exception as exc:  # noqa: BLE001 - a half-written version: next look
                 logger.warning("could not refresh the vectors of %s: %s", self.wh.lance_uri, exc)
         current = self._tables
-        if current is None or file_token(self.wh.duckdb_path) != current.token:
-            try:
-                fresh = load_tables(self.wh, self.max_cached_values)
-            except Exception as exc:  # noqa: BLE001 - locked by a writer, or not readable yet: keep the old snapshot
-                logger.info("warehouse tables not reloaded (next look in %.1f s): %s", self.interval_s, exc)
-            else:
-                with self._lock:
-                    self._tables = fresh
-                self.reloads += 1
-                changed["tables"] = True
+        token = file_token(self.wh.duckdb_path)
+        if current is not None and token == current.token:
+            self._stale_since = None
+            return changed
+        now = time.monotonic()
+        if token != self._seen:
+            self._seen, self._seen_at = token, now
+        self._stale_since = self._stale_since or now
+        # while the pipeline is writing, wait until the file has been quiet a moment (each reload takes the
+        # file's lock for ~0.1-0.3 s and would delay its writer), unless the snapshot grows too old
+        if current is not None and now - self._seen_at < self.quiet_s and now - self._stale_since < self.max_stale_s:
+            return changed
+        try:
+            fresh = load_tables(self.wh, self.max_cached_values)
+        except Exception as exc:  # noqa: BLE001 - locked by a writer, or not readable yet: keep the old snapshot
+            logger.info("warehouse tables not reloaded (next look in %.1f s): %s", self.interval_s, exc)
+            return changed
+        with self._lock:
+            self._tables = fresh
+        self.reloads += 1
+        changed["tables"] = True
         return changed
 
     def flush_audit(self) -> int:

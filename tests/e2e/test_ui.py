@@ -327,3 +327,102 @@ def test_cohort_pages_show_pictures(browser, dagster_dev, materialized_run, arti
         except Exception:  # noqa: BLE001 - keep the original error
             pass
         raise
+
+
+def test_search_page_with_tokens_and_a_saved_cohort(browser, dagster_dev, materialized_run, artifacts_dir):
+    """A clinician signs in to `imaging-assets serve` with a token, searches the largest demo lesion, sees
+    the neighbours' pictures, why each is close and how the neighbours did (Kaplan-Meier), saves the answer
+    as a cohort, and finds it in the Dagster UI's catalog; no token gets 401, a viewer's SQL page 403."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from imaging_assets.access import add_user
+
+    server, driver = dagster_dev, browser
+    search = server.pictures_url.rsplit("/pictures", 1)[0]  # the server `make dev` runs beside the UI
+    users = server.warehouse / "users.json"  # the server's default users file (read on every request)
+    analyst = add_user("e2e.analyst", "analyst", path=users, replace=True)
+    viewer = add_user("e2e.viewer", "viewer", path=users, replace=True)
+    lesion_id, _ = _largest_lesion(server)
+    wait = WebDriverWait(driver, 90, poll_frequency=0.5)
+    screens = Screens(driver, artifacts_dir, first=31)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as no_token:
+            urllib.request.urlopen(f"{search}/api/similar/{lesion_id}", timeout=30)
+        assert no_token.value.code == 401
+        driver.delete_all_cookies()
+        driver.get(f"{search}/?lesion_id={lesion_id}")
+        wait.until(lambda d: "Access token" in _body_text(d))
+        screens.shot("search-401-sign-in")
+
+        driver.find_element(By.NAME, "token").send_keys(analyst)
+        driver.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
+        wait.until(lambda d: "e2e.analyst (analyst)" in _body_text(d))
+        box = driver.find_element(By.NAME, "lesion_id")
+        box.clear()
+        box.send_keys(lesion_id)
+        driver.find_element(By.NAME, "k").send_keys("4")
+        driver.find_element(By.CSS_SELECTOR, "form.search button").click()
+        wait.until(lambda d: "closest patients" in _body_text(d))
+        rows = driver.find_elements(By.CSS_SELECTOR, "tr.result")
+        assert len(rows) == 4
+        pictures = wait.until(lambda d: len(_loaded_images(d, "lesion ")) == 4 and _loaded_images(d, "lesion "))
+        assert all(p.size["width"] >= 250 for p in pictures)
+        assert _loaded_images(driver, "reference"), "the reference's picture did not load"
+        why = rows[0].find_element(By.CSS_SELECTOR, "td.why").text
+        assert "agree" in why and "differ" in why and "percentile" in why and "%" in why
+        assert driver.find_elements(By.CSS_SELECTOR, "svg.km polyline"), "no Kaplan-Meier curve"
+        screens.shot("search-results")
+
+        driver.find_element(By.NAME, "name").send_keys("from_search")
+        driver.find_element(By.CSS_SELECTOR, "form[action='/cohorts'] button").click()
+        WebDriverWait(driver, 300, poll_frequency=1).until(lambda d: "saved" in _body_text(d) or "not saved" in
+                                                           _body_text(d))
+        assert "Cohort from_search saved" in _body_text(driver), _body_text(driver)[:2000]
+        screens.shot("cohort-saved")
+        server.wait_until_idle()
+        registry = server.read_warehouse("SELECT \"user\", reference_lesion_id, n_rows FROM cohorts "
+                                         "WHERE name = 'from_search'")
+        assert registry and registry[0][:2] == ("e2e.analyst", lesion_id) and registry[0][2] >= 1, registry
+        audited = server.read_warehouse("SELECT action, count(*) FROM audit_log WHERE \"user\" = 'e2e.analyst' "
+                                        "GROUP BY 1 ORDER BY 1")
+        assert dict(audited).get("cohort", 0) >= 1 and dict(audited).get("search", 0) >= 1, audited
+
+        # the cohort is in the Dagster UI's catalog: the cohort asset's partition, materialized
+        driver.get(f"{server.base_url}/server_info")
+        driver.execute_script("window.localStorage.setItem('communityNux', JSON.stringify('1'));")
+        driver.get(f"{server.base_url}/assets/cohort?view=partitions&partition=from_search")
+        wait.until(lambda d: "from_search" in _body_text(d) and "Materialized" in _body_text(d))
+        _dismiss_community_dialog(driver)
+        screens.shot("catalog-cohort-from-search")
+
+        # a viewer: no "save as cohort", and SQL is forbidden (403)
+        driver.get(f"{search}/")
+        driver.find_element(By.CSS_SELECTOR, "form[action='/logout'] button").click()
+        wait.until(lambda d: "Access token" in _body_text(d))
+        driver.find_element(By.NAME, "token").send_keys(viewer)
+        driver.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
+        wait.until(lambda d: "e2e.viewer (viewer)" in _body_text(d))
+        driver.get(f"{search}/?lesion_id={lesion_id}&k=2")
+        wait.until(lambda d: "closest patients" in _body_text(d))
+        assert "Save as cohort" not in _body_text(driver)
+        driver.get(f"{search}/sql")
+        wait.until(lambda d: "Not allowed" in _body_text(d))
+        assert "may not sql" in _body_text(driver)
+        screens.shot("search-403-viewer-sql")
+        req = urllib.request.Request(f"{search}/api/cohorts", data=json.dumps({"name": "nope"}).encode(),
+                                     headers={"Authorization": f"Bearer {viewer}", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as forbidden:
+            urllib.request.urlopen(req, timeout=30)
+        assert forbidden.value.code == 403
+    except BaseException:
+        try:
+            screens.shot("failure-search")
+            (artifacts_dir / "failure-search.html").write_text(driver.page_source)
+        except Exception:  # noqa: BLE001 - keep the original error
+            pass
+        raise

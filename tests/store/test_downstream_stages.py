@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -457,7 +458,7 @@ def test_warm_search_follows_the_pipeline(chain, tmp_path):
     root = tmp_path / "wh"
     shutil.copytree(chain["wh"].root, root)
     wh = Warehouse(root)
-    warm = WarmSearch(wh)
+    warm = WarmSearch(wh, quiet_s=0.5)
     try:
         lid = _q(wh.duckdb_path, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0][0]
         first = similar_rows(lid, k=3, warehouse=wh, warm=warm)
@@ -465,7 +466,9 @@ def test_warm_search_follows_the_pipeline(chain, tmp_path):
         assert warm.refresh() == {"vectors": False, "tables": False}
         with wh.transaction() as con:
             con.execute("UPDATE lesions SET roi_name = 'renamed' WHERE lesion_id = ?", [lid])
-        assert warm.refresh()["tables"] and warm.tables.lesions[lid]["roi_name"] == "renamed"
+        assert not warm.refresh()["tables"]  # a file still being written waits for calm ...
+        time.sleep(0.6)
+        assert warm.refresh()["tables"] and warm.tables.lesions[lid]["roi_name"] == "renamed"  # ... then reloads
         gone = first[0]["lesion_id"]
         lance_dataset(wh.lance_uri).delete(f"lesion_id = '{gone}'")
         assert warm.refresh()["vectors"]
