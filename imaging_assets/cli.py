@@ -209,6 +209,17 @@ def _warehouse(args: argparse.Namespace):
     return wh
 
 
+def _os_user() -> str:
+    """The account running the command (from the process's uid; environment variables cannot change it)."""
+    import os
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (some containers)
+        return f"uid{os.getuid()}"
+
+
 def _cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -218,12 +229,12 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     wh = _warehouse(args)
     if wh is None:
         return 2
-    try:
-        df = run_sql(wh, args.query)
+    try:  # the OS user (not $USER or IMAGING_ASSETS_USER): whose audit_log rows the query sees
+        df = run_sql(wh, args.query, user=_os_user())
     except QueryRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 3
-    except duckdb.Error as exc:
+    except (duckdb.Error, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     fmt = "json" if args.json else "csv" if args.csv else args.format
