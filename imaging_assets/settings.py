@@ -18,6 +18,7 @@ pictures' public URL               ``IMAGING_ASSETS_PICTURES_URL``              
 users, roles and token hashes      ``IMAGING_ASSETS_USERS``                        ``<warehouse>/users.json``
 ad-hoc SQL statement timeout (s)   ``IMAGING_ASSETS_SQL_TIMEOUT_S``                ``30``
 ad-hoc SQL memory limit            ``IMAGING_ASSETS_SQL_MEMORY_LIMIT``             ``2GB``
+Lance versions kept for (days)     ``IMAGING_ASSETS_LANCE_KEEP_DAYS``              ``7`` (+ pinned versions)
 =================================  =============================================  ==========================
 """
 
@@ -118,3 +119,19 @@ def sql_memory_limit() -> str:
     if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", raw, flags=re.IGNORECASE):
         raise ValueError(f"IMAGING_ASSETS_SQL_MEMORY_LIMIT={raw!r}: expected a size such as 2GB or 512MB")
     return raw
+
+
+def lance_keep_days() -> float:
+    """How long unpinned versions of the Lance tables stay for time travel, in days:
+    ``IMAGING_ASSETS_LANCE_KEEP_DAYS`` (a number >= 0), default 7. Versions named by audit rows and cohorts
+    stay regardless, and none younger than an hour is removed."""
+    raw = os.environ.get("IMAGING_ASSETS_LANCE_KEEP_DAYS", "").strip()
+    if not raw:
+        return 7.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"IMAGING_ASSETS_LANCE_KEEP_DAYS={raw!r}: expected a number of days >= 0")
+    return value
