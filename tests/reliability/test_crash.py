@@ -255,6 +255,15 @@ def _launch(env: dict) -> None:
                     "-o", "*radiomics_features"], cwd=REPO, env=env, check=True, capture_output=True, timeout=180)
 
 
+def _worker_pid(instance, run_id: str) -> int:
+    """The run worker's pid, from its "Started process for run (pid: N)" engine event."""
+    for record in instance.all_logs(run_id):
+        message = record.user_message or ""
+        if message.startswith("Started process for run (pid: "):
+            return int(message.split("pid: ")[1].split(")")[0])
+    raise AssertionError(f"no run worker pid logged for run {run_id}")
+
+
 def _wait(what: str, predicate, timeout: float, log: Path, poll: float = 1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -296,12 +305,16 @@ def test_a_run_killed_mid_extraction_frees_its_pool_slot_and_the_next_run_finish
         _launch(env)
         first = _wait("the first run", lambda: runs()[0] if runs() else None, 60, log)
         _wait("extraction in the first run", lambda: logged(first.run_id, "lesions extracted:"), 600, log)
-        os.killpg(daemon.pid, signal.SIGKILL)
-        daemon.wait(30)
-        time.sleep(2)
+        worker = _worker_pid(instance, first.run_id)
+        group = os.getpgid(worker)
+        assert group != os.getpgid(0), "the run worker shares the test's process group"
+        (tmp_path / "ps.txt").write_text(subprocess.run(["ps", "-eo", "pid,ppid,pgid,sid,cmd"], capture_output=True,
+                                                        text=True).stdout)
+        os.killpg(group, signal.SIGKILL)  # the run's process group: run worker, extraction pool, code server
+        time.sleep(3)
         assert instance.get_run_by_id(first.run_id).status == dg.DagsterRunStatus.STARTED  # dead, not marked
-
-        daemon = _start_daemon(env, log)
+        if daemon.poll() is not None:  # the daemon was in that group too: it restarts (as a service would)
+            daemon = _start_daemon(env, log)
         launched = time.monotonic()
         _launch(env)
         second = _wait("the second run", lambda: runs()[1] if len(runs()) > 1 else None, 60, log)
