@@ -12,7 +12,7 @@ Processes (all ``reliability_driver.py``):
 * this process runs ``imaging-assets sql`` and ``imaging-assets similar`` (the CLI) in a loop meanwhile.
 
 Every answer is then checked against the content of every committed table version (Lance keeps them all:
-cleanup only removes versions older than an hour): zero errors, and every answer equals the exact answer of
+sync_vectors removes no version; retention runs in the vectors stage only): zero errors, and every answer equals the exact answer of
 some committed version (the pinned ones: of their own version). Every audited call left exactly one audit row.
 """
 
