@@ -12,8 +12,9 @@ Processes (all ``reliability_driver.py``):
 * this process runs ``imaging-assets sql`` and ``imaging-assets similar`` (the CLI) in a loop meanwhile.
 
 Every answer is then checked against the content of every committed table version (Lance keeps them all:
-sync_vectors removes no version; retention runs in the vectors stage only): zero errors, and every answer equals the exact answer of
-some committed version (the pinned ones: of their own version). Every audited call left exactly one audit row.
+``sync_vectors`` removes no version; retention runs in the vectors stage only): zero errors, and every answer
+equals the exact answer of some committed version (the pinned ones: of their own version). Every audited
+call left exactly one audit row.
 """
 
 from __future__ import annotations
