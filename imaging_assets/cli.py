@@ -209,28 +209,18 @@ def _warehouse(args: argparse.Namespace):
     return wh
 
 
-def _os_user() -> str:
-    """The account running the command (from the process's uid; environment variables cannot change it)."""
-    import os
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:  # a uid without a passwd entry (some containers)
-        return f"uid{os.getuid()}"
-
-
 def _cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
     from imaging_assets.errors import QueryRefused
+    from imaging_assets.store.audit import current_user
     from imaging_assets.store.sql import run_sql
 
     wh = _warehouse(args)
     if wh is None:
         return 2
-    try:  # the OS user (not $USER or IMAGING_ASSETS_USER): whose audit_log rows the query sees
-        df = run_sql(wh, args.query, user=_os_user())
+    try:  # the OS user (IMAGING_ASSETS_USER where set, as for every audit row): whose audit_log rows it sees
+        df = run_sql(wh, args.query, user=current_user())
     except QueryRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 3
