@@ -71,7 +71,7 @@ class MonitoredRunLauncher(dg.DefaultRunLauncher):
             event = record.dagster_event
             data = event.engine_event_data if event is not None else None
             pid = data.metadata.get("pid") if data is not None else None
-            if pid is not None and (record.user_message or "").startswith(_STARTED):
+            if pid is not None and (event.message or "").startswith(_STARTED):
                 worker = (int(str(pid.value)), record.timestamp)
         if worker is None:  # no worker process recorded yet: the start timeout covers this case
             return CheckRunHealthResult(WorkerStatus.RUNNING, "no run worker pid recorded yet")
