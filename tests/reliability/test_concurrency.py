@@ -287,7 +287,7 @@ def test_a_long_sql_query_does_not_stop_the_pipeline_writer_or_searches(chain_co
     def analyst() -> None:
         t0 = time.perf_counter()
         try:
-            result["df"] = run_sql(wh, sql, user="analyst")
+            result["df"] = run_sql(wh, sql)
         except Exception as exc:  # noqa: BLE001 - reported below
             result["error"] = exc
         result["seconds"] = time.perf_counter() - t0
