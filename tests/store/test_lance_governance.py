@@ -167,3 +167,23 @@ def test_sync_no_longer_removes_versions_by_age(uri, monkeypatch):
     monkeypatch.setattr(lancedb.table.LanceTable, "optimize", spy)
     sync_vectors(uri, _table(60, seed=9), DIM)
     assert seen and all(age is not None and age >= dt.timedelta(days=3650) for age in seen), seen
+
+
+class Aliased(str):
+    """A value whose repr claims to be another value."""
+
+    def __repr__(self):
+        return "'MR'"
+
+
+def test_a_str_subclass_cannot_alias_a_cached_filter_of_the_memory_index(uri):
+    """The server's in-memory index caches filter masks by their values' repr: a subclass must not plant
+    the CT mask under the key of MR for every later (honest) query."""
+    from imaging_assets.store.lance.memory import MemoryIndex
+
+    index = MemoryIndex.load(uri)
+    q = np.zeros(DIM, np.float32)
+    ct = index.search(q, k=100, filters={"modality": Aliased("CT")})
+    assert ct and {r["modality"] for r in ct} == {"CT"}
+    mr = index.search(q, k=100, filters={"modality": "MR"})
+    assert mr and {r["modality"] for r in mr} == {"MR"}
