@@ -251,8 +251,9 @@ def _start_daemon(env: dict, log: Path) -> subprocess.Popen:
 
 
 def _launch(env: dict) -> None:
-    subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "refresh_job",
-                    "-o", "*radiomics_features"], cwd=REPO, env=env, check=True, capture_output=True, timeout=180)
+    done = subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "refresh_job",
+                           "-o", "*radiomics_features"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
 def _worker_pid(instance, run_id: str) -> int:
@@ -292,9 +293,10 @@ def test_a_run_killed_mid_extraction_frees_its_pool_slot_and_the_next_run_finish
     env = _dagster_env(home, wh, cohort, driver_env)
     previous_home = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)
+    instance = dg.DagsterInstance.get()  # creates the instance's storage once, before the daemon and the CLI
+    instance.get_runs()
     daemon = _start_daemon(env, log)
     try:
-        instance = dg.DagsterInstance.get()
 
         def runs():
             return sorted(instance.get_runs(), key=lambda r: instance.get_run_record_by_id(r.run_id).create_timestamp)
