@@ -321,3 +321,5 @@ def test_a_long_sql_query_does_not_stop_the_pipeline_writer_or_searches(chain_co
     assert summary["slowest_s"] < 20, summary  # the chain rerun is a writer too
     assert searches and all(n == 3 for _, n in searches)
     assert max(s for s, _ in searches) < 20, searches
+    print(f"query {result['seconds']:.0f} s; writer: {summary['writes']} writes, slowest {summary['slowest_s']} s; "
+          f"{len(searches)} searches, slowest {max(s for s, _ in searches):.2f} s")
