@@ -18,7 +18,7 @@ pictures' public URL               ``IMAGING_ASSETS_PICTURES_URL``              
 users, roles and token hashes      ``IMAGING_ASSETS_USERS``                        ``<warehouse>/users.json``
 ad-hoc SQL statement timeout (s)   ``IMAGING_ASSETS_SQL_TIMEOUT_S``                ``30``
 ad-hoc SQL memory limit            ``IMAGING_ASSETS_SQL_MEMORY_LIMIT``             ``2GB``
-Lance versions kept for (days)     ``IMAGING_ASSETS_LANCE_KEEP_DAYS``              ``7`` (+ pinned versions)
+Lance versions kept for (days)     ``IMAGING_ASSETS_LANCE_KEEP_DAYS``              ``1`` (+ pinned versions)
 =================================  =============================================  ==========================
 """
 
@@ -123,11 +123,11 @@ def sql_memory_limit() -> str:
 
 def lance_keep_days() -> float:
     """How long unpinned versions of the Lance tables stay for time travel, in days:
-    ``IMAGING_ASSETS_LANCE_KEEP_DAYS`` (a number >= 0), default 7. Versions named by audit rows and cohorts
+    ``IMAGING_ASSETS_LANCE_KEEP_DAYS`` (a number >= 0), default 1. Versions named by audit rows and cohorts
     stay regardless, and none younger than an hour is removed."""
     raw = os.environ.get("IMAGING_ASSETS_LANCE_KEEP_DAYS", "").strip()
     if not raw:
-        return 7.0
+        return 1.0
     try:
         value = float(raw)
     except ValueError:

@@ -34,7 +34,7 @@ def lesion_vectors(context: dg.AssetExecutionContext, config: VectorConfig,
     Idempotent upsert by lesion_id (verified after the write); lesions gone upstream are deleted; an
     unchanged cohort leaves the table version unchanged. Exact search below the threshold, ANN above.
     Old table versions are removed by the retention policy after the write (the versions audit rows and
-    cohorts name stay, and the last IMAGING_ASSETS_LANCE_KEEP_DAYS days, default 7): `retention_*` metadata.
+    cohorts name stay, and the last IMAGING_ASSETS_LANCE_KEEP_DAYS days, default 1): `retention_*` metadata.
     Read it from DuckDB SQL with `imaging-assets sql` (registered as the view `lesion_vectors`).
     """
     from imaging_assets.stages.vectors import build_lesion_vectors

@@ -215,7 +215,7 @@ def pinned_lance_versions(con: Any, table: str = "lesion_vectors") -> set[int]:
 def apply_version_retention(wh: Warehouse, keep_days: float | None = None) -> dict[str, Any]:
     """Remove the old versions of ``lesion_vectors`` the retention policy lets go: not the latest, not pinned
     by audit rows or cohorts (:func:`pinned_lance_versions`), older than ``keep_days`` (default
-    ``IMAGING_ASSETS_LANCE_KEEP_DAYS``, 7) and than an hour. Returns the report as a dict ({} without a table)."""
+    ``IMAGING_ASSETS_LANCE_KEEP_DAYS``, 1) and than an hour. Returns the report as a dict ({} without a table)."""
     import datetime as dt
 
     from imaging_assets import settings
