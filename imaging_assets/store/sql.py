@@ -160,7 +160,7 @@ def run_sql(wh: Warehouse, sql: str, limit: int | None = None, user: str | None 
     who = user or audit.current_user()
     versions: dict[str, Any] = {}
     params: dict[str, Any] = {"limit": limit}
-    status = "error: interrupted"
+    status = ""
     n_rows = 0
     try:
         try:
@@ -187,13 +187,19 @@ def run_sql(wh: Warehouse, sql: str, limit: int | None = None, user: str | None 
                 con.execute("SET temp_directory = ''")
                 con.execute("SET enable_external_access = false")
                 con.execute("SET lock_configuration = true")
-                timer = threading.Timer(timeout_s, con.interrupt)
+                fired = threading.Event()
+
+                def stop(con: duckdb.DuckDBPyConnection = con) -> None:
+                    fired.set()
+                    con.interrupt()
+
+                timer = threading.Timer(timeout_s, stop)
                 timer.daemon = True
                 timer.start()
                 try:
                     df = con.execute(sql).fetchdf()
                 except duckdb.InterruptException as exc:
-                    if timer.is_alive():  # interrupted by someone else
+                    if not fired.is_set():  # interrupted by someone else
                         raise
                     status = f"timeout: stopped after {timeout_s:g} s"
                     raise duckdb.InterruptException(
@@ -205,13 +211,14 @@ def run_sql(wh: Warehouse, sql: str, limit: int | None = None, user: str | None 
             if not status.startswith("timeout"):
                 status = f"error: {exc}"
             raise
-        except Exception as exc:
-            status = f"error: {type(exc).__name__}: {exc}"
-            raise
         n_rows = len(df)
         status = "ok"
+    except BaseException as exc:
+        if not status:  # not classified above (a bad setting, Ctrl-C, ...)
+            status = f"error: {type(exc).__name__}: {exc}" if isinstance(exc, Exception) else "error: interrupted"
+        raise
     finally:
-        audit.record(database, "sql", sql, params, versions, n_rows, status=status, user=who)
+        audit.record(database, "sql", sql, params, versions, n_rows, status=status or "error: interrupted", user=who)
     return df.head(limit) if limit else df
 
 
