@@ -185,6 +185,7 @@ def run_sql(wh: Warehouse, sql: str, limit: int | None = None, user: str | None 
                 versions = _register_lance(con, wh.lance_uri)
                 con.execute("SET memory_limit = ?", [memory])
                 con.execute("SET temp_directory = ''")
+                con.execute("SET enable_progress_bar = false")
                 con.execute("SET enable_external_access = false")
                 con.execute("SET lock_configuration = true")
                 fired = threading.Event()
