@@ -213,17 +213,18 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
     from imaging_assets.errors import QueryRefused
+    from imaging_assets.store.audit import current_user
     from imaging_assets.store.sql import run_sql
 
     wh = _warehouse(args)
     if wh is None:
         return 2
-    try:
-        df = run_sql(wh, args.query)
+    try:  # the OS user (IMAGING_ASSETS_USER where set, as for every audit row): whose audit_log rows it sees
+        df = run_sql(wh, args.query, user=current_user())
     except QueryRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 3
-    except duckdb.Error as exc:
+    except (duckdb.Error, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     fmt = "json" if args.json else "csv" if args.csv else args.format
@@ -240,19 +241,30 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 
 def _parse_filters(items: list[str]) -> dict:
-    """``col=value[,value...]`` or ``col=lo..hi`` (dates / volumes) into a filter dict."""
+    """``col=value[,value...]`` or ``col=lo..hi`` (dates / volumes) into a filter dict.
+
+    Repeating a column adds values (``--where modality=CT --where modality=MR`` = ``modality=CT,MR``: any of
+    them, OR); a column takes one range only, and not a range and values at once (a clear error: silently
+    keeping one of them would answer another question)."""
     out: dict = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"filter {item!r}: expected column=value")
         col, value = item.split("=", 1)
         if ".." in value:
+            if col in out:
+                raise ValueError(f"filter {item!r}: {col} is filtered twice; a column takes one range "
+                                 f"(lo..hi) and no other values")
             lo, hi = value.split("..", 1)
             conv = (lambda x: float(x) if x else None) if col == "volume_mm3" else (lambda x: x or None)
             out[col] = (conv(lo), conv(hi))
         else:
             vals = value.split(",")
-            out[col] = [int(v) for v in vals] if col == "cluster" else vals
+            vals = [int(v) for v in vals] if col == "cluster" else vals
+            if isinstance(out.get(col), tuple):
+                raise ValueError(f"filter {item!r}: {col} already has a range; a column takes one range or "
+                                 f"values, not both")
+            out[col] = [*out.get(col, []), *(v for v in vals if v not in out.get(col, []))]
     return out
 
 
@@ -575,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-k", type=int, default=10, help="number of neighbours (default 10)")
     f.add_argument("--filter", "--where", action="append", metavar="COL=VALUE", dest="filter",
                    help="modality=CT,MR | roi_name=GTV | body_part=CHEST | cluster=0,2 | "
-                        "study_date=2020-01-01..2022-12-31 | volume_mm3=500..5000 (repeatable)")
+                        "study_date=2020-01-01..2022-12-31 | volume_mm3=500..5000 (repeatable: a repeated column "
+                        "adds values, OR; one range per column)")
     f.add_argument("--modality", help="shorthand for --where modality=VALUE[,VALUE]")
     f.add_argument("--version", type=int, help="search an older lesion_vectors table version")
     f.add_argument("--include-same-patient", action="store_true",

@@ -17,6 +17,9 @@ pseudonymisation secret            ``IMAGING_ASSETS_PSEUDONYM_KEY``             
 pictures' public URL               ``IMAGING_ASSETS_PICTURES_URL``                 none (pictures inlined)
 users, roles and token hashes      ``IMAGING_ASSETS_USERS``                        ``<warehouse>/users.json``
 a running search server (the CLI)  ``IMAGING_ASSETS_SERVER_URL`` + ``_TOKEN``      none (files opened)
+ad-hoc SQL statement timeout (s)   ``IMAGING_ASSETS_SQL_TIMEOUT_S``                ``30``
+ad-hoc SQL memory limit            ``IMAGING_ASSETS_SQL_MEMORY_LIMIT``             ``2GB``
+Lance versions kept for (days)     ``IMAGING_ASSETS_LANCE_KEEP_DAYS``              ``1`` (+ pinned versions)
 =================================  =============================================  ==========================
 """
 
@@ -100,3 +103,45 @@ def dicom_roots() -> list[str]:
 def manifests() -> list[str]:
     """Manifest CSVs of NIfTI/NRRD image + mask pairs (see ``dicom.segmentations.read_manifest``)."""
     return _path_list("IMAGING_ASSETS_MANIFESTS")
+
+
+def sql_timeout_s() -> float:
+    """Statement timeout of ad-hoc SQL (``imaging-assets sql``, :func:`imaging_assets.store.sql.run_sql`) in
+    seconds: ``IMAGING_ASSETS_SQL_TIMEOUT_S`` (a positive number), default 30."""
+    raw = os.environ.get("IMAGING_ASSETS_SQL_TIMEOUT_S", "").strip()
+    if not raw:
+        return 30.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"IMAGING_ASSETS_SQL_TIMEOUT_S={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def sql_memory_limit() -> str:
+    """Memory limit of one ad-hoc SQL query (DuckDB's ``memory_limit`` syntax, e.g. ``2GB``, ``512MB``):
+    ``IMAGING_ASSETS_SQL_MEMORY_LIMIT``, default ``2GB``."""
+    import re
+
+    raw = os.environ.get("IMAGING_ASSETS_SQL_MEMORY_LIMIT", "").strip() or "2GB"
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", raw, flags=re.IGNORECASE):
+        raise ValueError(f"IMAGING_ASSETS_SQL_MEMORY_LIMIT={raw!r}: expected a size such as 2GB or 512MB")
+    return raw
+
+
+def lance_keep_days() -> float:
+    """How long unpinned versions of the Lance tables stay for time travel, in days:
+    ``IMAGING_ASSETS_LANCE_KEEP_DAYS`` (a number >= 0), default 1. Versions named by audit rows and cohorts
+    stay regardless, and none younger than an hour is removed."""
+    raw = os.environ.get("IMAGING_ASSETS_LANCE_KEEP_DAYS", "").strip()
+    if not raw:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"IMAGING_ASSETS_LANCE_KEEP_DAYS={raw!r}: expected a number of days >= 0")
+    return value

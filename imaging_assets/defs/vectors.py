@@ -33,6 +33,8 @@ def lesion_vectors(context: dg.AssetExecutionContext, config: VectorConfig,
     UID, feature-set version and cluster for filters.
     Idempotent upsert by lesion_id (verified after the write); lesions gone upstream are deleted; an
     unchanged cohort leaves the table version unchanged. Exact search below the threshold, ANN above.
+    Old table versions are removed by the retention policy after the write (the versions audit rows and
+    cohorts name stay, and the last IMAGING_ASSETS_LANCE_KEEP_DAYS days, default 1): `retention_*` metadata.
     Read it from DuckDB SQL with `imaging-assets sql` (registered as the view `lesion_vectors`).
     """
     from imaging_assets.stages.vectors import build_lesion_vectors
@@ -53,6 +55,8 @@ def lesion_vectors(context: dg.AssetExecutionContext, config: VectorConfig,
         "excluded_lesions": table_metadata(s.excluded, ["lesion_id", "space", "reason"]),
         "lance_uri": wh.lance_uri,
         "elapsed_s": s.elapsed_s,
+        # version retention (pinned versions and the last N days stay): what this run removed and kept
+        **{f"retention_{k}": v for k, v in s.retention.items()},
     })
 
 

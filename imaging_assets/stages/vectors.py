@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,9 @@ class VectorsResult:
     spaces: list[dict[str, Any]]
     #: lesions left out of the vectors, with the reason (lesion_id, space, reason)
     excluded: list[dict[str, Any]]
+    #: the version retention applied after the write (:class:`~imaging_assets.store.lance.retention.RetentionReport`
+    #: as a dict: versions before/after, removed, kept pinned/recent, bytes removed, keep_days); {} without a table
+    retention: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ def build_lesion_vectors(wh: Warehouse, exact_threshold: int | None = None) -> V
                  stored["center"], stored["scale"], stored["lambdas"],
                  [[float(x) for x in row] for row in np.nan_to_num(quantiles, nan=0.0)]])
     report = sync_vectors(wh.lance_uri, rows, dim=dim, exact_threshold=exact_threshold)
+    retention = apply_version_retention(wh)
     return VectorsResult(
         feature_set_version=", ".join(sorted(v for v, _ in sets.values())),
         dim=dim,
@@ -189,7 +193,40 @@ def build_lesion_vectors(wh: Warehouse, exact_threshold: int | None = None) -> V
         elapsed_s=round(time.perf_counter() - t0, 3),
         spaces=space_rows,
         excluded=excluded,
+        retention=retention,
     )
+
+
+def pinned_lance_versions(con: Any, table: str = "lesion_vectors") -> set[int]:
+    """Versions of a Lance table that answers recorded in the warehouse name: every audit row's
+    ``table_versions`` (searches, cohorts, SQL) and every cohort's ``lance_version``. They stay (replays)."""
+    pinned: set[int] = set()
+    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+    if "audit_log" in tables:
+        pinned.update(int(v) for (v,) in con.execute(
+            "SELECT DISTINCT TRY_CAST(json_extract_string(table_versions, '$.' || ?) AS BIGINT) AS v FROM audit_log "
+            "WHERE v IS NOT NULL", [table]).fetchall())
+    if "cohorts" in tables and table == "lesion_vectors":
+        pinned.update(int(v) for (v,) in con.execute(
+            "SELECT DISTINCT lance_version FROM cohorts WHERE lance_version IS NOT NULL").fetchall())
+    return pinned
+
+
+def apply_version_retention(wh: Warehouse, keep_days: float | None = None) -> dict[str, Any]:
+    """Remove the old versions of ``lesion_vectors`` the retention policy lets go: not the latest, not pinned
+    by audit rows or cohorts (:func:`pinned_lance_versions`), older than ``keep_days`` (default
+    ``IMAGING_ASSETS_LANCE_KEEP_DAYS``, 1) and than an hour. Returns the report as a dict ({} without a table)."""
+    import datetime as dt
+
+    from imaging_assets import settings
+    from imaging_assets.store.lance import VECTOR_TABLE
+    from imaging_assets.store.lance.retention import apply_retention
+
+    days = settings.lance_keep_days() if keep_days is None else keep_days
+    with wh.connect(read_only=True) as con:
+        pinned = pinned_lance_versions(con, VECTOR_TABLE)
+    report = apply_retention(wh.lance_uri, pinned, dt.timedelta(days=days), VECTOR_TABLE)
+    return report.to_dict() if report is not None else {}
 
 
 def vectors_frame(lance_uri: str):

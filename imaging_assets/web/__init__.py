@@ -272,7 +272,7 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
         try:
             doc = await body_of(request)
             sql, limit = str(doc.get("sql") or ""), int(doc.get("limit") or 1000)
-            columns, rows, n = await run_in_threadpool(run_sql_as, wh, sql, limit, user)
+            columns, rows, n = await run_in_threadpool(run_sql_as, wh, sql, limit, user, warm)
         except Exception as exc:  # noqa: BLE001 - refused, or DuckDB's error: audited by run_sql
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse({"columns": columns, "rows": rows, "n_rows": n, "truncated": n > len(rows)})
@@ -345,7 +345,7 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
         body = nav(user) + sql_form(sql)
         if sql.strip():
             try:
-                columns, rows, n = await run_in_threadpool(run_sql_as, wh, sql, 200, user)
+                columns, rows, n = await run_in_threadpool(run_sql_as, wh, sql, 200, user, warm)
                 body += table_html(columns, rows, n)
             except Exception as exc:  # noqa: BLE001 - refused, or DuckDB's error: audited by run_sql
                 body += f"<p class='error'>{html.escape(str(exc))}</p>"

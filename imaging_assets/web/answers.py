@@ -226,10 +226,13 @@ def inside_roots(path: str, roots: list[str], what: str = "path") -> Path:
     return p
 
 
-def run_sql_as(wh: Warehouse, sql: str, limit: int, user: Any) -> tuple[list[str], list[list[Any]], int]:
-    """Columns, the first ``limit`` rows (JSON-ready) and the row count of a read-only query, as ``user``."""
+def run_sql_as(wh: Warehouse, sql: str, limit: int, user: Any, warm: Any = None) -> tuple[list[str], list[list[Any]], int]:
+    """Columns, the first ``limit`` rows (JSON-ready) and the row count of a read-only query, as ``user``
+    (the server's journal is flushed first, so the query sees the user's latest searches in ``audit_log``)."""
     from imaging_assets.store.sql import run_sql
 
+    if warm is not None:
+        warm.flush_audit()
     df = run_sql(wh, sql, user=user.name, see_all_audit=user.role == "admin")
     head = json.loads(df.head(max(0, int(limit))).to_json(orient="split", date_format="iso", default_handler=str))
     return [str(c) for c in df.columns], head["data"], len(df)

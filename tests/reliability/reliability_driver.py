@@ -234,8 +234,10 @@ def mode_duckdb_writer(args: argparse.Namespace) -> int:
     from imaging_assets.store.warehouse import connect
 
     n = errors = 0
+    slowest = 0.0
     with open(args.log, "a") as log:
         while True:
+            t0 = time.perf_counter()
             try:
                 with connect(args.db) as con:
                     con.execute("CREATE TABLE IF NOT EXISTS stress_writes (i INTEGER, note VARCHAR)")
@@ -245,6 +247,7 @@ def mode_duckdb_writer(args: argparse.Namespace) -> int:
                 if n % 3 == 0:
                     audit.record(args.db, "stress", "stress write", {"i": n}, user="stress-writer")
                 n += 1
+                slowest = max(slowest, time.perf_counter() - t0)
             except Exception as exc:  # noqa: BLE001
                 errors += 1
                 log.write(json.dumps({"kind": "error", "error": f"{type(exc).__name__}: {exc}",
@@ -253,7 +256,7 @@ def mode_duckdb_writer(args: argparse.Namespace) -> int:
             time.sleep(0.01)
             if Path(args.stop).exists() and n >= args.min_writes:
                 break
-        log.write(json.dumps({"kind": "summary", "writes": n, "errors": errors}) + "\n")
+        log.write(json.dumps({"kind": "summary", "writes": n, "errors": errors, "slowest_s": round(slowest, 3)}) + "\n")
     return 0
 
 

@@ -12,8 +12,9 @@ Processes (all ``reliability_driver.py``):
 * this process runs ``imaging-assets sql`` and ``imaging-assets similar`` (the CLI) in a loop meanwhile.
 
 Every answer is then checked against the content of every committed table version (Lance keeps them all:
-cleanup only removes versions older than an hour): zero errors, and every answer equals the exact answer of
-some committed version (the pinned ones: of their own version). Every audited call left exactly one audit row.
+``sync_vectors`` removes no version; retention runs in the vectors stage only): zero errors, and every answer
+equals the exact answer of some committed version (the pinned ones: of their own version). Every audited
+call left exactly one audit row.
 """
 
 from __future__ import annotations
@@ -250,3 +251,75 @@ def test_sql_audits_the_version_it_read(chain_copy, monkeypatch):
     audited = json.loads(_last_audit(db)["table_versions"])["lesion_vectors"]
     assert vectors_mod.lance_dataset(lance, version=audited).count_rows() == n
 
+
+
+def _calibrated_cross_join(seconds: float) -> str:
+    """An analytic query that runs for about ``seconds`` on this machine now (a cross join, sized from a
+    short timing run)."""
+    con = duckdb.connect()
+    try:
+        n0 = 12_000
+        t0 = time.perf_counter()
+        con.execute(f"SELECT sum((a.range * b.range) % 7) FROM range({n0}) a, range({n0}) b").fetchone()
+        per_row = (time.perf_counter() - t0) / n0**2
+    finally:
+        con.close()
+    n = int((seconds / max(per_row, 1e-12)) ** 0.5)
+    return f"SELECT sum((a.range * b.range) % 7) AS s FROM range({n}) a, range({n}) b"
+
+
+def test_a_long_sql_query_does_not_stop_the_pipeline_writer_or_searches(chain_copy, tmp_path, driver_env,
+                                                                        monkeypatch):
+    """A >= 60 s analyst query while the pipeline writes (an incremental rerun of the whole chain, and short
+    write transactions with audit rows in a loop) and searches run: all finish, no write waits more than a
+    few seconds (issue 18, finding 7: the query used to hold the file lock, the writer gave up after ~47 s)."""
+    import threading
+
+    from imaging_assets.stages.similar import similar_rows
+    from imaging_assets.store.sql import run_sql
+
+    wh, db, cohort = chain_copy["warehouse"], chain_copy["db"], chain_copy["cohort"]
+    lesion = rh.lance_rows(chain_copy["lance"], "lesion_vectors")[0]["lesion_id"]
+    monkeypatch.setenv("IMAGING_ASSETS_SQL_TIMEOUT_S", "600")
+    sql = _calibrated_cross_join(90.0)
+    result: dict = {}
+
+    def analyst() -> None:
+        t0 = time.perf_counter()
+        try:
+            result["df"] = run_sql(wh, sql)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+        result["seconds"] = time.perf_counter() - t0
+
+    query = threading.Thread(target=analyst)
+    query.start()
+    time.sleep(3)  # the query is running on its snapshot
+    stop, log = tmp_path / "stop", tmp_path / "writer.jsonl"
+    writer = DriverProcess(["duckdb-writer", "--db", db, "--stop", stop, "--log", log, "--min-writes", 20],
+                           env=driver_env)
+    chain = DriverProcess(["chain", "--warehouse", chain_copy["wh"], "--dicom", cohort.dicom_dir,
+                           "--outcomes", cohort.outcomes_csv, "--workers", 1], env=driver_env)
+    searches = []
+    while query.is_alive() and len(searches) < 200:
+        t0 = time.perf_counter()
+        rows = similar_rows(lesion_id=lesion, k=3, warehouse=wh)
+        searches.append((time.perf_counter() - t0, len(rows)))
+        time.sleep(1.0)
+    assert chain.finish(timeout=600) == 0, chain.output()
+    query.join(timeout=600)
+    stop.touch()
+    assert writer.finish(timeout=120) == 0
+    assert "error" not in result, result.get("error")
+    assert result["seconds"] >= 60, f"the query took {result['seconds']:.0f} s only: calibration"
+    assert int(result["df"]["s"][0]) > 0
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    errors = [e for e in entries if e["kind"] == "error"]
+    assert errors == [], errors[:3]
+    summary = entries[-1]
+    assert summary["kind"] == "summary" and summary["writes"] >= 20
+    assert summary["slowest_s"] < 20, summary  # the chain rerun is a writer too
+    assert searches and all(n == 3 for _, n in searches)
+    assert max(s for s, _ in searches) < 20, searches
+    print(f"query {result['seconds']:.0f} s; writer: {summary['writes']} writes, slowest {summary['slowest_s']} s; "
+          f"{len(searches)} searches, slowest {max(s for s, _ in searches):.2f} s")

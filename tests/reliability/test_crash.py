@@ -16,7 +16,13 @@ re-sync.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -221,3 +227,125 @@ def test_kill_during_vector_table_write_then_resync_is_exact(tmp_path, driver_en
     assert '"inserted": 0, "updated": 0, "deleted": 0' in again
     hits = nearest(str(uri), "V000001", k=5)
     assert len(hits) == 5 and all(h["lesion_id"] in rows_b and h["lesion_id"] != "V000001" for h in hits)
+
+
+# ------------------------------------------------------------------------------------ dead Dagster runs
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _dagster_env(home: Path, wh: Path, cohort, base: dict) -> dict:
+    env = {k: v for k, v in base.items() if not k.startswith("IMAGING_ASSETS_") or k.endswith("PSEUDONYM_KEY")}
+    env.update({"DAGSTER_HOME": str(home), "IMAGING_ASSETS_WAREHOUSE": str(wh),
+                "IMAGING_ASSETS_DICOM_ROOTS": str(cohort.dicom_dir), "IMAGING_ASSETS_OUTCOMES": str(cohort.outcomes_csv),
+                "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [base.get("PYTHONPATH")])])})
+    return env
+
+
+def _start_daemon(env: dict, log: Path) -> subprocess.Popen:
+    """``dagster-daemon run`` (run queue, run monitoring) in its own session: its code server, the run
+    workers it launches and their process pools all share its process group."""
+    return subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=REPO, env=env,
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _launch(env: dict) -> None:
+    done = subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "refresh_job",
+                           "-o", "*radiomics_features"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def _worker_pid(instance, run_id: str) -> int:
+    """The run worker's pid, from its "Started process for run (pid: N)" engine event."""
+    for record in instance.all_logs(run_id):
+        message = (record.dagster_event.message if record.dagster_event is not None else None) or ""
+        if message.startswith("Started process for run (pid: "):
+            return int(message.split("pid: ")[1].split(")")[0])
+    raise AssertionError(f"no run worker pid logged for run {run_id}")
+
+
+def _wait(what: str, predicate, timeout: float, log: Path, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; daemon log:\n"
+                         + log.read_text(errors="replace")[-4000:])
+
+
+def test_a_run_killed_mid_extraction_frees_its_pool_slot_and_the_next_run_finishes(clean_chain, tmp_path,
+                                                                                    driver_env):
+    """kill -9 of the run's process group (daemon, code server, run worker, extraction pool) mid-extraction;
+    after the daemon restarts, run monitoring marks the dead run failed and frees its ``duckdb_writer`` slot:
+    the next run starts within 2 minutes and ends with the clean run's tables (issue 18, finding 8)."""
+    import dagster as dg
+
+    cohort = clean_chain["cohort"]
+    clean = _features(clean_chain["db"])
+    with duckdb.connect(str(clean_chain["db"]), read_only=True) as con:
+        full = con.execute("SELECT max(n_features) FROM radiomics_provenance").fetchone()[0]
+    home, wh, log = tmp_path / "dagster_home", tmp_path / "wh", tmp_path / "daemon.log"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    env = _dagster_env(home, wh, cohort, driver_env)
+    previous_home = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    instance = dg.DagsterInstance.get()  # creates the instance's storage once, before the daemon and the CLI
+    instance.get_runs()
+    daemon = _start_daemon(env, log)
+    try:
+
+        def runs():
+            return sorted(instance.get_runs(), key=lambda r: instance.get_run_record_by_id(r.run_id).create_timestamp)
+
+        def logged(run_id: str, text: str) -> bool:
+            return any(text in (e.user_message or "") for e in instance.all_logs(run_id))
+
+        _launch(env)
+        first = _wait("the first run", lambda: runs()[0] if runs() else None, 60, log)
+        _wait("extraction in the first run", lambda: logged(first.run_id, "lesions extracted:"), 600, log)
+        worker = _worker_pid(instance, first.run_id)
+        group = os.getpgid(worker)
+        assert group != os.getpgid(0), "the run worker shares the test's process group"
+        (tmp_path / "ps.txt").write_text(subprocess.run(["ps", "-eo", "pid,ppid,pgid,sid,cmd"], capture_output=True,
+                                                        text=True).stdout)
+        os.killpg(group, signal.SIGKILL)  # the run's process group: run worker, extraction pool, code server
+        time.sleep(3)
+        assert instance.get_run_by_id(first.run_id).status == dg.DagsterRunStatus.STARTED  # dead, not marked
+        if daemon.poll() is not None:  # the daemon was in that group too: it restarts (as a service would)
+            daemon = _start_daemon(env, log)
+        launched = time.monotonic()
+        _launch(env)
+        second = _wait("the second run", lambda: runs()[1] if len(runs()) > 1 else None, 60, log)
+
+        def started_a_step() -> bool:
+            return any(e.dagster_event is not None and e.dagster_event.event_type == dg.DagsterEventType.STEP_START
+                       for e in instance.all_logs(second.run_id))
+
+        _wait("the second run's first step (the pool slot)", started_a_step, 120, log)
+        assert time.monotonic() - launched <= 120
+        status = _wait("the second run to end", lambda: (instance.get_run_by_id(second.run_id).status
+                                                          if instance.get_run_by_id(second.run_id).is_finished
+                                                          else None), 900, log, poll=3)
+        assert status == dg.DagsterRunStatus.SUCCESS, log.read_text(errors="replace")[-4000:]
+        assert instance.get_run_by_id(first.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert any("is gone" in ((e.dagster_event.message if e.dagster_event else None) or "")
+                   for e in instance.all_logs(first.run_id))  # the health check found the dead worker
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait(30)
+        if previous_home is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = previous_home
+    db = wh / "warehouse.duckdb"
+    final = _check_extraction_state(db, clean, full)
+    assert set(_features(db)) == set(clean) and len(final) == len({k[0] for k in clean})
+    stages = {"dicom_files", "dicom_quarantine", "imaging_series", "segmentations", "lesions", "radiomics_features",
+              "radiomics_provenance", "radiomics_errors"}
+    mine, theirs = rh.duckdb_table_hashes(db), clean_chain["duckdb_hashes"]
+    assert rh.diff_hashes({t: mine[t] for t in stages if t in mine}, {t: theirs[t] for t in stages if t in theirs}) == {}

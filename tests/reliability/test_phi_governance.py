@@ -218,6 +218,12 @@ REFUSED = [
     "VACUUM",
     "SELECT 1; DROP TABLE lesions",
     "SELECT 1; ATTACH '{tmp}/other.duckdb'",
+    # issue 18: DuckDB's parser judges what EXPLAIN ANALYZE wraps and every CTE; query() SQL text is refused
+    "EXPLAIN ANALYZE COPY (SELECT * FROM lesions) TO '{tmp}/leak.csv'",
+    "EXPLAIN ANALYZE DELETE FROM lesions",
+    "SELECT * FROM query('COPY lesions TO ''{tmp}/leak.csv''')",
+    "WITH d AS (DELETE FROM lesions RETURNING *) SELECT count(*) FROM d",
+    "UPDATE EXTENSIONS",
 ]
 DB_ERRORS = [  # parsed as reads, stopped by the read-only, no-external-access connection
     "SELECT * FROM read_csv('/etc/passwd')",
@@ -225,9 +231,6 @@ DB_ERRORS = [  # parsed as reads, stopped by the read-only, no-external-access c
     "SELECT * FROM read_parquet('{tmp}/*.parquet')",
     "SELECT * FROM glob('/etc/*')",
     "SELECT * FROM read_csv('{wh}/anything.csv')",
-    "EXPLAIN ANALYZE COPY (SELECT * FROM lesions) TO '{tmp}/leak.csv'",
-    "EXPLAIN ANALYZE DELETE FROM lesions",
-    "SELECT * FROM query('COPY lesions TO ''{tmp}/leak.csv''')",
     "SELECT * FROM duckdb_secrets()",
 ]
 

@@ -25,9 +25,9 @@
 * Scalar indexes on the filter columns (:data:`DEFAULT_SCALAR_INDEXES`): BITMAP for the
   low-cardinality ones, BTREE for the others and for ``lesion_id``; created when missing, updated by
   ``optimize()``.
-* ``optimize(cleanup_older_than=...)`` after every write: compaction, index update, and removal of
-  versions older than the cleanup age (default 1 h: long enough for any reader that opened an older
-  version to finish; versions older than that can no longer be checked out by time travel).
+* ``optimize()`` after every write: compaction and index update, no version removed; old versions go by
+  the retention policy of :mod:`~imaging_assets.store.lance.retention` (pinned versions and the last N
+  days stay), which the vectors stage applies.
 
 :func:`_maintain_indexes` applies the policy after each write of
 :func:`~imaging_assets.store.lance.sync.sync_vectors`.

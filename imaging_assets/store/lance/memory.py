@@ -63,7 +63,7 @@ import pyarrow.compute as pc
 
 from imaging_assets.store.lance.connection import _uri_str
 from imaging_assets.store.lance.schema import VECTOR_COLUMN, VECTOR_TABLE, _schema_dim
-from imaging_assets.store.lance.search import _search_dataset, filters_to_where
+from imaging_assets.store.lance.search import _search_dataset, filters_to_where, plain_filters
 
 logger = logging.getLogger(__name__)
 
@@ -328,6 +328,7 @@ class _State:
         """_ALL, _NONE or the _Selection of validated ``filters`` (cached per distinct filter)."""
         if not filters:
             return _ALL
+        filters = plain_filters(filters)  # values only: a subclass's __repr__/__eq__ cannot alias a cached mask
         key, size = _filter_key(filters), (self.config.filter_cache_size if use_cache else 0)
         if size:
             with self._lock:

@@ -45,13 +45,24 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- SQL text
 
 
+def _plain_str(value: str) -> str:
+    """``value`` as an exact :class:`str` with the same characters, whatever methods a subclass overrides
+    (``str.__str__`` copies the character data; ``replace``/``__format__``/``__radd__`` of a subclass could
+    otherwise write anything into the SQL text)."""
+    return value if type(value) is str else str.__str__(value)
+
+
 def sql_string(value: str) -> str:
-    """A SQL string literal for Lance/DataFusion: single quotes doubled (backslash is not an escape there)."""
+    """A SQL string literal for Lance/DataFusion: single quotes doubled (backslash is not an escape there).
+
+    Only the characters count: a ``str`` subclass is copied to a plain ``str`` first, and only ``str``'s own
+    methods touch it."""
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__}")
-    if "\x00" in value:
+    text = _plain_str(value)
+    if "\x00" in text:
         raise ValueError("string values may not contain NUL characters")
-    return "'" + value.replace("'", "''") + "'"
+    return "'" + str.replace(text, "'", "''") + "'"
 
 
 def _in_list(column: str, values: Iterable[str]) -> str:
@@ -65,30 +76,63 @@ def _sql_literal(column: str, typ: pa.DataType, value: Any) -> str:
         return sql_string(value)
     if pa.types.is_date(typ):
         if isinstance(value, dt.datetime):
-            value = value.date()
+            value = dt.date(int(value.year), int(value.month), int(value.day))
         elif isinstance(value, str):
             try:
-                value = dt.date.fromisoformat(value.strip())
+                value = dt.date.fromisoformat(str.strip(_plain_str(value)))
             except ValueError as exc:
-                raise ValueError(f"filter {column!r}: {value!r} is not an ISO date (YYYY-MM-DD)") from exc
+                raise ValueError(f"filter {column!r}: {_plain_str(value)!r} is not an ISO date (YYYY-MM-DD)") from exc
         elif isinstance(value, np.datetime64):
             value = value.astype("datetime64[D]").item()
         if not isinstance(value, dt.date):
             raise ValueError(f"filter {column!r}: expected a date, got {value!r}")
-        return f"date '{value.isoformat()}'"
+        # rebuilt as an exact date from its numbers: a date subclass's isoformat() never reaches the SQL text
+        exact = dt.date(int(value.year), int(value.month), int(value.day))
+        return f"date '{dt.date.isoformat(exact)}'"
     if pa.types.is_integer(typ):
-        if isinstance(value, bool) or not isinstance(value, Real) or not float(value).is_integer():
+        if isinstance(value, bool | np.bool_) or not isinstance(value, Real) or not float(value).is_integer():
             raise ValueError(f"filter {column!r}: expected an integer, got {value!r}")
-        return str(int(value))
+        return int.__repr__(int(float(value)) if not isinstance(value, Integral) else int.__int__(int(value)))
     if pa.types.is_floating(typ):
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        if isinstance(value, bool | np.bool_) or not isinstance(value, Real) or not math.isfinite(float(value)):
             raise ValueError(f"filter {column!r}: expected a finite number, got {value!r}")
-        return repr(float(value))
+        return float.__repr__(float.__float__(float(value)))
     if pa.types.is_boolean(typ):
         if not isinstance(value, bool | np.bool_):
             raise ValueError(f"filter {column!r}: expected true/false, got {value!r}")
         return "true" if value else "false"
     raise ValueError(f"filter {column!r}: columns of type {typ} cannot be filtered")
+
+
+def _plain_value(value: Any) -> Any:
+    """A filter value as its exact built-in type (subclasses copied), so only its value counts."""
+    if isinstance(value, str):
+        return _plain_str(value)
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, Integral):
+        return int.__int__(int(value))
+    if isinstance(value, Real):
+        return float.__float__(float(value))
+    if isinstance(value, dt.date):  # datetime too (a subclass of date): its day
+        return dt.date(int(value.year), int(value.month), int(value.day))
+    return value
+
+
+def plain_filters(filters: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Structured filters with every column name and value copied to its exact built-in type (a ``str``
+    subclass becomes a ``str`` with the same characters, a ``date`` subclass a ``date`` of the same day, ...):
+    what a filter means then depends on its values only, never on methods a caller's subclass overrides."""
+    out: dict[str, Any] = {}
+    for column, spec in (filters or {}).items():
+        name = _plain_value(column)
+        if isinstance(spec, tuple):
+            out[name] = tuple(_plain_value(v) for v in spec)
+        elif isinstance(spec, list | set | frozenset | np.ndarray):
+            out[name] = [_plain_value(v) for v in spec]
+        else:
+            out[name] = _plain_value(spec)
+    return out
 
 
 def filters_to_where(filters: Mapping[str, Any], schema: pa.Schema | None = None) -> str | None:
@@ -117,13 +161,17 @@ def filters_to_where(filters: Mapping[str, Any], schema: pa.Schema | None = None
     """
     if not filters:
         return None
+    filters = plain_filters(filters)
     if schema is None:
         schema = vector_schema(1)
     allowed = {f.name: f.type for f in schema if f.name != VECTOR_COLUMN}
     clauses: list[str] = []
-    for column, spec in filters.items():
-        if not isinstance(column, str) or column not in allowed:
-            raise ValueError(f"unknown filter column {column!r}; filterable columns: {sorted(allowed)}")
+    for given, spec in filters.items():
+        # the schema's own name is written into the SQL, never the caller's object (a str subclass could
+        # compare equal to a column name and format itself as anything)
+        column = next((name for name in allowed if isinstance(given, str) and name == _plain_str(given)), None)
+        if column is None:
+            raise ValueError(f"unknown filter column {given!r}; filterable columns: {sorted(allowed)}")
         typ = allowed[column]
         if spec is None:
             clauses.append(f"{column} IS NULL")

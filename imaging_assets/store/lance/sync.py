@@ -261,13 +261,17 @@ def _resolve_scalar(scalar_index_columns: Sequence[str] | Mapping[str, str] | No
     return cols
 
 
+#: ``optimize``'s cleanup age that removes nothing (LanceDB always cleans up, by default after 7 days).
+_NO_CLEANUP = timedelta(days=365 * 20)
+
+
 def sync_vectors(
     uri: str | os.PathLike[str],
     table: pa.Table | list[dict],
     dim: int,
     table_name: str = VECTOR_TABLE,
     exact_threshold: int | None = None,
-    cleanup_older_than: timedelta | None = timedelta(hours=1),
+    cleanup_older_than: timedelta | None = None,
     *,
     index_type: str = DEFAULT_INDEX_TYPE,
     scalar_index_columns: Sequence[str] | Mapping[str, str] | None = None,
@@ -289,8 +293,10 @@ def sync_vectors(
         Row count from which an ANN index is kept (below it, exact search); default
         :func:`default_exact_threshold` of ``dim``.
     cleanup_older_than
-        Versions older than this are removed by ``optimize`` after a write (``None``: LanceDB's default,
-        7 days). Too short an age can break readers still on an older version.
+        ``None`` (default): ``optimize`` after a write compacts and updates the indexes but removes no
+        version: old versions go by the retention policy (:func:`~imaging_assets.store.lance.retention.apply_retention`,
+        run by the vectors stage), which keeps the versions audit rows and cohorts name. A value removes
+        every version older than it, pinned or not (and too short an age breaks readers and writers).
     index_type
         ``"IVF_SQ"`` (default), ``"IVF_PQ"`` or ``"IVF_HNSW_SQ"``.
     scalar_index_columns
@@ -322,7 +328,7 @@ def sync_vectors(
 
     def finish(tbl: Any, rep: dict[str, Any], wrote: bool) -> SyncReport:
         if wrote:
-            tbl.optimize(cleanup_older_than=cleanup_older_than)
+            tbl.optimize(cleanup_older_than=cleanup_older_than if cleanup_older_than is not None else _NO_CLEANUP)
         rows = tbl.count_rows()
         index, rebuilt = _maintain_indexes(tbl, rows, dim, exact_threshold, index_type, scalar)
         return SyncReport(rows=rows, version=int(tbl.version), index=index, rebuilt_index=rebuilt, **rep)
