@@ -25,6 +25,16 @@ class OutcomeFileError(ValueError):
     """An outcome file that cannot be read as a table with the required columns."""
 
 
+class PseudonymKeyError(ValueError):
+    """No usable pseudonymisation key (a public key, or a key file that is unsafe, empty or unreadable), or a
+    key that is not the one the warehouse was built with (:class:`PseudonymKeyMismatch`)."""
+
+
+class PseudonymKeyMismatch(PseudonymKeyError):
+    """The configured key's fingerprint differs from the one stored in the warehouse: using it would give
+    the same patients new keys (outcomes and images would no longer join). Nothing was written."""
+
+
 class QueryRefused(ValueError):
     """The statement is not a read-only query, or it reaches outside the warehouse."""
 
