@@ -66,3 +66,16 @@ class UnknownUserError(AccessError):
 
 class UserExistsError(AccessError):
     """A user of that name exists already: pass ``replace=True`` (CLI ``--replace``) to issue a new token."""
+
+
+def error_text(exc: BaseException, limit: int = 240) -> str:
+    """``"<ExceptionType>: <message>"`` for a stored reason, with every quoted part of a library's message
+    (``'...'`` / ``"..."``, where pydicom, SimpleITK and Python put the offending value) replaced by ``'…'``:
+    a header value or a file's content may be PHI, and reasons are stored in analytic tables."""
+    import re
+
+    text = re.sub(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"", "'…'", str(exc))
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
