@@ -232,3 +232,15 @@ def test_cli_rekey_takes_the_old_key_from_the_environment_only(tmp_path):
     assert f"rekeyed {len(PATIENTS)} patients" in res.stdout
     assert KEY_A not in res.stdout + res.stderr and KEY_B not in res.stdout + res.stderr
     assert _keys(wh.duckdb_path)["clinical_outcomes"] == {patient_key(p, KEY_B) for p in PATIENTS}
+
+
+def test_make_demo_uses_the_explicit_demo_key():
+    """The demo is pseudonymised with the documented demo key (set explicitly by the Makefile), never a default."""
+    import re
+
+    from imaging_assets.dicom.pseudonym import DEMO_KEY
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert re.search(r"^DEMO_PSEUDONYM_KEY := (.+)$", makefile, re.M).group(1) == DEMO_KEY
+    demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert demo.count("IMAGING_ASSETS_PSEUDONYM_KEY=$(DEMO_PSEUDONYM_KEY)") == 2  # the job and the cohort

@@ -13,6 +13,7 @@ writes, ATTACH, COPY ... TO, INSTALL/LOAD and reading files (API and CLI: exit c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -454,3 +455,44 @@ def test_phi_shaped_values_in_every_input_are_never_echoed_or_stored(tmp_path):
             ("file", "file unreadable")} <= rejects
     assert rh.scan_duckdb(db, PHI) == []  # no table, no column: reasons, messages, catalog values
     assert rh.scan_files(home, PHI) == []  # Dagster's run storage and event log (raw bytes of every file)
+
+
+def test_rekey_moves_every_table_and_the_lance_vectors_to_the_new_key(chain_copy, monkeypatch):
+    """Issue 18, finding 1/3: after ``rekey`` every patient key column of every DuckDB table (catalog, series,
+    segmentations, lesions, outcomes, clusters, cohorts) and the current Lance version hold the new keys, the
+    joins still hold, and a run with the old key is refused."""
+    from imaging_assets.dicom.pseudonym import ENV_VAR, key_fingerprint
+    from imaging_assets.errors import PseudonymKeyMismatch
+    from imaging_assets.stages import discovery
+    from imaging_assets.stages.keys import rekey
+    from imaging_assets.store.keyring import stored_patient_keys
+
+    db, lance, wh = chain_copy["db"], chain_copy["lance"], chain_copy["warehouse"]
+    old = os.environ[ENV_VAR]
+    discover_cohort(wh, "rekey_probe", reference_lesion_id=_lesion(db), k=4)
+    with duckdb.connect(str(db), read_only=True) as con:
+        before = stored_patient_keys(con)
+        joins = con.execute("SELECT count(*) FROM lesions l JOIN patient_outcomes o USING (patient_key)").fetchall()
+    lance_before = {r["lesion_id"]: r["patient_key"] for r in rh.lance_rows(lance, "lesion_vectors")}
+    r = rekey(wh, old, new_secret="rotated-key-2026", manifests=())
+    assert r.lance_synced and r.forgotten == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        after = stored_patient_keys(con)
+        assert con.execute("SELECT count(*) FROM lesions l JOIN patient_outcomes o USING (patient_key)").fetchall() \
+            == joins
+        assert con.execute("SELECT fingerprint FROM pseudonym_keys WHERE retired_at IS NULL").fetchall() == [
+            (key_fingerprint("rotated-key-2026"),)]
+        lesion_keys = dict(con.execute("SELECT lesion_id, patient_key FROM lesions").fetchall())
+    tables = {t for _, t, _ in before}
+    assert {"dicom_files", "imaging_series", "segmentations", "lesions", "clinical_outcomes", "phenotype_clusters",
+            "cluster_patients", "cohort_rekey_probe", "cohorts"} <= tables
+    old_keys = set().union(*before.values())
+    for column, keys in after.items():
+        assert keys and not keys & old_keys, column  # every column moved, none kept an old key
+    lance_after = {r["lesion_id"]: r["patient_key"] for r in rh.lance_rows(lance, "lesion_vectors")}
+    assert lance_after.keys() == lance_before.keys()
+    assert all(lance_after[lid] == lesion_keys[lid] for lid in lance_after)
+    assert not set(lance_after.values()) & old_keys
+    monkeypatch.setenv(ENV_VAR, old)
+    with pytest.raises(PseudonymKeyMismatch):
+        discovery.refresh_catalog(wh, [chain_copy["cohort"].dicom_dir], workers=1)
