@@ -244,3 +244,26 @@ def test_make_demo_uses_the_explicit_demo_key():
     assert re.search(r"^DEMO_PSEUDONYM_KEY := (.+)$", makefile, re.M).group(1) == DEMO_KEY
     demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
     assert demo.count("IMAGING_ASSETS_PSEUDONYM_KEY=$(DEMO_PSEUDONYM_KEY)") == 2  # the job and the cohort
+
+
+def test_a_warehouse_without_a_fingerprint_is_refused_until_rekeyed_from_the_public_key(tmp_path):
+    """A warehouse made before fingerprints (here: the public development key of earlier versions, as the
+    default was) cannot tell which key made its patient keys: refused, and `rekey` from that key moves it."""
+    from imaging_assets.dicom.pseudonym import PUBLIC_KEYS
+
+    (legacy_key,) = PUBLIC_KEYS
+    wh, archive, csv_path = _build(tmp_path, KEY_A)
+    with wh.connect() as con:  # what an earlier version left: keys made with the public key, no fingerprint
+        con.execute("DELETE FROM pseudonym_keys")
+        for table in ("dicom_files", "imaging_series", "clinical_outcomes", "cohort_probe"):
+            for pid in PATIENTS:
+                con.execute(f"UPDATE {table} SET patient_key = ? WHERE patient_key = ?",
+                            [patient_key(pid, legacy_key), patient_key(pid, KEY_A)])
+    with pytest.raises(PseudonymKeyError, match="holds patient keys but no key fingerprint"):
+        discovery.refresh_catalog(wh, [archive], secret=KEY_B, workers=1)
+    with pytest.raises(PseudonymKeyError, match="public development key"):
+        check_key(wh, legacy_key)  # nor can the public key be used to go on
+    r = rekey(wh, legacy_key, new_secret=KEY_B)
+    assert r.old_fingerprint is None and r.patients == len(PATIENTS)
+    assert all(keys == {patient_key(p, KEY_B) for p in PATIENTS} for keys in _keys(wh.duckdb_path).values())
+    discovery.refresh_catalog(wh, [archive], secret=KEY_B, workers=1)

@@ -142,5 +142,8 @@ def patient_key(patient_id: str | None, secret: str | None = None) -> str | None
     pid = str(patient_id).strip()
     if not pid:
         return None
-    digest = hmac.new(pseudonym_secret(secret).encode(), pid.encode("utf-8"), hashlib.sha256).hexdigest()
+    # an explicit secret is used as given (``rekey`` derives the old keys with a retired, possibly public key);
+    # the pipeline's steps pass the secret :func:`pseudonym_secret` / ``stages.keys.check_key`` resolved
+    key = secret or pseudonym_secret()
+    digest = hmac.new(key.encode(), pid.encode("utf-8"), hashlib.sha256).hexdigest()
     return "pk_" + digest[:24]
