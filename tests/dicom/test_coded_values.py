@@ -79,3 +79,26 @@ def test_a_valid_file_is_catalogued_with_its_values(tmp_path):
     st = os.stat(path)
     rec, q = read_file_record(path, st.st_size, st.st_mtime_ns, "k")
     assert q is None and rec["modality"] == "CT" and rec["series_instance_uid"].startswith("1.3.6.1.4.1.5962")
+
+
+@pytest.mark.parametrize("for_uid, ref_series, named", [
+    ("1.2.3.4", "MRN2604192", "a referenced Series Instance UID"),
+    ("SMITH.1.2", "1.2.3.5", "Frame of Reference UID (0020,0052)"),
+])
+def test_an_rtstruct_referencing_an_invalid_uid_is_quarantined(tmp_path, for_uid, ref_series, named):
+    """The UIDs an RTSTRUCT carries in its sequences (referenced series, frame of reference) are stored too."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the RTSTRUCT writer of the segmentation tests
+    from test_segmentations import write_rtstruct
+
+    square = np.array([[0, 0, 0], [5, 0, 0], [5, 5, 0], [0, 5, 0]], float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = write_rtstruct(tmp_path / "rs.dcm", [(1, "GTV", [square])], for_uid=for_uid, ref_series=ref_series)
+    rec, q = read_file_record(str(path), path.stat().st_size, path.stat().st_mtime_ns, "k")
+    assert rec is None and q["reason"] == "invalid_value" and named in q["message"], (rec, q)
+    assert "MRN2604192" not in q["message"] and "SMITH" not in q["message"]
