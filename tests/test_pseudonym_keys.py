@@ -267,3 +267,35 @@ def test_a_warehouse_without_a_fingerprint_is_refused_until_rekeyed_from_the_pub
     assert r.old_fingerprint is None and r.patients == len(PATIENTS)
     assert all(keys == {patient_key(p, KEY_B) for p in PATIENTS} for keys in _keys(wh.duckdb_path).values())
     discovery.refresh_catalog(wh, [archive], secret=KEY_B, workers=1)
+
+
+def test_in_dagster_a_run_with_another_key_fails_with_the_reason(tmp_path, monkeypatch):
+    from imaging_assets.defs.discovery import dicom_files
+    from imaging_assets.defs.outcomes import clinical_outcomes
+
+    archive = _archive(tmp_path / "archive")
+    _outcomes(tmp_path / "outcomes.csv")
+    resources = {"warehouse": WarehouseResource(root=str(tmp_path / "wh")),
+                 "dicom_sources": DicomSourcesResource(roots=[str(archive)], workers=1),
+                 "outcome_sources": OutcomeSourcesResource(path=str(tmp_path / "outcomes.csv"))}
+    with dg.instance_for_test() as instance:
+        monkeypatch.setenv(ENV_VAR, KEY_A)
+        assert dg.materialize([dicom_files, clinical_outcomes], instance=instance, resources=resources).success
+        before = _keys_no_cohort(tmp_path / "wh" / "warehouse.duckdb")
+        monkeypatch.setenv(ENV_VAR, KEY_B)
+        for asset in (dicom_files, clinical_outcomes):
+            result = dg.materialize([asset], instance=instance, resources=resources, raise_on_error=False)
+            assert not result.success
+            (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+            assert "is not the key this warehouse's patient keys were made with" in str(
+                failure.step_failure_data.error.message)
+    assert _keys_no_cohort(tmp_path / "wh" / "warehouse.duckdb") == before
+
+
+def _keys_no_cohort(db: Path) -> dict[str, set[str]]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {t: {k for (k,) in con.execute(f"SELECT DISTINCT patient_key FROM {t}").fetchall()}
+                for t in ("dicom_files", "clinical_outcomes")}
+    finally:
+        con.close()

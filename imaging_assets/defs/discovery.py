@@ -121,9 +121,12 @@ def segmentations(
     (DuckDB table `segmentations`), with the rule that linked it: referenced series, or frame of
     reference + spatial extent when the referenced series is absent. Unlinkable ones keep a reason.
     """
-    r = discovery.rebuild_segmentations(
-        warehouse.get_warehouse(), dicom_sources.manifests, secret=pseudonym_secret()
-    )
+    try:
+        r = discovery.rebuild_segmentations(
+            warehouse.get_warehouse(), dicom_sources.manifests, secret=pseudonym_secret()
+        )
+    except PseudonymKeyError as exc:  # another key than the warehouse's: nothing written
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     context.log.info(f"{r.segmentations} segmentations, by rule {r.by_rule}")
     return dg.MaterializeResult(
         metadata={
