@@ -26,6 +26,11 @@ override DAGSTER_HOME := $(DAGSTER_HOME_DIR)
 endif
 override DAGSTER_HOME := $(abspath $(DAGSTER_HOME))
 export DAGSTER_HOME
+# The synthetic demo is pseudonymised with an explicit, public demo key (never used for real data: there is
+# no built-in key; without IMAGING_ASSETS_PSEUDONYM_KEY the pipeline makes a random per-installation key file).
+# `make dev` uses it too while neither DICOM roots nor a key of yours are configured (the demo warehouse).
+DEMO_PSEUDONYM_KEY := imaging-assets-demo-key-for-synthetic-data-only
+DEV_KEY_ENV := $(if $(strip $(IMAGING_ASSETS_DICOM_ROOTS)$(IMAGING_ASSETS_PSEUDONYM_KEY)),,IMAGING_ASSETS_PSEUDONYM_KEY=$(DEMO_PSEUDONYM_KEY))
 # Quieter, reproducible installs: exact versions come from constraints.txt.
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
@@ -64,8 +69,10 @@ endif
 
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/imaging-assets demo-data --out $(DEMO_DIR) --patients $(DEMO_PATIENTS) --if-missing
+	IMAGING_ASSETS_PSEUDONYM_KEY=$(DEMO_PSEUDONYM_KEY) \
 	IMAGING_ASSETS_DICOM_ROOTS=$(CURDIR)/$(DEMO_DIR)/dicom IMAGING_ASSETS_PICTURES_URL=$(PICTURES_URL) \
 	  $(BIN)/dagster job execute -m imaging_assets.definitions -j refresh_job
+	IMAGING_ASSETS_PSEUDONYM_KEY=$(DEMO_PSEUDONYM_KEY) \
 	IMAGING_ASSETS_DICOM_ROOTS=$(CURDIR)/$(DEMO_DIR)/dicom IMAGING_ASSETS_PICTURES_URL=$(PICTURES_URL) \
 	  $(BIN)/imaging-assets cohort largest_lesion --largest -k 20
 	$(BIN)/imaging-assets summary
@@ -82,7 +89,7 @@ dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	@echo "pictures (imaging-assets serve): $(PICTURES_URL)"
 	@$(BIN)/imaging-assets serve --host 127.0.0.1 --port $(PICTURES_PORT) & serve=$$!; \
 	trap 'kill $$serve 2>/dev/null || true' EXIT INT TERM; \
-	IMAGING_ASSETS_PICTURES_URL=$(PICTURES_URL) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
+	$(DEV_KEY_ENV) IMAGING_ASSETS_PICTURES_URL=$(PICTURES_URL) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
 clean-demo:
 	rm -rf $(DEMO_DIR) data/warehouse

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from imaging_assets.dicom.pseudonym import DEMO_KEY  # synthetic data: the explicit demo key
 from imaging_assets.features.perturb import PerturbationSpec
 from imaging_assets.stages import ChainSettings, run_chain
 from imaging_assets.stages.radiomics import extract_features
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
             demo = generate_cohort(Path(tmp) / "demo", n_patients=args.patients, seed=0).out_dir
         wh = Warehouse(Path(tmp) / "wh")
-        run_chain(wh, ChainSettings(dicom_roots=[demo / "dicom"]), until="lesions")
+        run_chain(wh, ChainSettings(dicom_roots=[demo / "dicom"], secret=DEMO_KEY), until="lesions")
         t0 = time.perf_counter()
         ext = extract_features(wh)
         t_ext = time.perf_counter() - t0

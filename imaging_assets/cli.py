@@ -11,6 +11,7 @@ cohort      make (or refresh) a similar-case cohort: the Dagster assets ``cohort
 serve       publish the warehouse's pictures over HTTP for the Dagster UI (``make dev`` runs it)
 summary     print what the warehouse holds (used at the end of ``make demo``)
 users       add / list / remove the users of the web server (roles and tokens, imaging_assets.access)
+rekey       rotate the pseudonymisation key: re-derive every stored patient key in one transaction
 """
 
 from __future__ import annotations
@@ -487,6 +488,27 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rekey(args: argparse.Namespace) -> int:
+    """Rotate the warehouse to the configured key (the old key: IMAGING_ASSETS_OLD_PSEUDONYM_KEY or a file)."""
+    from imaging_assets.errors import PseudonymKeyError
+    from imaging_assets.stages.keys import old_key, rekey
+
+    wh = _warehouse(args)
+    if wh is None:
+        return 2
+    try:
+        r = rekey(wh, old_key(args.old_key_file), manifests=settings.manifests(), forget_unmapped=args.forget_unmapped)
+    except PseudonymKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if "give the old key" in str(exc) else 1
+    print(f"rekeyed {r.patients} patients in {wh.duckdb_path} ({sum(r.rows_changed.values())} rows; "
+          f"{r.files_read} DICOM and {r.outcome_files_read} outcome files re-read) in {r.elapsed_s} s; key "
+          f"fingerprint {(r.old_fingerprint or 'none')[:12]} -> {r.new_fingerprint[:12]}"
+          f"{'; Lance vectors re-synced' if r.lance_synced else ''}")
+    print("\n".join([f"  {c:48s} {n:>8d} rows" for c, n in r.rows_changed.items()] + [f"  note: {n}" for n in r.notes]))
+    return 0
+
+
 def _cmd_users(args: argparse.Namespace) -> int:
     """``users add`` (prints the new token once, as the last line), ``users list``, ``users remove``."""
     from imaging_assets import access
@@ -631,6 +653,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("summary", help="print what the warehouse holds")
     m.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
     m.set_defaults(func=_cmd_summary)
+
+    r = sub.add_parser("rekey", help="rotate the pseudonymisation key: re-derive every stored patient key (from "
+                       "the sources, with the configured new key) in one transaction")
+    r.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    r.add_argument("--old-key-file", help="file holding the old key (default: IMAGING_ASSETS_OLD_PSEUDONYM_KEY)")
+    r.add_argument("--forget-unmapped", action="store_true", help="set stored patient keys that no source gives "
+                   "any more (files deleted since) to NULL instead of refusing")
+    r.set_defaults(func=_cmd_rekey)
 
     u = sub.add_parser("users", help="users of the web server: roles and tokens (tokens are stored hashed)")
     u.add_argument("--file", help="users file (default IMAGING_ASSETS_USERS, else <warehouse>/users.json)")

@@ -25,6 +25,16 @@ class OutcomeFileError(ValueError):
     """An outcome file that cannot be read as a table with the required columns."""
 
 
+class PseudonymKeyError(ValueError):
+    """No usable pseudonymisation key (a public key, or a key file that is unsafe, empty or unreadable), or a
+    key that is not the one the warehouse was built with (:class:`PseudonymKeyMismatch`)."""
+
+
+class PseudonymKeyMismatch(PseudonymKeyError):
+    """The configured key's fingerprint differs from the one stored in the warehouse: using it would give
+    the same patients new keys (outcomes and images would no longer join). Nothing was written."""
+
+
 class QueryRefused(ValueError):
     """The statement is not a read-only query, or it reaches outside the warehouse."""
 
@@ -56,3 +66,16 @@ class UnknownUserError(AccessError):
 
 class UserExistsError(AccessError):
     """A user of that name exists already: pass ``replace=True`` (CLI ``--replace``) to issue a new token."""
+
+
+def error_text(exc: BaseException, limit: int = 240) -> str:
+    """``"<ExceptionType>: <message>"`` for a stored reason, with every quoted part of a library's message
+    (``'...'`` / ``"..."``, where pydicom, SimpleITK and Python put the offending value) replaced by ``'…'``:
+    a header value or a file's content may be PHI, and reasons are stored in analytic tables."""
+    import re
+
+    text = re.sub(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"", "'…'", str(exc))
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -13,7 +13,9 @@ Lance vector tables (folder / URI) ``IMAGING_ASSETS_LANCE_URI``                 
 outcome files (file or folder)     ``IMAGING_ASSETS_OUTCOMES``                     ``<demo>/outcomes.csv``
 DICOM roots (``os.pathsep`` list)  ``IMAGING_ASSETS_DICOM_ROOTS``                  ``<data>/demo/dicom``
 NIfTI/NRRD manifests (list)        ``IMAGING_ASSETS_MANIFESTS``                    none
-pseudonymisation secret            ``IMAGING_ASSETS_PSEUDONYM_KEY``                dev default + warning
+pseudonymisation secret            ``IMAGING_ASSETS_PSEUDONYM_KEY``                the key file below
+pseudonymisation key file          ``IMAGING_ASSETS_PSEUDONYM_KEY_FILE``           ``~/.config/imaging_assets/
+                                                                                   pseudonym.key`` (made 0600)
 pictures' public URL               ``IMAGING_ASSETS_PICTURES_URL``                 none (pictures inlined)
 users, roles and token hashes      ``IMAGING_ASSETS_USERS``                        ``<warehouse>/users.json``
 a running search server (the CLI)  ``IMAGING_ASSETS_SERVER_URL`` + ``_TOKEN``      none (files opened)
@@ -65,6 +67,18 @@ def users_file() -> Path:
     """
     env = os.environ.get("IMAGING_ASSETS_USERS", "").strip()
     return Path(env) if env else warehouse_dir() / "users.json"
+
+
+def pseudonym_key_file() -> Path:
+    """The installation's pseudonymisation key file (:mod:`imaging_assets.dicom.pseudonym`), used when
+    ``IMAGING_ASSETS_PSEUDONYM_KEY`` is not set: ``IMAGING_ASSETS_PSEUDONYM_KEY_FILE``, else
+    ``$XDG_CONFIG_HOME/imaging_assets/pseudonym.key`` (``~/.config/...``). Outside the warehouse on purpose:
+    whoever can read the warehouse must not also get the key (``stages.keys`` refuses a key file under it)."""
+    env = os.environ.get("IMAGING_ASSETS_PSEUDONYM_KEY_FILE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME", "").strip()
+    return (Path(config) if config else Path.home() / ".config") / "imaging_assets" / "pseudonym.key"
 
 
 def pictures_url() -> str | None:

@@ -10,7 +10,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT.parent / "shared" / "data").resolve()
 
-# Tests never use the development pseudonym key implicitly: set a test key once for the session.
+# There is no built-in pseudonym key: the suite sets an explicit test key once for the session.
 os.environ.setdefault("IMAGING_ASSETS_PSEUDONYM_KEY", "test-suite-key")
 
 

@@ -5,8 +5,8 @@ import json
 import dagster as dg
 
 from imaging_assets.defs.metadata import table_definition, table_metadata
-from imaging_assets.defs.resources import DicomSourcesResource, WarehouseResource
-from imaging_assets.errors import DicomRootsMissingError
+from imaging_assets.defs.resources import DicomSourcesResource, WarehouseResource, pseudonym_secret
+from imaging_assets.errors import DicomRootsMissingError, PseudonymKeyError
 from imaging_assets.stages import discovery
 
 GROUP = "ingest"
@@ -38,7 +38,7 @@ def dicom_files(
         r = discovery.refresh_catalog(
             warehouse.get_warehouse(),
             dicom_sources.roots,
-            secret=dicom_sources.pseudonym_key,
+            secret=pseudonym_secret(),
             workers=dicom_sources.worker_count(),
         )
     except DicomRootsMissingError as exc:
@@ -47,6 +47,8 @@ def dicom_files(
             metadata={"missing_roots": dg.MetadataValue.json(list(dicom_sources.roots))},
             allow_retries=False,
         ) from exc
+    except PseudonymKeyError as exc:  # another key than the warehouse's, or no usable key: nothing written
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     context.log.info(
         f"catalog: {r.seen} files seen, {r.read} read, {r.unchanged} unchanged, "
         f"{r.removed} removed, {r.out_of_roots} out of roots, {r.duplicates} copies, "
@@ -119,9 +121,12 @@ def segmentations(
     (DuckDB table `segmentations`), with the rule that linked it: referenced series, or frame of
     reference + spatial extent when the referenced series is absent. Unlinkable ones keep a reason.
     """
-    r = discovery.rebuild_segmentations(
-        warehouse.get_warehouse(), dicom_sources.manifests, secret=dicom_sources.pseudonym_key
-    )
+    try:
+        r = discovery.rebuild_segmentations(
+            warehouse.get_warehouse(), dicom_sources.manifests, secret=pseudonym_secret()
+        )
+    except PseudonymKeyError as exc:  # another key than the warehouse's: nothing written
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     context.log.info(f"{r.segmentations} segmentations, by rule {r.by_rule}")
     return dg.MaterializeResult(
         metadata={

@@ -10,8 +10,9 @@ import dagster as dg
 from pydantic import Field
 
 from imaging_assets.defs.metadata import picture, table_definition, table_metadata
-from imaging_assets.defs.resources import OutcomeSourcesResource, WarehouseResource
+from imaging_assets.defs.resources import OutcomeSourcesResource, WarehouseResource, pseudonym_secret
 from imaging_assets.defs.vectors import lesion_vectors
+from imaging_assets.errors import PseudonymKeyError
 
 GROUP = "outcomes"
 OWNERS = ["team:imaging"]
@@ -47,7 +48,10 @@ def clinical_outcomes(context: dg.AssetExecutionContext, warehouse: WarehouseRes
     from imaging_assets.stages import outcomes
 
     wh = warehouse.get_warehouse()
-    s = outcomes.load_outcomes(wh, outcome_sources.path, secret=outcome_sources.pseudonym_key)
+    try:
+        s = outcomes.load_outcomes(wh, outcome_sources.path, secret=pseudonym_secret())
+    except PseudonymKeyError as exc:  # another key than the warehouse's: nothing written
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     context.log.info(f"outcomes: {s.inserted} inserted, {s.updated} updated, {s.rejected} rows rejected, "
                      f"{s.fields_rejected} field(s) set to NULL, {s.files_gone} file(s) gone")
     if s.source_problem:

@@ -33,7 +33,12 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 class DicomSourcesResource(dg.ConfigurableResource):
-    """What discovery reads: DICOM root folders, optional NIfTI/NRRD manifests, the pseudonym secret."""
+    """What discovery reads: DICOM root folders and optional NIfTI/NRRD manifests.
+
+    The pseudonymisation secret is deliberately *not* a field (nor of any resource): a config field's value
+    is written into Dagster's run storage and shown in the UI. It is read from the environment
+    (``IMAGING_ASSETS_PSEUDONYM_KEY``, see :func:`pseudonym_secret`) or the installation's key file.
+    """
 
     roots: list[str] = Field(
         default_factory=settings.dicom_roots,
@@ -43,11 +48,6 @@ class DicomSourcesResource(dg.ConfigurableResource):
     manifests: list[str] = Field(
         default_factory=settings.manifests,
         description="CSV manifests of NIfTI/NRRD image+mask pairs (env IMAGING_ASSETS_MANIFESTS).",
-    )
-    pseudonym_key: str | None = Field(
-        default=None,
-        description="HMAC secret for patient keys. Leave unset to read IMAGING_ASSETS_PSEUDONYM_KEY "
-        "from the environment (a development default with a warning is used when that is unset too).",
     )
     workers: int = Field(default=0, description="Header-reading processes; 0 = one per CPU core.")
 
@@ -64,8 +64,14 @@ class OutcomeSourcesResource(dg.ConfigurableResource):
         description="A file or a folder of outcome files (env IMAGING_ASSETS_OUTCOMES; default the demo's "
         "outcomes.csv).",
     )
-    pseudonym_key: str | None = Field(
-        default=None, description="Same secret as discovery (default: IMAGING_ASSETS_PSEUDONYM_KEY).")
+
+
+def pseudonym_secret() -> str | None:
+    """The pseudonymisation secret from the environment, through ``dg.EnvVar`` (read when a step runs, never
+    part of run config); None when unset, and the stages then use the installation's key file."""
+    from imaging_assets.dicom.pseudonym import ENV_VAR
+
+    return dg.EnvVar(ENV_VAR).get_value() or None
 
 
 def _default_outcomes():

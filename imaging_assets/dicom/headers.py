@@ -38,6 +38,8 @@ from typing import Any
 
 from imaging_assets.dicom.pseudonym import patient_key
 from imaging_assets.dicom.records import QUARANTINE_REASONS
+from imaging_assets.dicom.values import coded_value_problems
+from imaging_assets.errors import error_text
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +162,31 @@ _TAG_NAMES = {
     "Columns": "Columns",
     "BitsAllocated": "Bits Allocated",
 }
+
+#: Tags stored in the catalog that must match their VR, else the file is quarantined (``invalid_value``).
+_UID_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+             "TransferSyntaxUID", "MediaStorageSOPClassUID", "ReferencedSeriesInstanceUIDs")
+_CS_TAGS = ("Modality", "BodyPartExamined", "PhotometricInterpretation")
+_VR_NAMES = {
+    **{kw: f"{_TAG_NAMES.get(kw, kw)} {_TAG_TEXT[kw]}" for kw in (*_UID_TAGS, *_CS_TAGS) if kw in _TAG_TEXT},
+    "TransferSyntaxUID": "Transfer Syntax UID (0002,0010)",
+    "MediaStorageSOPClassUID": "Media Storage SOP Class UID (0002,0002)",
+    "ReferencedSeriesInstanceUIDs": "a referenced Series Instance UID",
+    "StudyInstanceUID": "Study Instance UID (0020,000D)",
+    "FrameOfReferenceUID": "Frame of Reference UID (0020,0052)",
+    "Modality": "Modality (0008,0060)",
+    "BodyPartExamined": "Body Part Examined (0018,0015)",
+    "PhotometricInterpretation": "Photometric Interpretation (0028,0004)",
+}
+
+
+def _check_coded(values: dict[str, Any]) -> None:
+    """Quarantine a file whose UIDs or coded tags violate their VR: they are stored, so a crafted value (an
+    MRN as SeriesInstanceUID, a name as Modality) would be catalogued verbatim. Never quotes the value."""
+    problems = coded_value_problems(values, _UID_TAGS, _CS_TAGS, _VR_NAMES)
+    if problems:
+        raise _Quarantine("invalid_value", "; ".join(problems))
+
 
 _STRUCT = {
     True: (struct.Struct("<HHI"), struct.Struct("<HH2sH"), struct.Struct("<I"), struct.Struct("<H")),
@@ -863,6 +890,8 @@ def _build(
     functional_groups: bool = False,
 ) -> dict:
     """Classify the object, run the quarantine checks and assemble the catalog record."""
+    # before anything quotes or stores them: UIDs and coded tags must match their VR
+    _check_coded({**values, "TransferSyntaxUID": ts, "MediaStorageSOPClassUID": meta_sop_class})
     sop_class = values.get("SOPClassUID")
     if not sop_class:
         if meta_sop_class and classify_sop_class(meta_sop_class) is None:
@@ -900,6 +929,7 @@ def _build(
         referenced = []
     if kind == "rtstruct" and not frame_of_reference and ds is not None:
         frame_of_reference = _rtstruct_frame_of_reference(ds)
+    _check_coded({"ReferencedSeriesInstanceUIDs": referenced or None, "FrameOfReferenceUID": frame_of_reference})
 
     if kind == "rtstruct":
         n_frames = 0
@@ -1058,9 +1088,9 @@ def _read_with_pydicom(
     try:
         ds = _dcmread(fp, force=True, defer_size=4096)
     except InvalidDicomError as exc:
-        raise _Quarantine("not_dicom", f"not a DICOM file: {exc}") from exc
+        raise _Quarantine("not_dicom", f"not a DICOM file: {error_text(exc)}") from exc
     except EOFError as exc:
-        raise _Quarantine("truncated", f"file ends inside its header: {exc}") from exc
+        raise _Quarantine("truncated", f"file ends inside its header: {error_text(exc)}") from exc
     if not preamble and not _plausible(ds):
         raise _Quarantine(
             "not_dicom",
@@ -1104,12 +1134,8 @@ def _os_error_message(path: str, exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
         return "symlink loop: the link resolves to itself (too many levels of symbolic links)"
     if isinstance(exc, FileNotFoundError):
-        if os.path.islink(path):
-            try:
-                target = os.readlink(path)
-            except OSError:
-                target = "?"
-            return f"broken symlink: its target {target} does not exist"
+        if os.path.islink(path):  # the target is a value read from the link: not quoted (it may name a patient)
+            return "broken symlink: its target does not exist"
         return "file disappeared before it could be read"
     if isinstance(exc, IsADirectoryError):
         return "is a directory, not a file"
@@ -1154,9 +1180,10 @@ def read_file_record(
     except OSError as exc:
         return None, quarantine_record(path, size, mtime_ns, "unreadable", _os_error_message(path, exc))
     except Exception as exc:  # noqa: BLE001 - RecursionError, MemoryError, pydicom errors, bugs
+        # the exception's text may quote a header value (pydicom's "invalid value 'SMITH^JOHN' for VR ...");
+        # the stored message names the kind of error only, the text goes to the debug log
         logger.debug("unreadable %s", path, exc_info=True)
-        text = str(exc) or repr(exc)
-        if len(text) > 500:
-            text = text[:500] + "..."
-        return None, quarantine_record(path, size, mtime_ns, "unreadable", f"{type(exc).__name__}: {text}")
+        return None, quarantine_record(path, size, mtime_ns, "unreadable",
+                                       f"the header cannot be parsed ({type(exc).__name__}; details not stored, "
+                                       "they may quote a value)")
 

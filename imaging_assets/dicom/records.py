@@ -62,6 +62,8 @@ QUARANTINE_REASONS: dict[str, str] = {
     "unsupported_sop_class": "SOP class this pipeline does not use",
     "undecodable_pixels": "pixel data in a transfer syntax no installed decoder can read",
     "unreadable": "file cannot be opened or parsed (permissions, corrupt header, invalid values)",
+    "invalid_value": "a UID or coded tag violates its value representation (e.g. an identifier in a UID); "
+                     "the value is not stored",
 }
 
 #: One row of the ``imaging_series`` table.

@@ -73,7 +73,8 @@ import numpy as np
 from imaging_assets.dicom.pseudonym import patient_key as make_patient_key
 from imaging_assets.dicom.records import NRRD_SUFFIXES, SEGMENTATION_FIELDS, SERIES_FIELDS
 from imaging_assets.dicom.series import MIN_SLICES, slice_normal
-from imaging_assets.errors import SegmentationReadError
+from imaging_assets.dicom.values import cs_problem
+from imaging_assets.errors import SegmentationReadError, error_text
 
 logger = logging.getLogger(__name__)
 
@@ -292,9 +293,9 @@ def read_segmentation_info(path: str | os.PathLike[str], secret: str | None = No
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, EOFError) as exc:
-        raise SegmentationReadError(f"{path} could not be read as DICOM: {exc}") from exc
+        raise SegmentationReadError(f"{path} could not be read as DICOM: {error_text(exc)}") from exc
     except Exception as exc:  # corrupt headers surface as many exception types; never let one escape
-        raise SegmentationReadError(f"{path} could not be read as DICOM: {type(exc).__name__}: {exc}") from exc
+        raise SegmentationReadError(f"{path} could not be read as DICOM: {error_text(exc)}") from exc
     try:
         sop_class = _str(ds.get("SOPClassUID"))
         modality = _str(ds.get("Modality"))
@@ -323,7 +324,7 @@ def read_segmentation_info(path: str | os.PathLike[str], secret: str | None = No
         raise
     except Exception as exc:  # malformed values deep inside sequences: say which file
         what = ds.get("Modality") or "DICOM"
-        raise SegmentationReadError(f"{path} has a malformed {what} structure: {exc}") from exc
+        raise SegmentationReadError(f"{path} has a malformed {what} structure: {error_text(exc)}") from exc
     return SegmentationInfo(**info)
 
 
@@ -669,7 +670,7 @@ def link_segmentations(
             linked, rule, reason = _link_one(record, info, series, by_uid, by_for, sops)
         except Exception as exc:  # a bug must not stop the other rows; say which file
             logger.exception("linking %s failed", path)
-            linked, rule, reason = None, None, f"linking failed unexpectedly: {type(exc).__name__}: {exc}"
+            linked, rule, reason = None, None, f"linking failed unexpectedly: {error_text(exc)}"
         if linked is None:
             logger.info("%s not linked: %s", path, reason)
         rows.append(_row(record, info, linked, rule, reason, for_uid, pk))
@@ -867,9 +868,10 @@ def read_manifest(
         columns = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
         missing_cols = [c for c in ("image_path", "mask_path") if c not in columns]
         if missing_cols:
+            # the "header" may be a data row of a header-less manifest: its cells are not quoted
             raise ValueError(
-                f"manifest {manifest_csv} lacks column(s) {', '.join(missing_cols)}; "
-                f"found {', '.join(reader.fieldnames or []) or 'none'}"
+                f"manifest {manifest_csv} lacks column(s) {', '.join(missing_cols)} "
+                f"({len(reader.fieldnames or [])} column(s) found; needed: image_path, mask_path)"
             )
         entries = [{k: (raw.get(columns[k]) if k in columns else None) for k in
                     ("image_path", "mask_path", "patient_id", "modality")} for raw in reader]
@@ -894,6 +896,10 @@ def read_manifest(
         patient = make_patient_key(_str(entry["patient_id"]), secret)
         modality = (_str(entry["modality"]) or "").upper() or None
         reasons: list[str] = []
+        if modality is not None and (problem := cs_problem(modality)):  # a coded value: never stored verbatim
+            reasons.append(f"line {line} of {manifest_csv.name}: modality is not a valid DICOM code string "
+                           f"(CS): {problem} (value not shown)")
+            modality = None
 
         img_vol: _Volume | None = None
         if image is None:
@@ -907,7 +913,7 @@ def read_manifest(
                 try:
                     volumes[image] = _read_volume_header(image)
                 except Exception as exc:
-                    volumes[image] = f"image file {image} could not be read: {exc}"
+                    volumes[image] = f"image file {image} could not be read: {error_text(exc)}"
             vol = volumes[image]
             if isinstance(vol, str):
                 reasons.append(vol)
@@ -933,7 +939,7 @@ def read_manifest(
                 mask_vol = _read_volume_header(mask)
                 labels = _mask_labels(mask)
             except Exception as exc:
-                reasons.append(f"mask file {mask} could not be read as a label map: {exc}")
+                reasons.append(f"mask file {mask} could not be read as a label map: {error_text(exc)}")
             else:
                 if not labels:
                     reasons.append(f"mask file {mask} has no non-zero voxels")

@@ -86,7 +86,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from imaging_assets.dicom.records import NRRD_SUFFIXES
-from imaging_assets.errors import MaskGeometryError
+from imaging_assets.errors import MaskGeometryError, error_text
 from imaging_assets.features.volumes import _read_slices, is_volume_file, series_grid
 
 logger = logging.getLogger(__name__)
@@ -402,7 +402,7 @@ def check_volume_mask(segmentation: dict[str, Any], series: dict[str, Any], imag
     try:
         mask = sitk.ReadImage(path)
     except Exception as exc:
-        raise ValueError(f"{path}: cannot be read as a mask volume ({exc})") from exc
+        raise ValueError(f"{path}: cannot be read as a mask volume ({error_text(exc)})") from exc
     if mask.GetDimension() == 4 and mask.GetSize()[3] == 1:
         mask = mask[:, :, :, 0]
     if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
@@ -491,7 +491,7 @@ def _seg_raw(
     try:
         seg = hd.seg.segread(path)
     except Exception as exc:
-        raise ValueError(f"{path}: cannot be read as a DICOM SEG ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{path}: cannot be read as a DICOM SEG ({error_text(exc)})") from exc
     seg_type = str(seg.SegmentationType)
     available = [int(n) for n in seg.get_segment_numbers()]
     labels = {n: str(seg.get_segment_description(n).segment_label) for n in available}
@@ -567,7 +567,7 @@ def _seg_raw(
             elif "source frames" in text:
                 why = "the SEG does not reference source frames"
             else:
-                why = f"source-instance lookup failed: {text[:120]}"
+                why = f"source-instance lookup failed: {error_text(exc, 120)}"
             arrays = None
     if arrays is not None:
         return out + [_Raw(n, labels.get(n), arrays[n]) for n in wanted]
@@ -578,7 +578,7 @@ def _seg_raw(
     except Exception as exc:
         raise ValueError(
             f"{path}: SEG frames neither reference this series' instances nor form a regular volume "
-            f"({type(exc).__name__}: {exc})"
+            f"({error_text(exc)})"
         ) from exc
     for n in wanted:
         try:
@@ -688,7 +688,7 @@ def _rtstruct_raw(path: str, numbers: list[int] | None, grid: sitk.Image) -> lis
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:
-        raise ValueError(f"{path}: cannot be read as DICOM ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{path}: cannot be read as DICOM ({error_text(exc)})") from exc
     if "ROIContourSequence" not in ds and "StructureSetROISequence" not in ds:
         raise ValueError(f"{path}: not an RTSTRUCT (no ROIContourSequence / StructureSetROISequence)")
     names = {int(r.ROINumber): str(r.get("ROIName", "") or "") for r in ds.get("StructureSetROISequence", [])}
@@ -745,7 +745,7 @@ def _volume_raw(path: str, numbers: list[int] | None, grid: sitk.Image, threshol
     try:
         img = sitk.ReadImage(path)
     except Exception as exc:
-        raise ValueError(f"{path}: cannot be read as a mask volume ({exc})") from exc
+        raise ValueError(f"{path}: cannot be read as a mask volume ({error_text(exc)})") from exc
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{path}: {img.GetNumberOfComponentsPerPixel()} components per voxel; a mask has one")
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:
@@ -939,7 +939,7 @@ def load_lesions(
     try:
         grid = image if image is not None else series_grid(series)
     except Exception as exc:
-        return errors(f"series {series.get('series_key')!r}: cannot read its grid: {exc}")
+        return errors(f"series {series.get('series_key')!r}: cannot read its grid: {error_text(exc)}")
     if grid.GetDimension() != 3:
         return errors(f"series {series.get('series_key')!r}: image is {grid.GetDimension()}-D, expected 3-D")
     try:
@@ -956,7 +956,7 @@ def load_lesions(
     except Exception as exc:
         msg = str(exc)
         if path and path not in msg:
-            msg = f"{path}: {type(exc).__name__}: {msg}"
+            msg = f"{path}: {error_text(exc)}"  # a library's message: its quoted values are not kept
         return errors(msg)
     out: list[LesionMask] = []
     for raw in raws:
@@ -976,7 +976,7 @@ def load_lesions(
                     n_voxels=0,
                     volume_mm3=0.0,
                     status="error",
-                    reason=f"{path}: segment {raw.number}: {type(exc).__name__}: {exc}",
+                    reason=f"{path}: segment {raw.number}: {error_text(exc)}",
                     notes=list(raw.notes),
                     **base(label),
                 )

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from imaging_assets.dicom.crawl import crawl, resolve_duplicates, under_roots
-from imaging_assets.dicom.pseudonym import pseudonym_secret
 from imaging_assets.dicom.records import VOLUME_SUFFIXES
 from imaging_assets.dicom.segmentations import link_segmentations, read_manifest
 from imaging_assets.dicom.series import assemble_series
 from imaging_assets.errors import DicomRootsMissingError
+from imaging_assets.stages.keys import check_key
 from imaging_assets.store.catalog import (
     active_counts_under,
     active_files,
@@ -184,6 +184,7 @@ def refresh_catalog(
             "the archive, then materialize again")
     for r in missing:
         logger.warning("DICOM root %s does not exist; nothing crawled there, its files stay in the catalog", r)
+    secret = check_key(wh, secret)  # another key than the warehouse's is refused before anything is read
     with wh.connect() as con:
         known = known_files(con)
         retried = unreadable_rows(con)
@@ -191,7 +192,7 @@ def refresh_catalog(
         outside = paths_outside(con, [a for _, a in configured], os.sep)
         leftover_copies = duplicate_candidates(con)
         before = _catalog_summary(con)
-    result = crawl(existing, known=known, secret=pseudonym_secret(secret), workers=workers)
+    result = crawl(existing, known=known, secret=secret, workers=workers)
     # unreadable and outdated rows are not in `known` (so they are read again); those that vanished are
     # removed here
     seen = set(result.unchanged) | {r["path"] for r in result.records} | {q["path"] for q in result.quarantined}
@@ -326,7 +327,7 @@ def rebuild_segmentations(
     Manifest images become extra rows of ``imaging_series`` so that one table lists every volume.
     """
     t0 = time.perf_counter()
-    secret = pseudonym_secret(secret)
+    secret = check_key(wh, secret)
     with wh.connect() as con:
         seg_files = active_files(con, kinds=["seg", "rtstruct"])
         series = table_rows(con, "imaging_series")

@@ -70,6 +70,7 @@ from imaging_assets.analysis.outcomes import (
     validate_row,
 )
 from imaging_assets.dicom.pseudonym import patient_key
+from imaging_assets.stages.keys import check_key
 from imaging_assets.store.schema import ensure_schema
 from imaging_assets.store.warehouse import Warehouse, fetch_dicts, insert_rows, replace_frame, transaction
 
@@ -263,9 +264,11 @@ def load_outcomes(
         rows of files loaded before and no longer found are removed.
     secret
         Pseudonymisation secret passed to :func:`imaging_assets.dicom.pseudonym.patient_key` (default: the
-        environment / development key, exactly as discovery).
+        configured key, exactly as discovery); checked against the warehouse's key fingerprint
+        (:func:`imaging_assets.stages.keys.check_key`).
     """
     t0 = time.perf_counter()
+    secret = check_key(wh, secret)  # another key than the warehouse's is refused before anything is written
     sources = find_outcome_files(folder_or_files)
     problem = sources.problem()
     if problem:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imaging_assets.errors import error_text
 from imaging_assets.store.schema import ensure_schema
 from imaging_assets.store.warehouse import Warehouse, table_rows
 
@@ -171,7 +172,7 @@ def _render_series(task: tuple[dict, list[tuple[dict, dict]], str]) -> list[tupl
             os.replace(tmp, final)
             out.append((lid, None, None))
         except Exception as exc:  # noqa: BLE001 - one bad lesion must not stop the others
-            out.append((lid, None, f"{type(exc).__name__}: {exc}"[:500]))
+            out.append((lid, None, error_text(exc, 480)))
     return out
 
 

@@ -328,6 +328,10 @@ TABLES: dict[str, Table] = {
     "lesion_thumbnails": Table(THUMBNAIL_COLUMNS, ("lesion_id",)),
     "cohorts": Table(COHORT_REGISTRY_COLUMNS, ("name",)),
     "audit_log": Table(AUDIT_COLUMNS, ("id",)),
+    # fingerprints (never the keys) of the pseudonymisation keys this warehouse's patient keys were made
+    # with: the row with retired_at NULL is the current one (stages.keys); a rekey retires it
+    "pseudonym_keys": Table({"fingerprint": "VARCHAR", "recorded_at": "TIMESTAMP", "retired_at": "TIMESTAMP",
+                             "patients": "INTEGER"}, ("fingerprint",)),
 }
 
 #: Views over the tables (name -> SELECT); created after the tables.

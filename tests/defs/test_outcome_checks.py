@@ -9,6 +9,7 @@ import pytest
 
 from imaging_assets.defs.resources import OutcomeSourcesResource, WarehouseResource
 from imaging_assets.dicom.pseudonym import patient_key
+from imaging_assets.stages.keys import check_key
 from imaging_assets.store.schema import ensure_schema
 from imaging_assets.store.warehouse import insert_rows
 
@@ -56,6 +57,7 @@ def _clustered_warehouse(wh, sizes: dict[int, int], events: dict[int, int]) -> s
             clusters.append({"lesion_id": f"L{c}_{i}", "patient_key": key, "cluster": c, "k": len(sizes),
                              "method": "kmeans", "space": "CT"})
             lines.append(f"{pid},{3 + 2 * i + c},{int(i < events[c])},{60 + i},{['I', 'II', 'III'][i % 3]}")
+    check_key(wh)  # as a pipeline step does first: the warehouse records the key its patient keys use
     with wh.connect() as con:
         ensure_schema(con)
         insert_rows(con, "lesions", lesions)

@@ -13,8 +13,10 @@ writes, ATTACH, COPY ... TO, INSTALL/LOAD and reading files (API and CLI: exit c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -311,3 +313,189 @@ def test_audit_time_is_utc_whatever_the_local_time_zone(chain_copy, driver_env):
     t1 = _utcnow() + timedelta(seconds=2)
     (stamp,) = [r["logged_at"] for r in _audit(chain_copy["db"]) if r["user"] == "tz-user"]
     assert t0 <= stamp <= t1, (t0, stamp, t1)
+
+
+# --------------------------------------------------------- issue 18, findings 4 and 5: no PHI echoed anywhere
+
+#: PHI-shaped values (a name and its parts, an MRN, a birth date two ways, an accession number, an institution)
+PHI = ["WASHINGTON^GEORGINA", "WASHINGTON", "GEORGINA", "MRN2604192", "19470312", "1947-03-12", "ACC99120034",
+       "SAINT MARYBOROUGH", "MARYBOROUGH"]
+
+
+def _phi_archive(root: Path) -> dict[str, str]:
+    """Two good CT slices (PHI only in the patient tags, which are never stored) and one file per UID / coded
+    tag carrying PHI; returns file name -> the tag that carries it."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    root.mkdir(parents=True)
+
+    def write(name: str, i: int, **tags) -> None:
+        with warnings.catch_warnings():  # pydicom warns about the invalid values on purpose here
+            warnings.simplefilter("ignore")
+            _write(name, i, **tags)
+
+    def _write(name: str, i: int, **tags) -> None:
+        ds = src.copy()
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "WASHINGTON^GEORGINA", "MRN2604192", "19470312"
+        ds.AccessionNumber, ds.InstitutionName = "ACC99120034", "SAINT MARYBOROUGH"
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.6"
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.7.{i}"
+        ds.ImagePositionPatient = [0.0, 0.0, float(i) * 5.0]
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(root / name, enforce_file_format=True)
+
+    write("good_1.dcm", 1)
+    write("good_2.dcm", 2)
+    crafted = {
+        "uid_series.dcm": ("SeriesInstanceUID", "MRN2604192"),
+        "uid_study.dcm": ("StudyInstanceUID", "1.2.840.ACC99120034"),
+        "uid_sop_class.dcm": ("SOPClassUID", "1.2.MRN2604192"),
+        "uid_leading_zero.dcm": ("FrameOfReferenceUID", "1.2.019470312"),
+        "cs_modality.dcm": ("Modality", "WASHINGTON^GEORGINA"),
+        "cs_body_part.dcm": ("BodyPartExamined", "Saint Maryborough"),
+        "cs_photometric.dcm": ("PhotometricInterpretation", "GEORGINA-1947-03-12"),
+    }
+    for i, (name, (tag, value)) in enumerate(crafted.items(), start=3):
+        write(name, i, **{tag: value})
+    (root / "link.dcm").symlink_to("/nonexistent/WASHINGTON_GEORGINA_MRN2604192.dcm")  # a broken link
+    return {name: tag for name, (tag, _) in crafted.items()}
+
+
+def _phi_manifests(tmp: Path) -> tuple[Path, Path]:
+    """A NIfTI pair whose manifest row carries PHI as patient id and modality; a header-less manifest."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.zeros((4, 8, 8), np.float32))
+    mask_arr = np.zeros((4, 8, 8), np.uint8)
+    mask_arr[1:3, 2:5, 2:5] = 1
+    mask = sitk.GetImageFromArray(mask_arr)
+    sitk.WriteImage(img, str(tmp / "vol_image.nii.gz"))
+    sitk.WriteImage(mask, str(tmp / "vol_mask.nii.gz"))
+    good = tmp / "manifest.csv"
+    good.write_text("image_path,mask_path,patient_id,modality\nvol_image.nii.gz,vol_mask.nii.gz,MRN2604192,"
+                    "WASHINGTON^GEORGINA\n")
+    headerless = tmp / "headerless.csv"
+    headerless.write_text("WASHINGTON^GEORGINA,MRN2604192,19470312\nACC99120034,x,y\n")
+    return good, headerless
+
+
+def _phi_outcomes(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "outcomes.csv").write_text(
+        "patient_id,time_months,event,age,sex,stage,diagnosis_date,last_followup\n"
+        "P_OK1,12,1,60,M,II,,\n"
+        "MRN2604192,WASHINGTON^GEORGINA,1,61,F,I,,\n"
+        "P3,10,ACC99120034,62,M,III,,\n"
+        "P4,10,0,19470312,GEORGINA,SAINT MARYBOROUGH,,\n"
+        "P5,,1,,,,WASHINGTON,1947-03-12\n"
+        "P6,11,0,1947-03-12,MARYBOROUGH,ACC99120034,19470312,GEORGINA\n"
+        "MRN2604192,9,0,50,M,II,,\n")
+    (folder / "garbage.csv").write_bytes(b"\xff\xfe\x00WASHINGTON^GEORGINA,MRN2604192\n\x81\x82")
+    (folder / "headerless.csv").write_text("MRN2604192,WASHINGTON^GEORGINA,19470312\nP9,ACC99120034,1\n")
+
+
+def test_phi_shaped_values_in_every_input_are_never_echoed_or_stored(tmp_path):
+    """Outcome cells (every field), unreadable outcome files, manifest cells, a header-less manifest, UIDs and
+    coded tags, a broken link's target: after the ingest and outcome assets ran in Dagster, no DuckDB table
+    (reasons, messages, catalog values) and no file of the Dagster instance (run storage, event log) holds
+    any of the values; the files with PHI in a UID or coded tag are quarantined naming the tag."""
+    import dagster as dg
+
+    from imaging_assets.defs.discovery import dicom_files, imaging_series, segmentations
+    from imaging_assets.defs.outcomes import clinical_outcomes
+    from imaging_assets.defs.resources import DicomSourcesResource, OutcomeSourcesResource, WarehouseResource
+
+    crafted = _phi_archive(tmp_path / "archive")
+    good_manifest, headerless_manifest = _phi_manifests(tmp_path)
+    _phi_outcomes(tmp_path / "outcomes")
+    wh = tmp_path / "wh"
+
+    def resources(manifest: Path) -> dict:
+        return {"warehouse": WarehouseResource(root=str(wh)),
+                "dicom_sources": DicomSourcesResource(roots=[str(tmp_path / "archive")], manifests=[str(manifest)],
+                                                      workers=1),
+                "outcome_sources": OutcomeSourcesResource(path=str(tmp_path / "outcomes"))}
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        ok = dg.materialize([dicom_files, imaging_series, segmentations, clinical_outcomes], instance=instance,
+                            resources=resources(good_manifest))
+        assert ok.success
+        failed = dg.materialize([segmentations], instance=instance, resources=resources(headerless_manifest),
+                                raise_on_error=False)
+        assert not failed.success  # the header-less manifest stops the asset, naming the file and the problem
+        logs = [str(e.dagster_event or e.user_message) for r in (ok, failed) for e in instance.all_logs(r.run_id)]
+    assert any("headerless.csv lacks column(s) image_path, mask_path" in text for text in logs)
+
+    db = wh / "warehouse.duckdb"
+    # the crafted files are quarantined naming the tag, never stored in the catalog
+    quarantine = dict(_q(db, "SELECT regexp_extract(path, '[^/]+$'), reason || ': ' || message "
+                             "FROM dicom_quarantine"))
+    for name, tag in crafted.items():
+        assert quarantine[name].startswith("invalid_value: "), (name, quarantine[name])
+        words = {"SOPClassUID": "SOP Class UID", "SeriesInstanceUID": "Series Instance UID",
+                 "StudyInstanceUID": "Study Instance UID", "FrameOfReferenceUID": "Frame of Reference UID",
+                 "Modality": "Modality", "BodyPartExamined": "Body Part Examined",
+                 "PhotometricInterpretation": "Photometric Interpretation"}
+        assert words[tag] in quarantine[name] and "value not shown" in quarantine[name]
+    assert quarantine["link.dcm"].startswith("unreadable: broken symlink")
+    assert sorted(p for (p,) in _q(db, "SELECT regexp_extract(path, '[^/]+$') FROM dicom_files")) == [
+        "good_1.dcm", "good_2.dcm"]
+    # the manifest row's modality is refused (the row stays, unlinked, with the reason); outcome rejects
+    # name the field and the kind of problem
+    (reason,) = _q(db, "SELECT unlinked_reason FROM segmentations WHERE kind = 'nifti'")[0]
+    assert "modality is not a valid DICOM code string" in reason
+    rejects = {(f, p) for f, p in _q(db, "SELECT field, problem FROM outcome_rejects")}
+    assert {("time_months", "time_months not a finite number"), ("event", "event not 0/1"),
+            ("age", "age out of range [0, 130]"), ("sex", "sex not M/F/O/U"), ("stage", "stage not I-IV"),
+            ("start_date", "start_date not a date"), ("patient_id", "patient_id duplicated in file"),
+            ("file", "file unreadable")} <= rejects
+    assert rh.scan_duckdb(db, PHI) == []  # no table, no column: reasons, messages, catalog values
+    assert rh.scan_files(home, PHI) == []  # Dagster's run storage and event log (raw bytes of every file)
+
+
+def test_rekey_moves_every_table_and_the_lance_vectors_to_the_new_key(chain_copy, monkeypatch):
+    """Issue 18, finding 1/3: after ``rekey`` every patient key column of every DuckDB table (catalog, series,
+    segmentations, lesions, outcomes, clusters, cohorts) and the current Lance version hold the new keys, the
+    joins still hold, and a run with the old key is refused."""
+    from imaging_assets.dicom.pseudonym import ENV_VAR, key_fingerprint
+    from imaging_assets.errors import PseudonymKeyMismatch
+    from imaging_assets.stages import discovery
+    from imaging_assets.stages.keys import rekey
+    from imaging_assets.store.keyring import stored_patient_keys
+
+    db, lance, wh = chain_copy["db"], chain_copy["lance"], chain_copy["warehouse"]
+    old = os.environ[ENV_VAR]
+    discover_cohort(wh, "rekey_probe", reference_lesion_id=_lesion(db), k=4)
+    with duckdb.connect(str(db), read_only=True) as con:
+        before = stored_patient_keys(con)
+        joins = con.execute("SELECT count(*) FROM lesions l JOIN patient_outcomes o USING (patient_key)").fetchall()
+    lance_before = {r["lesion_id"]: r["patient_key"] for r in rh.lance_rows(lance, "lesion_vectors")}
+    r = rekey(wh, old, new_secret="rotated-key-2026", manifests=())
+    assert r.lance_synced and r.forgotten == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        after = stored_patient_keys(con)
+        assert con.execute("SELECT count(*) FROM lesions l JOIN patient_outcomes o USING (patient_key)").fetchall() \
+            == joins
+        assert con.execute("SELECT fingerprint FROM pseudonym_keys WHERE retired_at IS NULL").fetchall() == [
+            (key_fingerprint("rotated-key-2026"),)]
+        lesion_keys = dict(con.execute("SELECT lesion_id, patient_key FROM lesions").fetchall())
+    tables = {t for _, t, _ in before}
+    assert {"dicom_files", "imaging_series", "segmentations", "lesions", "clinical_outcomes", "phenotype_clusters",
+            "cluster_patients", "cohort_rekey_probe", "cohorts"} <= tables
+    old_keys = set().union(*before.values())
+    for column, keys in after.items():
+        assert keys and not keys & old_keys, column  # every column moved, none kept an old key
+    lance_after = {r["lesion_id"]: r["patient_key"] for r in rh.lance_rows(lance, "lesion_vectors")}
+    assert lance_after.keys() == lance_before.keys()
+    assert all(lance_after[lid] == lesion_keys[lid] for lid in lance_after)
+    assert not set(lance_after.values()) & old_keys
+    monkeypatch.setenv(ENV_VAR, old)
+    with pytest.raises(PseudonymKeyMismatch):
+        discovery.refresh_catalog(wh, [chain_copy["cohort"].dicom_dir], workers=1)
