@@ -277,6 +277,25 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse({"columns": columns, "rows": rows, "n_rows": n, "truncated": n > len(rows)})
 
+    async def answer_html(request: Request, user: Any, params: Any, new_lesion: bool) -> str:
+        """The results (or the error) of a search from the page; a request refused before the search (bad
+        k, filters or new-lesion files) is audited here, one that reached the search by the search."""
+        try:
+            k, filters = k_of(params), search_filters(params)
+            query = await query_from_request(wh, params, roots) if new_lesion else None
+        except (ValueError, PermissionError, FileNotFoundError, RuntimeError) as exc:
+            message = failure(exc)[1]
+            audit_refused(user, "search", {"lesion_id": None if new_lesion else params.get("lesion_id"),
+                                           "new_lesion": new_lesion}, f"refused: {message}")
+            return f"<p class='error'>{html.escape(message)}</p>"
+        try:
+            answer = similar_answer(wh, None if new_lesion else str(params.get("lesion_id")).strip(), k, filters,
+                                    user.name, base(request), warm=warm, query=query, outcomes=True)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            return f"<p class='error'>{html.escape(failure(exc)[1])}</p>"
+        saving = save_form(params) if user.can(SAVE_COHORT) and not new_lesion else ""
+        return results_html(answer) + saving
+
     async def search_page(request: Request):
         user, denied = guard(request, SEARCH, as_page=True)
         if denied is not None:
@@ -284,13 +303,7 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
         q = request.query_params
         body = nav(user) + search_form(q)
         if q.get("lesion_id"):
-            lesion_id = q["lesion_id"].strip()
-            try:
-                k, filters = k_of(q), search_filters(q)
-                answer = similar_answer(wh, lesion_id, k, filters, user.name, base(request), warm=warm, outcomes=True)
-                body += results_html(answer) + (save_form(q) if user.can(SAVE_COHORT) else "")
-            except (KeyError, ValueError, RuntimeError) as exc:
-                body += f"<p class='error'>{html.escape(failure(exc)[1])}</p>"
+            body += await answer_html(request, user, q, new_lesion=False)
         body += new_lesion_form()
         return HTMLResponse(page(f"Similar cases — {html.escape(user.name)} ({user.role})", body))
 
@@ -299,16 +312,7 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
         if denied is not None:
             return denied
         form = await request.form(max_files=2, max_part_size=1 << 20)
-        body = nav(user) + search_form({})
-        try:
-            k, filters = k_of(form), search_filters(form)
-            query = await query_from_request(wh, form, roots)
-            answer = similar_answer(wh, None, k, filters, user.name, base(request), warm=warm, query=query,
-                                    outcomes=True)
-            body += results_html(answer)
-        except (KeyError, ValueError, PermissionError, FileNotFoundError, RuntimeError) as exc:
-            audit_refused(user, "search", {"new_lesion": True}, f"refused: {failure(exc)[1]}")
-            body += f"<p class='error'>{html.escape(failure(exc)[1])}</p>"
+        body = nav(user) + search_form({}) + await answer_html(request, user, form, new_lesion=True)
         body += new_lesion_form()
         return HTMLResponse(page(f"Similar cases — {html.escape(user.name)} ({user.role})", body))
 

@@ -271,6 +271,15 @@ def test_cohort_discovery_through_graphql(dagster_dev, materialized_run):
     assert registry[0][2] == audit[-1][0]
 
 
+def _keep_failure(screens: Screens, driver, artifacts_dir: Path, shot: str, page: str) -> None:
+    """A screenshot and the page source of a failing browser test (never hiding the original error)."""
+    try:
+        screens.shot(shot)
+        (artifacts_dir / page).write_text(driver.page_source)
+    except Exception:  # noqa: BLE001 - keep the original error
+        pass
+
+
 def _loaded_images(driver, alt_part: str) -> list:
     """Displayed images whose alt text holds ``alt_part`` and that have loaded (scrolled into view first:
     the UI may load images lazily)."""
@@ -321,11 +330,7 @@ def test_cohort_pages_show_pictures(browser, dagster_dev, materialized_run, arti
         wait.until(lambda d: "Columns" in _body_text(d) and "explanation" in _body_text(d))
         screens.shot("cohort-columns")
     except BaseException:
-        try:
-            screens.shot("failure")
-            (artifacts_dir / "failure-cohort.html").write_text(driver.page_source)
-        except Exception:  # noqa: BLE001 - keep the original error
-            pass
+        _keep_failure(screens, driver, artifacts_dir, "failure", "failure-cohort.html")
         raise
 
 
@@ -420,9 +425,5 @@ def test_search_page_with_tokens_and_a_saved_cohort(browser, dagster_dev, materi
             urllib.request.urlopen(req, timeout=30)
         assert forbidden.value.code == 403
     except BaseException:
-        try:
-            screens.shot("failure-search")
-            (artifacts_dir / "failure-search.html").write_text(driver.page_source)
-        except Exception:  # noqa: BLE001 - keep the original error
-            pass
+        _keep_failure(screens, driver, artifacts_dir, "failure-search", "failure-search.html")
         raise
