@@ -115,7 +115,9 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
             return None, JSONResponse({"error": "a valid token is needed (Authorization: Bearer <token>)"},
                                       status_code=401, headers={"WWW-Authenticate": "Bearer"})
         if not user.can(permission):
-            message = f"user {user.name} (role {user.role}) may not {permission.replace('_', ' ')}"
+            doing = {"search": "search", "view": "view pictures", "save_cohort": "save cohorts",
+                     "sql": "run SQL queries", "admin": "administer the server"}.get(permission, permission)
+            message = f"user {user.name} (role {user.role}) may not {doing}"
             if as_page:
                 return None, HTMLResponse(page("Not allowed", f"<p class='error'>{html.escape(message)}</p>"
                                                 "<p><a href='/'>back to the search</a></p>"), status_code=403)

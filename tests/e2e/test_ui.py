@@ -417,7 +417,7 @@ def test_search_page_with_tokens_and_a_saved_cohort(browser, dagster_dev, materi
         assert "Save as cohort" not in _body_text(driver)
         driver.get(f"{search}/sql")
         wait.until(lambda d: "Not allowed" in _body_text(d))
-        assert "may not sql" in _body_text(driver)
+        assert "may not run SQL queries" in _body_text(driver)
         screens.shot("search-403-viewer-sql")
         req = urllib.request.Request(f"{search}/api/cohorts", data=json.dumps({"name": "nope"}).encode(),
                                      headers={"Authorization": f"Bearer {viewer}", "Content-Type": "application/json"})
