@@ -64,9 +64,14 @@ class Screens:
 
 
 def _body_text(driver) -> str:
+    """The page's text ("" while a navigation replaces the page: the old body is then stale)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return driver.find_element(By.TAG_NAME, "body").text
+    try:
+        return driver.find_element(By.TAG_NAME, "body").text
+    except (StaleElementReferenceException, NoSuchElementException):
+        return ""
 
 
 def _dismiss_community_dialog(driver) -> None:
