@@ -214,10 +214,14 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
     async def save_cohort(user: Any, form: Any) -> dict[str, Any]:
         """Materialize a cohort in Dagster as ``imaging-assets cohort`` does, as ``user``."""
         from imaging_assets.defs.cohorts import CohortConfig
-        from imaging_assets.stages.cohorts import cohort_table_name
+        from imaging_assets.stages.cohorts import cohort_table_name, stored_cohort_query
 
         name = str(form.get("name") or "").strip()
         cohort_table_name(name)  # ValueError for a bad name
+        if stored_cohort_query(wh, name) is not None and str(form.get("replace") or "") not in ("1", "true", "on"):
+            # a name typed twice must not silently replace someone's cohort
+            raise ValueError(f"a cohort named {name!r} exists already: choose another name, or ask to replace it "
+                             "(replace=1; the page's 'replace it' box)")
         config: dict[str, Any] = {"k": k_of(form, 20)}
         if form.get("reference_lesion_id"):
             config["reference_lesion_id"] = str(form.get("reference_lesion_id")).strip()
@@ -299,22 +303,18 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
         return results_html(answer) + saving
 
     async def search_page(request: Request):
+        """GET: the form, and the answer for a lesion id; POST: the answer for a new lesion (files or paths)."""
         user, denied = guard(request, SEARCH, as_page=True)
         if denied is not None:
             return denied
-        q = request.query_params
-        body = nav(user) + search_form(q)
-        if q.get("lesion_id"):
-            body += await answer_html(request, user, q, new_lesion=False)
-        body += new_lesion_form()
-        return HTMLResponse(page(f"Similar cases — {html.escape(user.name)} ({user.role})", body))
-
-    async def search_new_page(request: Request):
-        user, denied = guard(request, SEARCH, as_page=True)
-        if denied is not None:
-            return denied
-        form = await request.form(max_files=2, max_part_size=1 << 20)
-        body = nav(user) + search_form({}) + await answer_html(request, user, form, new_lesion=True)
+        if request.method == "POST":
+            form = await request.form(max_files=2, max_part_size=1 << 20)
+            body = nav(user) + search_form({}) + await answer_html(request, user, form, new_lesion=True)
+        else:
+            q = request.query_params
+            body = nav(user) + search_form(q)
+            if q.get("lesion_id"):
+                body += await answer_html(request, user, q, new_lesion=False)
         body += new_lesion_form()
         return HTMLResponse(page(f"Similar cases — {html.escape(user.name)} ({user.role})", body))
 
@@ -376,7 +376,7 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
         return JSONResponse({"ok": True})
 
     return Starlette(lifespan=lifespan, routes=[
-        Route("/", search_page), Route("/", search_new_page, methods=["POST"]),
+        Route("/", search_page, methods=["GET", "POST"]),
         Route("/cohorts", cohorts_page, methods=["POST"]), Route("/sql", sql_page, methods=["GET", "POST"]),
         Route("/login", login, methods=["POST"]), Route("/logout", logout, methods=["POST"]),
         Route("/api/similar/{lesion_id}", api_similar), Route("/api/similar", api_similar_new, methods=["POST"]),

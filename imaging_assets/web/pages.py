@@ -66,7 +66,8 @@ def save_form(q: Any) -> str:
     hidden = hidden.replace("name='lesion_id'", "name='reference_lesion_id'")
     return ("<form method='post' action='/cohorts'>" + hidden +
             "<label>Save as cohort named <input name='name' size='24' pattern='[a-z][a-z0-9_]{0,47}' required></label>"
-            " <label>patients <input name='k' size='3' value='20'></label> <button type='submit'>Save as cohort"
+            " <label>patients <input name='k' size='3' value='20'></label> <label><input type='checkbox' name='replace'"
+            " value='1'> replace it if it exists</label> <button type='submit'>Save as cohort"
             "</button> <small>(a Dagster run of the <code>cohort</code> asset: table, outcomes, audit)</small></form>")
 
 

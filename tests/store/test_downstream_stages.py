@@ -524,6 +524,9 @@ def test_the_page_saves_cohorts_for_analysts_and_sql_reads_only(chain, tmp_path,
         assert sql_page.status_code == 200 and "<th>n</th>" in sql_page.text
         made = client.post("/api/cohorts", json={"name": "from_api", "reference_lesion_id": lid, "k": 2}, headers=auth)
         assert made.status_code == 201 and made.json()["table"] == "cohort_from_api"
+        again = client.post("/api/cohorts", json={"name": "from_api", "reference_lesion_id": lid, "k": 1}, headers=auth)
+        assert again.status_code == 400 and "exists already" in again.json()["error"]  # nothing replaced
+        assert len(_q(wh.duckdb_path, "SELECT * FROM cohort_from_api")) == 2
     with dg.DagsterInstance.get() as instance:
         assert instance.has_dynamic_partition("cohorts", "from_page")
         runs = [instance.get_run_by_id(e.run_id) for e in instance.fetch_materializations(
