@@ -22,6 +22,9 @@ a running search server (the CLI)  ``IMAGING_ASSETS_SERVER_URL`` + ``_TOKEN``   
 ad-hoc SQL statement timeout (s)   ``IMAGING_ASSETS_SQL_TIMEOUT_S``                ``30``
 ad-hoc SQL memory limit            ``IMAGING_ASSETS_SQL_MEMORY_LIMIT``             ``2GB``
 Lance versions kept for (days)     ``IMAGING_ASSETS_LANCE_KEEP_DAYS``              ``1`` (+ pinned versions)
+your embedding model (TorchScript  ``IMAGING_ASSETS_EMBEDDING_MODEL``              none (the encoder trained
+or ONNX file, with its sidecar     (+ ``_INPUT_SIZE``, ``_CHANNELS``,               on the cohort)
+``<file>.json`` or the settings)   ``_INTENSITY``)
 =================================  =============================================  ==========================
 """
 
@@ -159,3 +162,26 @@ def lance_keep_days() -> float:
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"IMAGING_ASSETS_LANCE_KEEP_DAYS={raw!r}: expected a number of days >= 0")
     return value
+
+
+def embedding_model() -> dict[str, object] | None:
+    """A model file of yours for the deep embeddings (``IMAGING_ASSETS_EMBEDDING_MODEL``: a local TorchScript or
+    ONNX file, never downloaded), with ``IMAGING_ASSETS_EMBEDDING_INPUT_SIZE`` (voxels per side),
+    ``_CHANNELS`` (1 or 2) and ``_INTENSITY`` (``project`` | ``zscore`` | ``minmax``) when its sidecar
+    ``<file>.json`` does not say; None when unset (the encoder trained on the cohort is used)."""
+    path = os.environ.get("IMAGING_ASSETS_EMBEDDING_MODEL", "").strip()
+    if not path:
+        return None
+    out: dict[str, object] = {"path": str(Path(path).expanduser())}
+    for key, var in (("input_size", "IMAGING_ASSETS_EMBEDDING_INPUT_SIZE"),
+                     ("channels", "IMAGING_ASSETS_EMBEDDING_CHANNELS")):
+        raw = os.environ.get(var, "").strip()
+        if raw:
+            try:
+                out[key] = int(raw)
+            except ValueError as exc:
+                raise ValueError(f"{var}={raw!r}: expected a whole number") from exc
+    raw = os.environ.get("IMAGING_ASSETS_EMBEDDING_INTENSITY", "").strip()
+    if raw:
+        out["intensity"] = raw
+    return out

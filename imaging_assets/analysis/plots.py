@@ -73,3 +73,54 @@ def robust_set_plot_png(totals: Mapping[str, int], features: Sequence[str], path
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def loss_curve_png(losses: Sequence[float], path: Path, title: str = "Embedding model training") -> Path | None:
+    """Self-supervised training loss per epoch (the ``embedding_model`` asset page)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not losses:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(range(1, len(losses) + 1), list(losses), marker="o", ms=3, color="tab:blue")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("contrastive loss (mean per epoch)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def embedding_icc_png(iccs: Sequence[float], overlaps: Sequence[float], path: Path,
+                      threshold: float = 0.75) -> Path | None:
+    """Embedding robustness: sorted ICC(3,1) per dimension, and the distribution of top-10 overlaps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not len(iccs):
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    a.plot(range(len(iccs)), sorted(iccs, reverse=True), color="tab:blue")
+    a.axhline(threshold, color="k", ls="--", lw=1, label=f"ICC {threshold}")
+    a.set_xlabel("embedding dimensions, sorted")
+    a.set_ylabel("ICC(3,1) under perturbation")
+    a.set_ylim(-0.2, 1.02)
+    a.legend(loc="lower left")
+    if len(overlaps):
+        b.hist(list(overlaps), bins=np.linspace(0, 1, 11), color="tab:green")
+    b.set_xlabel("top-10 neighbours kept (original vs perturbed)")
+    b.set_ylabel("lesion x perturbation")
+    fig.suptitle("Embedding robustness")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

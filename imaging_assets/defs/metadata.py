@@ -88,10 +88,11 @@ COLUMN_NOTES = {
 
 def column_schema(table: str) -> dg.TableSchema:
     """The ``dagster/column_schema`` of a warehouse table, from its one declaration in ``store.schema``
-    (the Lance table ``lesion_vectors`` from ``store.lance``)."""
+    (the Lance tables ``lesion_vectors`` and ``lesion_embeddings`` from ``store.lance``)."""
     from imaging_assets.store import schema
 
-    if table == "lesion_vectors":
+    lance = table in ("lesion_vectors", "lesion_embeddings")
+    if lance:
         from imaging_assets.store.lance import METADATA_TYPES
 
         columns = {"lesion_id": "VARCHAR", "vector": "FLOAT[dim]",
@@ -103,7 +104,7 @@ def column_schema(table: str) -> dg.TableSchema:
     return dg.TableSchema(columns=[
         dg.TableColumn(name, typ.lower(), description=COLUMN_NOTES.get(name),
                        constraints=dg.TableColumnConstraints(unique=True, nullable=False)
-                       if table != "lesion_vectors" and {name} == key else None)
+                       if not lance and {name} == key else None)
         for name, typ in columns.items()])
 
 

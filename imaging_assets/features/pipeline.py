@@ -403,14 +403,23 @@ def extract_one(image: str | Path, mask: str | Path, label: int | None = None, s
         The inputs cannot be resolved (no series, unlinkable mask, no such segment, ...).
     """
     from imaging_assets.features.extract import run_job
+
+    lid, series, loader = lesion_loader(image, mask, label, segment, modality, resample_mask)
+    p = extraction_settings(series.get("modality") or modality, params).params
+    return run_job(ExtractionJob(lid, loader, params=p))
+
+
+def lesion_loader(image: str | Path, mask: str | Path, label: int | None = None, segment: str | None = None,
+                  modality: str | None = None, resample_mask: bool = False) -> tuple[str, dict, SeriesLesionLoader]:
+    """One lesion of files as the pipeline loads it: (lesion id, series row, loader giving image and mask).
+    Parameters and errors as :func:`extract_one`."""
     from imaging_assets.features.lesions import check_volume_mask, lesion_id
 
     series, seg = resolve_inputs(image, mask, modality)
     number = choose_segment(seg, label, segment)
     if not resample_mask:
         check_volume_mask(seg, series, image_name=str(image))
-    p = extraction_settings(series.get("modality") or modality, params).params
     lid = lesion_id(str(series.get("series_instance_uid") or series["series_key"]),
                     str(seg.get("sop_instance_uid") or seg["seg_key"]), number, 0)
-    loader = SeriesLesionLoader(dict(series), dict(seg), number, options=LesionOptions(resample_mask=resample_mask))
-    return run_job(ExtractionJob(lid, loader, params=p))
+    return lid, series, SeriesLesionLoader(dict(series), dict(seg), number,
+                                           options=LesionOptions(resample_mask=resample_mask))

@@ -32,11 +32,13 @@ class ChainSettings:
     max_lesions: int = 48
     progress: Callable[[int, int], None] | None = None
     png_dir: Path | None = None
+    #: the embedding model's :class:`~imaging_assets.features.embedding.TrainConfig` (default: its defaults)
+    train: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _steps() -> list[tuple[str, Callable[[Any, ChainSettings], Any]]]:
-    from imaging_assets.stages import discovery, outcomes, radiomics, reproducibility, thumbnails, vectors
+    from imaging_assets.stages import discovery, embeddings, outcomes, radiomics, reproducibility, thumbnails, vectors
 
     def png(s: ChainSettings, name: str) -> Path | None:
         return Path(s.png_dir) / name if s.png_dir is not None else None
@@ -48,6 +50,8 @@ def _steps() -> list[tuple[str, Callable[[Any, ChainSettings], Any]]]:
         ("segmentations", lambda wh, s: discovery.rebuild_segmentations(wh, s.manifests, secret=s.secret)),
         ("lesions", lambda wh, s: radiomics.rebuild_lesions(wh, workers=s.workers)),
         ("lesion_thumbnails", lambda wh, s: thumbnails.render_lesion_thumbnails(wh, workers=s.workers)),
+        ("lesion_crops", lambda wh, s: embeddings.build_lesion_crops(wh, workers=s.workers)),
+        ("embedding_model", lambda wh, s: embeddings.train_embedding_model(wh, s.train)),
         ("radiomics_features", lambda wh, s: radiomics.extract_features(wh, workers=s.workers,
                                                                         batch_size=s.batch_size,
                                                                         progress=s.progress)),
@@ -58,14 +62,16 @@ def _steps() -> list[tuple[str, Callable[[Any, ChainSettings], Any]]]:
         ("clinical_outcomes", lambda wh, s: outcomes.load_outcomes(wh, s.outcomes, secret=s.secret)),
         ("phenotype_clusters", lambda wh, s: outcomes.build_clusters(wh, png_path=png(s, "clusters.png"))),
         ("cluster_outcomes", lambda wh, s: outcomes.analyse_cluster_outcomes(wh, png_path=png(s, "km.png"))),
+        ("lesion_embeddings", lambda wh, s: embeddings.build_lesion_embeddings(wh)),
+        ("embedding_robustness", lambda wh, s: embeddings.compute_embedding_robustness(wh, workers=s.workers)),
     ]
 
 
 #: The asset names of the chain, in the order the steps run (the Dagster graph's topological order).
 CHAIN: tuple[str, ...] = ("dicom_files", "imaging_series", "segmentations", "lesions", "lesion_thumbnails",
-                          "radiomics_features",
+                          "lesion_crops", "embedding_model", "radiomics_features",
                           "feature_robustness", "robust_feature_set", "lesion_vectors", "clinical_outcomes",
-                          "phenotype_clusters", "cluster_outcomes")
+                          "phenotype_clusters", "cluster_outcomes", "lesion_embeddings", "embedding_robustness")
 
 
 def run_chain(wh: Any, settings: ChainSettings, until: str | None = None,

@@ -203,6 +203,7 @@ class WarmSearch:
         self.journal = AuditJournal(wh.duckdb_path)
         self._tables: WarmTables | None = None
         self._index: Any = None
+        self._deep: Any = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -231,12 +232,27 @@ class WarmSearch:
                 return None
         return self._index
 
+    @property
+    def deep_index(self) -> Any:
+        """The :class:`~imaging_assets.store.lance.memory.MemoryIndex` of ``lesion_embeddings``, or None while
+        there is none."""
+        if self._deep is None:
+            from imaging_assets.store.lance import EMBEDDING_TABLE
+            from imaging_assets.store.lance.memory import MemoryIndex
+
+            try:
+                self._deep = MemoryIndex.load(self.wh.lance_uri, EMBEDDING_TABLE, **self.index_options)
+            except (FileNotFoundError, ValueError, OSError) as exc:  # no embeddings yet: radiomics searches only
+                logger.debug("no embedding table to keep warm at %s: %s", self.wh.lance_uri, exc)
+                return None
+        return self._deep
+
     def refresh(self) -> dict[str, bool]:
-        """Reload what changed since the last look: ``{"vectors": reloaded?, "tables": reloaded?}``.
+        """Reload what changed since the last look: ``{"vectors", "embeddings", "tables"}`` -> reloaded?
 
         A DuckDB file locked by the pipeline is tried again at the next look (the old snapshot stays); while
         it keeps changing, the tables wait ``quiet_s`` of calm (at most ``max_stale_s``)."""
-        changed = {"vectors": False, "tables": False}
+        changed = {"vectors": False, "embeddings": False, "tables": False}
         index = self._index
         if index is None:
             changed["vectors"] = self.index is not None
@@ -245,6 +261,14 @@ class WarmSearch:
                 changed["vectors"] = bool(index.refresh())
             except Exception as exc:  # noqa: BLE001 - a half-written version: next look
                 logger.warning("could not refresh the vectors of %s: %s", self.wh.lance_uri, exc)
+        deep = self._deep
+        if deep is None:
+            changed["embeddings"] = self.deep_index is not None
+        elif deep.is_stale():
+            try:
+                changed["embeddings"] = bool(deep.refresh())
+            except Exception as exc:  # noqa: BLE001 - a half-written version: next look
+                logger.warning("could not refresh the embeddings of %s: %s", self.wh.lance_uri, exc)
         current = self._tables
         token = file_token(self.wh.duckdb_path)
         if current is not None and token == current.token:
@@ -295,7 +319,7 @@ class WarmSearch:
         """Load everything now and keep it fresh from a background thread (until :meth:`stop`)."""
         try:
             self.flush_audit()  # rows a previous server left behind
-            _ = self.tables, self.index
+            _ = self.tables, self.index, self.deep_index
         except Exception as exc:  # noqa: BLE001 - an unreadable warehouse: serve, searches say why, retry later
             logger.warning("the warehouse %s cannot be read yet (%s): searches fail until it can", self.wh.root, exc)
         if self._thread is None:

@@ -22,17 +22,34 @@ from imaging_assets.store import audit
 from imaging_assets.store.schema import ensure_schema
 from imaging_assets.store.warehouse import Warehouse
 
-#: Columns of a :func:`find_similar` answer, in order (``distance``: L2 on the scaled robust features).
+#: The search spaces: the scaled robust radiomics features (``lesion_vectors``), the learned embeddings
+#: (``lesion_embeddings``), or both fused by reciprocal rank (:func:`fuse_ranks`).
+SEARCH_SPACES = ("radiomics", "deep", "hybrid")
+#: The space searched when none is named: the best measured (benchmarks/embeddings.py: precision@10 of the
+#: planted phenotype on two generated cohorts); radiomics where a lesion has no embedding yet.
+DEFAULT_SPACE = "hybrid"
+#: Reciprocal-rank fusion: score = sum over the spaces of 1 / (RRF_K + rank).
+RRF_K = 60
+#: Hybrid candidates: this many times ``k`` (at least :data:`HYBRID_MIN_CANDIDATES`) from each space, then
+#: both distances of every candidate computed exactly and ranked.
+HYBRID_CANDIDATES = 4
+HYBRID_MIN_CANDIDATES = 50
+
+#: Columns of a :func:`find_similar` answer, in order. ``distance``: L2 on the scaled robust features (the
+#: explanations' distance; None for a lesion without radiomics vector); ``deep_distance``: L2 between the
+#: L2-normalised embeddings (None in a radiomics search); ``score``: the hybrid fusion score (higher is closer;
+#: None otherwise); ``search_space``: radiomics | deep | hybrid; ``rank`` orders by the space searched.
 RESULT_COLUMNS = ("rank", "lesion_id", "distance", "patient_key", "series_instance_uid", "segment_number",
                   "raw_label", "roi_name", "modality", "body_part", "volume_mm3", "study_date", "cluster",
-                  "feature_set_version", "space")
+                  "feature_set_version", "space", "search_space", "deep_distance", "score")
 #: polars types of the :func:`find_similar` columns (names of ``polars`` dtypes, so this module does not
 #: import polars: the CLI's search path, :func:`similar_rows`, never needs it).
 RESULT_SCHEMA: dict[str, str] = {
     "rank": "Int64", "lesion_id": "String", "distance": "Float64", "patient_key": "String",
     "series_instance_uid": "String", "segment_number": "Int32", "raw_label": "String", "roi_name": "String",
     "modality": "String", "body_part": "String", "volume_mm3": "Float64", "study_date": "Date", "cluster": "Int32",
-    "feature_set_version": "String", "space": "String",
+    "feature_set_version": "String", "space": "String", "search_space": "String", "deep_distance": "Float64",
+    "score": "Float64",
 }
 
 
@@ -53,6 +70,9 @@ class QueryVector:
     params_source: str
     #: the lesion's raw feature values (pyradiomics names), shown in explanations
     values: dict[str, float] = field(default_factory=dict)
+    #: its embedding by the active model (None without a model), and that model's version
+    embedding: np.ndarray | None = None
+    model_version: str | None = None
 
 
 def feature_spaces(wh: Warehouse) -> list[dict[str, Any]]:
@@ -130,21 +150,43 @@ def query_vector(wh: Warehouse, image: str | Path, mask: str | Path, label: int 
     dim = lance_dataset(wh.lance_uri).schema.field("vector").type.list_size
     padded = np.zeros(dim, np.float32)
     padded[: len(vec)] = vec
+    embedding, model_version = _new_lesion_embedding(wh, image, mask, label, segment, info["modality"], resample_mask)
     return QueryVector(padded, str(info["feature_set_version"]), space, str(info["params_hash"]), str(info["source"]),
-                       values={n: float(outcome.features[n]) for n in scaler.feature_names if n in outcome.features})
+                       values={n: float(outcome.features[n]) for n in scaler.feature_names if n in outcome.features},
+                       embedding=embedding, model_version=model_version)
+
+
+def _new_lesion_embedding(wh: Warehouse, image: Any, mask: Any, label: int | None, segment: str | None,
+                          modality: str | None, resample_mask: bool) -> tuple[np.ndarray | None, str | None]:
+    """The embedding of a new lesion by the active model; (None, None) while the warehouse has no model."""
+    from imaging_assets.features.pipeline import lesion_loader
+    from imaging_assets.stages.embeddings import query_embedding
+
+    with wh.connect(read_only=True) as con:
+        has_model = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'embedding_models'"
+                                ).fetchone()[0] and con.execute(
+            "SELECT count(*) FROM embedding_models WHERE active").fetchone()[0]
+    if not has_model:
+        return None, None
+    _, series, loader = lesion_loader(image, mask, label, segment, modality, resample_mask)
+    img, msk, _ = loader()
+    return query_embedding(wh, img, msk, series.get("modality") or modality)
 
 
 def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None, k: int = 10,
                  where: dict[str, Any] | None = None, exclude_same_patient: bool = True,
                  warehouse: Warehouse | str | Path | None = None, version: int | None = None,
                  action: str = "search", extra_params: dict[str, Any] | None = None, space: str | None = None,
-                 one_per_patient: bool = False, user: str | None = None, warm: Any = None):
-    """The lesions most similar to a lesion (or a vector), as a polars DataFrame ranked by distance.
+                 one_per_patient: bool = False, user: str | None = None, warm: Any = None,
+                 feature_space: str | None = None, embedding: np.ndarray | None = None):
+    """The lesions most similar to a lesion (or a vector), as a polars DataFrame ranked in the space searched.
 
     Parameters
     ----------
     lesion_id, vector
-        The query: a lesion of the warehouse, or a standardised vector (see :func:`query_vector`).
+        The query: a lesion of the warehouse, or a standardised radiomics vector (see :func:`query_vector`).
+    embedding
+        With ``vector``: the new lesion's embedding (:attr:`QueryVector.embedding`), for deep / hybrid searches.
     k
         Number of rows returned.
     where
@@ -158,7 +200,15 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
         A :class:`~imaging_assets.store.warehouse.Warehouse`, a warehouse folder, or None for the
         configured one (``IMAGING_ASSETS_WAREHOUSE`` and ``IMAGING_ASSETS_LANCE_URI``).
     version
-        Search an older version of the Lance table (the audit log names the version of every answer).
+        Search an older version of the radiomics table (the audit log names the version of every answer).
+    space
+        The search space, one of :data:`SEARCH_SPACES`: ``radiomics`` (the scaled robust features), ``deep``
+        (the learned embeddings) or ``hybrid`` (both, fused by reciprocal rank: :func:`fuse_ranks`). Default
+        :data:`DEFAULT_SPACE`, or radiomics where the query has no embedding. For compatibility, any other
+        value names a ``feature_space``.
+    feature_space
+        The feature space searched (e.g. ``CT-1a2b3c4d``). A lesion id searches its own (always: a CT lesion is
+        never compared with an MR lesion's vector); a vector needs it unless the table holds one space only.
     one_per_patient
         Return the closest lesion of each patient only (a cohort counts each patient once).
     user
@@ -167,9 +217,6 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
         What a server keeps in memory (:class:`~imaging_assets.stages.serving.WarmSearch`): the search
         then opens no file (the vectors, tables and audit journal are in memory; same rows). Ignored with
         ``version``.
-    space
-        The feature space searched. A lesion id searches its own space (always: a CT lesion is never
-        compared with an MR lesion's vector); a vector needs it unless the table holds one space only.
     action, extra_params
         What the audit row calls this search (``search`` | ``cohort``) and extra parameters it records.
 
@@ -182,23 +229,36 @@ def find_similar(lesion_id: str | None = None, vector: np.ndarray | None = None,
     Raises
     ------
     KeyError
-        ``lesion_id`` is not in the vector table.
+        ``lesion_id`` is not in the table searched.
+    ValueError
+        An unknown space; a deep / hybrid search without embeddings (the message says what to materialize).
     """
     import polars as pl
 
     rows = similar_rows(lesion_id=lesion_id, vector=vector, k=k, where=where,
                         exclude_same_patient=exclude_same_patient, warehouse=warehouse, version=version,
                         action=action, extra_params=extra_params, space=space, one_per_patient=one_per_patient,
-                        user=user, warm=warm)
+                        user=user, warm=warm, feature_space=feature_space, embedding=embedding)
     return pl.DataFrame({c: [r[c] for r in rows] for c in RESULT_COLUMNS},
                         schema_overrides={c: getattr(pl, t) for c, t in RESULT_SCHEMA.items()})
+
+
+def split_space(space: str | None, feature_space: str | None = None) -> tuple[str | None, str | None]:
+    """``(search space or None for the default, feature space)`` of the ``space`` / ``feature_space`` arguments."""
+    if space is not None and str(space).lower() in SEARCH_SPACES:
+        return str(space).lower(), feature_space
+    if space is not None and feature_space is not None and space != feature_space:
+        raise ValueError(f"space {space!r} is neither one of {', '.join(SEARCH_SPACES)} nor the feature space "
+                         f"{feature_space!r}")
+    return None, feature_space if feature_space is not None else space
 
 
 def similar_rows(lesion_id: str | None = None, vector: np.ndarray | None = None, k: int = 10,
                  where: dict[str, Any] | None = None, exclude_same_patient: bool = True,
                  warehouse: Warehouse | str | Path | None = None, version: int | None = None,
                  action: str = "search", extra_params: dict[str, Any] | None = None, space: str | None = None,
-                 one_per_patient: bool = False, user: str | None = None, warm: Any = None) -> list[dict[str, Any]]:
+                 one_per_patient: bool = False, user: str | None = None, warm: Any = None,
+                 feature_space: str | None = None, embedding: np.ndarray | None = None) -> list[dict[str, Any]]:
     """:func:`find_similar` as a list of row dicts (keys :data:`RESULT_COLUMNS`, in order), without polars.
 
     The one search path: :func:`find_similar` wraps these rows into its DataFrame; the CLI prints them
@@ -210,44 +270,55 @@ def similar_rows(lesion_id: str | None = None, vector: np.ndarray | None = None,
     wh = _warehouse(warehouse)
     if (lesion_id is None) == (vector is None):
         raise ValueError("give either a lesion_id or a vector")
+    search_space, feature_space = split_space(space, feature_space)
     params: dict[str, Any] = {"lesion_id": lesion_id, "k": k, "filters": where or {}, "version": version,
-                              "exclude_same_patient": exclude_same_patient, "space": space,
+                              "exclude_same_patient": exclude_same_patient, "space": feature_space,
+                              "search_space": search_space,
                               **({"one_per_patient": True} if one_per_patient else {}), **(extra_params or {})}
-    query: str | np.ndarray = lesion_id if lesion_id is not None else np.asarray(vector, np.float32)
+    queries: dict[str, Any] = {"radiomics": lesion_id, "deep": lesion_id}
     if vector is not None:
         vec = np.asarray(vector, np.float32)
         params["vector_sha1"] = hashlib.sha1(vec.tobytes()).hexdigest()
         params["vector"] = [round(float(x), 6) for x in vec]
+        queries = {"radiomics": vec, "deep": None if embedding is None else np.asarray(embedding, np.float32)}
+        if embedding is not None:
+            params["embedding_sha1"] = hashlib.sha1(queries["deep"].tobytes()).hexdigest()
     if warm is not None and version is None and warm.index is not None:
         # a server: vectors, tables and audit journal in memory (stages.serving), no file opened
-        return _search(_WarmSources(warm), query, lesion_id, k, where, exclude_same_patient, space, one_per_patient,
-                       params, action, user)
+        return _search(_WarmSources(warm), queries, lesion_id, k, where, exclude_same_patient, feature_space,
+                       search_space, one_per_patient, params, action, user)
     # One connection per search: opening a DuckDB file costs ~10 ms, the Lance search itself ~3 ms; the
     # write lock is held for the search's few milliseconds only (robust-set version, audit row, metadata).
     with wh.connect() as con:
         ensure_schema(con)
-        return _search(_StoreSources(wh, con, version), query, lesion_id, k, where, exclude_same_patient,
-                       space, one_per_patient, params, action, user)
+        return _search(_StoreSources(wh, con, version), queries, lesion_id, k, where, exclude_same_patient,
+                       feature_space, search_space, one_per_patient, params, action, user)
 
 
-class _StoreSources:
-    """What a search reads and writes, from the files (one DuckDB connection, the Lance table)."""
+class _StoreTable:
+    """One Lance table of the files, pinned at one version."""
 
-    def __init__(self, wh: Warehouse, con: Any, version: int | None) -> None:
+    def __init__(self, wh: Warehouse, table: str, version: int | None) -> None:
         from imaging_assets.store import lance
 
-        self.wh, self.con, self.lance = wh, con, lance
+        self.wh, self.lance, self.table = wh, lance, table
         # pin the table version first: the audit names exactly the version that was searched
-        self.version = version if version is not None else lance.table_version(wh.lance_uri)
+        self.version = version if version is not None else lance.table_version(wh.lance_uri, table)
         self._ds: Any = None
+
+    @property
+    def present(self) -> bool:
+        return self.version is not None
 
     @property
     def ds(self) -> Any:
         if self._ds is None:
-            self._ds = self.lance.lance_dataset(self.wh.lance_uri, version=self.version)
+            self._ds = self.lance.lance_dataset(self.wh.lance_uri, self.table, version=self.version)
         return self._ds
 
     def lesion(self, lesion_id: str) -> dict[str, Any] | None:
+        if not self.present:
+            return None
         row = self.ds.to_table(columns=["patient_key", "space"],
                                filter=f"lesion_id = {self.lance.sql_string(lesion_id)}").to_pylist()
         return row[0] if row else None
@@ -255,17 +326,40 @@ class _StoreSources:
     def spaces(self) -> list[str]:
         return sorted({s for s in self.ds.to_table(columns=["space"]).column("space").to_pylist() if s})
 
+    def nearest(self, query: Any, k: int, filters: dict[str, Any] | None, exclude_self: bool,
+                patient: str | None) -> list[dict[str, Any]]:
+        extra = self.ds.count_rows(filter=f"patient_key = {self.lance.sql_string(patient)}") if patient else 0
+        rows = self.lance.nearest(self.wh.lance_uri, query, k=k + extra, filters=filters, table_name=self.table,
+                                  version=self.version, exclude_self=exclude_self)
+        return [r for r in rows if patient is None or r.get("patient_key") != patient]
+
+    def rows_of(self, ids: list[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """``lesion_id -> (vector, metadata row)`` of those in the table."""
+        from imaging_assets.store.lance.schema import _vectors_numpy
+        from imaging_assets.store.lance.search import _in_list
+
+        if not ids or not self.present:
+            return {}
+        found = self.ds.to_table(filter=_in_list("lesion_id", sorted(set(ids))))
+        mat = _vectors_numpy(found["vector"])
+        meta = found.drop(["vector"]).to_pylist()
+        return {r["lesion_id"]: (mat[i], r) for i, r in enumerate(meta)}
+
+
+class _StoreSources:
+    """What a search reads and writes, from the files (one DuckDB connection, the Lance tables)."""
+
+    def __init__(self, wh: Warehouse, con: Any, version: int | None) -> None:
+        from imaging_assets.store.lance import EMBEDDING_TABLE, VECTOR_TABLE
+
+        self.con = con
+        self.tables = {"radiomics": _StoreTable(wh, VECTOR_TABLE, version),
+                       "deep": _StoreTable(wh, EMBEDDING_TABLE, None)}
+
     def robust_version(self, space: str) -> str | None:
         from imaging_assets.stages.reproducibility import current_robust_set
 
         return current_robust_set(self.con, space)[0]
-
-    def nearest(self, query: Any, k: int, filters: dict[str, Any] | None, exclude_self: bool,
-                patient: str | None) -> list[dict[str, Any]]:
-        extra = self.ds.count_rows(filter=f"patient_key = {self.lance.sql_string(patient)}") if patient else 0
-        rows = self.lance.nearest(self.wh.lance_uri, query, k=k + extra, filters=filters, version=self.version,
-                                  exclude_self=exclude_self)
-        return [r for r in rows if patient is None or r.get("patient_key") != patient]
 
     def record(self, action: str, params: dict[str, Any], versions: dict[str, Any], n_rows: int, status: str,
                user: str | None) -> None:
@@ -277,52 +371,109 @@ class _StoreSources:
             [ids]).fetchall()}
 
 
-class _WarmSources:
-    """The same reads and writes from a server's memory (:class:`~imaging_assets.stages.serving.WarmSearch`)."""
+class _WarmTable:
+    """One table from a server's memory (a :class:`~imaging_assets.store.lance.memory.MemoryIndex`)."""
 
-    def __init__(self, warm: Any) -> None:
-        self.warm, self.index, self.tables = warm, warm.index, warm.tables
-        self.version = self.index.version
+    def __init__(self, index: Any) -> None:
+        self.index = index
+        self.version = index.version if index is not None else None
+
+    @property
+    def present(self) -> bool:
+        return self.index is not None
 
     def lesion(self, lesion_id: str) -> dict[str, Any] | None:
-        return self.index.row(lesion_id)
+        return self.index.row(lesion_id) if self.index is not None else None
 
     def spaces(self) -> list[str]:
         return [str(s) for s in self.index.distinct("space") if s]
 
-    def robust_version(self, space: str) -> str | None:
-        return self.tables.robust.get(space, (None, []))[0]
-
     def nearest(self, query: Any, k: int, filters: dict[str, Any] | None, exclude_self: bool,
                 patient: str | None) -> list[dict[str, Any]]:
         return self.index.search(query, k=k, filters=filters, exclude_self=exclude_self, exclude_patient=patient)
+
+    def rows_of(self, ids: list[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        if self.index is None:
+            return {}
+        vectors = self.index.vectors_of(ids)
+        return {i: (v, self.index.row(i)) for i, v in vectors.items()}
+
+
+class _WarmSources:
+    """The same reads and writes from a server's memory (:class:`~imaging_assets.stages.serving.WarmSearch`)."""
+
+    def __init__(self, warm: Any) -> None:
+        self.warm, self.tables_ = warm, warm.tables
+        self.tables = {"radiomics": _WarmTable(warm.index), "deep": _WarmTable(warm.deep_index)}
+
+    def robust_version(self, space: str) -> str | None:
+        return self.tables_.robust.get(space, (None, []))[0]
 
     def record(self, action: str, params: dict[str, Any], versions: dict[str, Any], n_rows: int, status: str,
                user: str | None) -> None:
         self.warm.journal.record(action, "find_similar", params, versions, n_rows, status=status, user=user)
 
     def meta(self, ids: list[str]) -> dict[str, tuple[Any, Any]]:
-        lesions = self.tables.lesions
+        lesions = self.tables_.lesions
         return {i: (lesions[i]["segment_number"], lesions[i]["raw_label"]) for i in ids if i in lesions}
 
 
-def _search(src: Any, query: Any, lesion_id: str | None, k: int, where: dict[str, Any] | None,
-            exclude_same_patient: bool, space: str | None, one_per_patient: bool, params: dict[str, Any],
-            action: str, user: str | None) -> list[dict[str, Any]]:
+def fuse_ranks(distances: dict[str, list[float | None]], k0: int = RRF_K) -> list[float]:
+    """Reciprocal-rank fusion of the candidates' distances in several spaces: per space the candidates are
+    ranked by distance (1 = closest; a candidate without a distance in a space ranks after all others there),
+    and each candidate scores ``sum over spaces of 1 / (k0 + rank)``. Returns the scores, in input order."""
+    n = len(next(iter(distances.values()))) if distances else 0
+    scores = np.zeros(n)
+    for values in distances.values():
+        d = np.array([np.inf if v is None else float(v) for v in values])
+        order = np.argsort(d, kind="stable")
+        ranks = np.empty(n)
+        ranks[order] = np.arange(1, n + 1)
+        ranks[~np.isfinite(d)] = n + 1
+        scores += 1.0 / (k0 + ranks)
+    return scores.tolist()
+
+
+def _choose_space(src: Any, asked: str | None, lesion_id: str | None, queries: dict[str, Any]) -> str:
+    """The search space: the one asked for (checked), else the default where the query has an embedding."""
+    deep = src.tables["deep"]
+    has_deep = deep.present and (deep.lesion(lesion_id) is not None if lesion_id is not None
+                                 else queries["deep"] is not None)
+    if asked is None:
+        return DEFAULT_SPACE if has_deep else "radiomics"
+    if asked in ("deep", "hybrid") and not has_deep:
+        what = f"lesion {lesion_id!r} has no embedding" if lesion_id is not None and deep.present else (
+            "the query has no embedding (no embedding model)" if lesion_id is None
+            else "the warehouse has no lesion_embeddings table")
+        raise ValueError(f"cannot search space {asked}: {what}; materialize lesion_crops, embedding_model and "
+                         "lesion_embeddings, or search space radiomics")
+    return asked
+
+
+def _search(src: Any, queries: dict[str, Any], lesion_id: str | None, k: int, where: dict[str, Any] | None,
+            exclude_same_patient: bool, space: str | None, search_space: str | None, one_per_patient: bool,
+            params: dict[str, Any], action: str, user: str | None) -> list[dict[str, Any]]:
     """The search itself, on either source; audited once (also when it fails)."""
-    versions: dict[str, Any] = {"lesion_vectors": src.version}
+    rad, deep = src.tables["radiomics"], src.tables["deep"]
+    versions: dict[str, Any] = {"lesion_vectors": rad.version}
     try:
+        mode = _choose_space(src, search_space, lesion_id, queries)
+        params["search_space"] = mode
+        if mode != "radiomics":
+            versions["lesion_embeddings"] = deep.version
+        first = rad if mode != "deep" else deep
         patient = None
         if lesion_id is not None:
-            row = src.lesion(lesion_id)
+            row = first.lesion(lesion_id) or (deep.lesion(lesion_id) if mode == "hybrid" else None)
             if row is None:
-                raise KeyError(f"lesion {lesion_id!r} is not in the vector table (version {src.version})")
+                raise KeyError(f"lesion {lesion_id!r} is not in the "
+                               f"{'vector' if first is rad else 'embedding'} table (version {first.version})")
             if space is not None and row["space"] != space:
                 raise ValueError(f"lesion {lesion_id!r} is in feature space {row['space']}, not {space}")
             space = row["space"]
             patient = row["patient_key"] if exclude_same_patient else None
         elif space is None:
-            stored = src.spaces()
+            stored = first.spaces()
             if len(stored) > 1:
                 raise ValueError(f"the vector table holds {len(stored)} feature spaces ({', '.join(stored)}): "
                                  "a query vector needs its space")
@@ -332,8 +483,12 @@ def _search(src: Any, query: Any, lesion_id: str | None, k: int, where: dict[str
         filters = {**(where or {}), **({"space": [space]} if space is not None else {})}
         fetch = k
         while True:
-            rows = src.nearest(query, fetch, filters or None, exclude_same_patient, patient)
-            got = len(rows)
+            if mode == "radiomics":
+                rows = rad.nearest(queries["radiomics"], fetch, filters or None, exclude_same_patient, patient)
+                got = len(rows)
+            else:
+                rows, got = _fused(rad, deep, mode, queries, lesion_id, fetch, filters or None, exclude_same_patient,
+                                   patient)
             if one_per_patient:  # the closest lesion of each patient, in rank order
                 seen: set[Any] = set()
                 rows = [r for r in rows if r.get("patient_key") not in seen and not seen.add(r.get("patient_key"))]
@@ -346,13 +501,60 @@ def _search(src: Any, query: Any, lesion_id: str | None, k: int, where: dict[str
     rows = rows[:k]
     src.record(action, params, versions, len(rows), "ok", user)
     meta = src.meta([r["lesion_id"] for r in rows])
-    return [{"rank": rank, "lesion_id": r["lesion_id"], "distance": float(r["_distance"]),
+    return [{"rank": rank, "lesion_id": r["lesion_id"],
+             "distance": None if r.get("_distance") is None else float(r["_distance"]),
              "patient_key": r.get("patient_key"), "series_instance_uid": r.get("series_instance_uid"),
              "segment_number": meta.get(r["lesion_id"], (None, None))[0],
              "raw_label": meta.get(r["lesion_id"], (None, None))[1],
              **{c: r.get(c) for c in ("roi_name", "modality", "body_part", "volume_mm3", "study_date", "cluster",
-                                      "feature_set_version", "space")}}
+                                      "feature_set_version", "space")},
+             "search_space": mode, "deep_distance": r.get("_deep_distance"), "score": r.get("_score")}
             for rank, r in enumerate(rows, start=1)]
+
+
+def _fused(rad: Any, deep: Any, mode: str, queries: dict[str, Any], lesion_id: str | None, fetch: int,
+           filters: dict[str, Any] | None, exclude_self: bool, patient: str | None) -> tuple[list[dict], int]:
+    """Deep or hybrid candidates with both distances computed exactly; (rows in rank order, candidates seen).
+
+    deep: the ``fetch`` nearest embeddings. hybrid: the ``max(HYBRID_CANDIDATES * fetch,
+    HYBRID_MIN_CANDIDATES)`` nearest of each space, both distances of every candidate, ranked by
+    :func:`fuse_ranks`. A row's metadata (``feature_set_version`` = the robust set, as explanations need) is
+    the radiomics table's where the lesion has a vector there."""
+    m = fetch if mode == "deep" else max(HYBRID_CANDIDATES * fetch, HYBRID_MIN_CANDIDATES)
+    deep_rows = deep.nearest(queries["deep"], m, filters, exclude_self, patient)
+    rad_rows = rad.nearest(queries["radiomics"], m, filters, exclude_self, patient) if mode == "hybrid" else []
+    ids = list(dict.fromkeys([r["lesion_id"] for r in deep_rows] + [r["lesion_id"] for r in rad_rows]))
+    wanted = ids + ([lesion_id] if lesion_id is not None else [])
+    rad_of, deep_of = rad.rows_of(wanted), deep.rows_of(wanted)
+    q_rad = rad_of[lesion_id][0] if lesion_id is not None and lesion_id in rad_of else (
+        None if lesion_id is not None else queries["radiomics"])
+    q_deep = deep_of[lesion_id][0] if lesion_id is not None and lesion_id in deep_of else (
+        None if lesion_id is not None else queries["deep"])
+
+    def dist(q: Any, table: dict, i: str) -> float | None:
+        if q is None or i not in table:
+            return None
+        v = table[i][0]
+        n = min(len(v), len(q))
+        return float(np.sqrt(((np.asarray(q[:n], np.float64) - v[:n]) ** 2).sum()))
+
+    d_rad = [dist(q_rad, rad_of, i) for i in ids]
+    d_deep = [dist(q_deep, deep_of, i) for i in ids]
+    if mode == "deep":
+        order = sorted(range(len(ids)), key=lambda j: (np.inf if d_deep[j] is None else d_deep[j], ids[j]))
+        scores: list[float | None] = [None] * len(ids)
+    else:
+        fused = fuse_ranks({"radiomics": d_rad, "deep": d_deep})
+        scores = [float(x) for x in fused]
+        order = sorted(range(len(ids)), key=lambda j: (-fused[j], np.inf if d_deep[j] is None else d_deep[j], ids[j]))
+    out = []
+    for j in order:
+        i = ids[j]
+        base = dict(rad_of[i][1]) if i in rad_of else dict(deep_of[i][1])
+        if i not in rad_of:
+            base["feature_set_version"] = None  # no radiomics vector: no explanation by features
+        out.append({**base, "_distance": d_rad[j], "_deep_distance": d_deep[j], "_score": scores[j]})
+    return out, len(deep_rows)
 
 
 def explain_similar(wh: Warehouse, results: Any, reference_lesion_id: str | None = None,

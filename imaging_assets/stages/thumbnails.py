@@ -12,20 +12,16 @@ after the pictures are drawn: a crash leaves the previous pictures and rows, nev
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import logging
-import multiprocessing
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imaging_assets.errors import error_text
-from imaging_assets.store.schema import ensure_schema
-from imaging_assets.store.warehouse import Warehouse, table_rows
+from imaging_assets.stages.lesion_files import lesion_hash, update_lesion_files
+from imaging_assets.store.warehouse import Warehouse
 
 logger = logging.getLogger(__name__)
 
@@ -147,37 +143,19 @@ def content_hash(lesion: Mapping[str, Any]) -> str:
     part, component and the renderer's version."""
     from imaging_assets.analysis.thumbnails import RENDER_VERSION
 
-    key = "|".join(str(lesion.get(k)) for k in ("lesion_id", "source_fingerprint", "modality", "body_part",
-                                                "segment_number", "component"))
-    return hashlib.sha1(f"{key}|{RENDER_VERSION}".encode()).hexdigest()[:20]
+    return lesion_hash(lesion, RENDER_VERSION)
 
 
-def _render_series(task: tuple[dict, list[tuple[dict, dict]], str]) -> list[tuple[str, str | None, str | None]]:
-    """In a worker: load one series once and draw each of its lesions; (lesion_id, window, error)."""
+def _thumbnail_png(image: Any, mask: Any, lesion: Mapping[str, Any]) -> bytes:
+    """In a worker: one lesion's picture."""
     from imaging_assets.analysis.thumbnails import render_thumbnail
-    from imaging_assets.features.pipeline import LesionOptions, SeriesLesionLoader
 
-    series, items, folder = task
-    out = []
-    for lesion, seg in items:
-        lid = lesion["lesion_id"]
-        try:
-            options = LesionOptions(split_components=int(lesion.get("component") or 0) > 0, resample_mask=True)
-            image, mask, _ = SeriesLesionLoader(series, seg, int(lesion["segment_number"]),
-                                                int(lesion.get("component") or 0), options)()
-            png = render_thumbnail(image, mask, modality=lesion.get("modality"), body_part=lesion.get("body_part"))
-            final = Path(folder) / f"{lid}.png"
-            tmp = final.with_name(f".{lid}.{os.getpid()}.tmp")
-            tmp.write_bytes(png)
-            os.replace(tmp, final)
-            out.append((lid, None, None))
-        except Exception as exc:  # noqa: BLE001 - one bad lesion must not stop the others
-            out.append((lid, None, error_text(exc, 480)))
-    return out
+    return render_thumbnail(image, mask, modality=lesion.get("modality"), body_part=lesion.get("body_part"))
 
 
 def render_lesion_thumbnails(wh: Warehouse, workers: int | None = None, force: bool = False) -> ThumbnailsResult:
-    """Draw the missing or outdated pictures of every extractable lesion (see the module docstring).
+    """Draw the missing or outdated pictures of every extractable lesion (see the module docstring and
+    :func:`~imaging_assets.stages.lesion_files.update_lesion_files`).
 
     Parameters
     ----------
@@ -186,62 +164,18 @@ def render_lesion_thumbnails(wh: Warehouse, workers: int | None = None, force: b
     force
         Draw every picture again.
     """
-    from imaging_assets.features.extract import default_workers
+    from imaging_assets.analysis.thumbnails import RENDER_VERSION
 
-    t0 = time.perf_counter()
-    folder = thumbnail_dir(wh)
-    folder.mkdir(parents=True, exist_ok=True)
-    with wh.connect() as con:
-        ensure_schema(con)
-        lesions = [r for r in table_rows(con, "lesions") if r["extractable"]]
-        series = {r["series_key"]: r for r in table_rows(con, "imaging_series")}
-        segs = {r["seg_key"]: r for r in table_rows(con, "segmentations")}
-        stored = {r["lesion_id"]: r for r in table_rows(con, "lesion_thumbnails")}
-    hashes = {r["lesion_id"]: content_hash(r) for r in lesions}
-    todo: dict[str, list[tuple[dict, dict]]] = {}
-    unchanged = 0
-    for les in lesions:
-        lid = les["lesion_id"]
-        old = stored.get(lid)
-        if (not force and old is not None and old["content_hash"] == hashes[lid]
-                and (old["status"] != "ok" or thumbnail_path(wh, lid).is_file())):
-            unchanged += 1  # same inputs: the same picture (or the same failure)
-            continue
-        if les["series_key"] in series and les["seg_key"] in segs:
-            todo.setdefault(les["series_key"], []).append((dict(les), dict(segs[les["seg_key"]])))
-    tasks = [(dict(series[k]), items, str(folder)) for k, items in sorted(todo.items())]
-    results: list[tuple[str, str | None, str | None]] = []
-    n = max(1, min(workers or default_workers(), len(tasks)))
-    if len(tasks) <= 1 or n == 1:
-        for t in tasks:
-            results.extend(_render_series(t))
-    else:
-        with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for part in pool.map(_render_series, tasks, chunksize=max(1, len(tasks) // (4 * n))):
-                results.extend(part)
-    by_id = {r["lesion_id"]: r for r in lesions}
-    rows = [{"lesion_id": lid, "path": f"{THUMBNAIL_DIR}/{lid}.png", "content_hash": hashes[lid],
-             "status": "ok" if err is None else "error", "error": err} for lid, _, err in results]
-    gone = sorted(set(stored) - set(by_id))
-    with wh.transaction() as con:
-        if rows:
-            con.execute("DELETE FROM lesion_thumbnails WHERE list_contains(?, lesion_id)", [[r["lesion_id"] for r in rows]])
-            con.executemany("INSERT INTO lesion_thumbnails VALUES (?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'))",
-                            [[r["lesion_id"], r["path"], r["content_hash"], r["status"], r["error"]] for r in rows])
-        if gone:
-            con.execute("DELETE FROM lesion_thumbnails WHERE list_contains(?, lesion_id)", [gone])
-    for lid in gone:  # after the rows: a crash in between leaves a file without a row, never the reverse
-        thumbnail_path(wh, lid).unlink(missing_ok=True)
-    failed = [{"lesion_id": r["lesion_id"], "error": r["error"]} for r in rows if r["error"]]
-    for f in failed[:10]:
+    r = update_lesion_files(wh, "lesion_thumbnails", THUMBNAIL_DIR, ".png", _thumbnail_png, RENDER_VERSION,
+                            workers=workers, force=force)
+    for f in r.failed[:10]:
         logger.warning("thumbnail of lesion %s: %s", f["lesion_id"], f["error"])
-    largest = sorted(lesions, key=lambda r: -(r.get("volume_mm3") or 0))[:4]
-    examples = [{"lesion_id": r["lesion_id"], "path": str(thumbnail_path(wh, r["lesion_id"])),
-                 "modality": r.get("modality"), "volume_mm3": r.get("volume_mm3")}
-                for r in largest if thumbnail_path(wh, r["lesion_id"]).is_file()]
-    return ThumbnailsResult(folder=str(folder), rendered=len(rows) - len(failed), unchanged=unchanged,
-                            removed=len(gone), failed=failed, total=len(lesions),
-                            elapsed_s=round(time.perf_counter() - t0, 3), examples=examples)
+    largest = sorted(r.lesions, key=lambda x: -(x.get("volume_mm3") or 0))[:4]
+    examples = [{"lesion_id": x["lesion_id"], "path": str(thumbnail_path(wh, x["lesion_id"])),
+                 "modality": x.get("modality"), "volume_mm3": x.get("volume_mm3")}
+                for x in largest if thumbnail_path(wh, x["lesion_id"]).is_file()]
+    return ThumbnailsResult(folder=r.folder, rendered=r.made, unchanged=r.unchanged, removed=r.removed,
+                            failed=r.failed, total=r.total, elapsed_s=r.elapsed_s, examples=examples)
 
 
 def thumbnail_coverage(wh: Warehouse) -> dict[str, Any]:

@@ -212,29 +212,32 @@ def pinned_lance_versions(con: Any, table: str = "lesion_vectors") -> set[int]:
     return pinned
 
 
-def apply_version_retention(wh: Warehouse, keep_days: float | None = None) -> dict[str, Any]:
-    """Remove the old versions of ``lesion_vectors`` the retention policy lets go: not the latest, not pinned
-    by audit rows or cohorts (:func:`pinned_lance_versions`), older than ``keep_days`` (default
-    ``IMAGING_ASSETS_LANCE_KEEP_DAYS``, 1) and than an hour. Returns the report as a dict ({} without a table)."""
+def apply_version_retention(wh: Warehouse, keep_days: float | None = None, table: str | None = None) -> dict[str, Any]:
+    """Remove the old versions of a Lance table (default ``lesion_vectors``; also ``lesion_embeddings``) the
+    retention policy lets go: not the latest, not pinned by audit rows or cohorts (:func:`pinned_lance_versions`),
+    older than ``keep_days`` (default ``IMAGING_ASSETS_LANCE_KEEP_DAYS``, 1) and than an hour. Returns the
+    report as a dict ({} without a table)."""
     import datetime as dt
 
     from imaging_assets import settings
     from imaging_assets.store.lance import VECTOR_TABLE
     from imaging_assets.store.lance.retention import apply_retention
 
+    table = table or VECTOR_TABLE
     days = settings.lance_keep_days() if keep_days is None else keep_days
     with wh.connect(read_only=True) as con:
-        pinned = pinned_lance_versions(con, VECTOR_TABLE)
-    report = apply_retention(wh.lance_uri, pinned, dt.timedelta(days=days), VECTOR_TABLE)
+        pinned = pinned_lance_versions(con, table)
+    report = apply_retention(wh.lance_uri, pinned, dt.timedelta(days=days), table)
     return report.to_dict() if report is not None else {}
 
 
-def vectors_frame(lance_uri: str):
-    """The Lance ``lesion_vectors`` table as (Arrow table, float32 matrix), or (None, None) if absent."""
+def vectors_frame(lance_uri: str, table: str | None = None):
+    """A Lance vector table (default ``lesion_vectors``) as (Arrow table sorted by lesion id, float32 matrix),
+    or (None, None) if absent."""
     from imaging_assets.store.lance import VECTOR_TABLE, open_db
 
     try:
-        tbl = open_db(lance_uri).open_table(VECTOR_TABLE).to_arrow().sort_by("lesion_id")
+        tbl = open_db(lance_uri).open_table(table or VECTOR_TABLE).to_arrow().sort_by("lesion_id")
     except (ValueError, FileNotFoundError, OSError):
         return None, None
     dim = tbl.schema.field("vector").type.list_size

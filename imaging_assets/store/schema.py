@@ -275,6 +275,35 @@ THUMBNAIL_COLUMNS: dict[str, str] = {
     "error": "VARCHAR", "rendered_at": "TIMESTAMP",
 }
 
+#: One crop per lesion, the encoder's input (``<warehouse>/crops/<lesion_id>.npy``; see stages.embeddings): the
+#: same layout as the pictures (``rendered_at``: when the crop was made).
+CROP_COLUMNS: dict[str, str] = dict(THUMBNAIL_COLUMNS)
+
+#: Embedding models (stages.embeddings): each trained or registered model, one active at a time.
+EMBEDDING_MODEL_COLUMNS: dict[str, str] = {
+    "model_version": "VARCHAR",  # ssl-<sha256 12> (trained here) | ext-<sha256 12> (a model file of yours)
+    "source": "VARCHAR",  # trained | external
+    "path": "VARCHAR",  # trained: relative to the warehouse (models/...); external: the file as configured
+    "sha256": "VARCHAR", "dim": "INTEGER", "input_size": "INTEGER", "channels": "INTEGER", "intensity": "VARCHAR",
+    "config_json": "VARCHAR",  # the training config (trained) or the loader settings (external)
+    "data_version": "VARCHAR",  # sha1 of the crops (lesion ids + content hashes) it was trained on
+    "n_lesions": "INTEGER", "epochs": "INTEGER", "train_s": "DOUBLE", "stopped_early": "BOOLEAN",
+    "loss_curve": "DOUBLE[]", "active": "BOOLEAN",
+}
+#: Which crop (content hash) and model each stored embedding came from: an unchanged crop under the same model
+#: is not embedded again.
+EMBEDDING_STATE_COLUMNS: dict[str, str] = {"lesion_id": "VARCHAR", "content_hash": "VARCHAR",
+                                           "model_version": "VARCHAR"}
+#: Robustness of an embedding model under the radiomics perturbations: ICC(3,1) per dimension.
+EMBEDDING_ROBUSTNESS_COLUMNS: dict[str, str] = {
+    "model_version": "VARCHAR", "dimension": "INTEGER", "icc": "DOUBLE", "ci_low": "DOUBLE", "ci_high": "DOUBLE",
+    "n_lesions": "INTEGER", "n_perturbations": "INTEGER",
+}
+#: Retrieval stability per sampled lesion: overlap of its top-10 neighbours, original vs each perturbed copy.
+EMBEDDING_STABILITY_COLUMNS: dict[str, str] = {
+    "model_version": "VARCHAR", "lesion_id": "VARCHAR", "perturbation": "INTEGER", "overlap_at_10": "DOUBLE",
+}
+
 # ----------------------------------------------------------------------------------- cohorts and audit
 COHORT_REGISTRY_COLUMNS: dict[str, str] = {
     "name": "VARCHAR", "table_name": "VARCHAR", "created_at": "TIMESTAMP", "user": "VARCHAR", "query": "VARCHAR",
@@ -326,6 +355,13 @@ TABLES: dict[str, Table] = {
     "outcome_files": Table(OUTCOME_FILE_COLUMNS, ("source_file",)),
     **{name: Table(columns, derived=True) for name, columns in CLUSTER_TABLES.items()},
     "lesion_thumbnails": Table(THUMBNAIL_COLUMNS, ("lesion_id",)),
+    "lesion_crops": Table(CROP_COLUMNS, ("lesion_id",)),
+    "embedding_models": Table(EMBEDDING_MODEL_COLUMNS, ("model_version",), _STAMPED),
+    "embedding_state": Table(EMBEDDING_STATE_COLUMNS, ("lesion_id",)),
+    "embedding_robustness": Table(EMBEDDING_ROBUSTNESS_COLUMNS, ("model_version", "dimension"),
+                                  {"computed_at": "TIMESTAMP"}, derived=True),
+    "embedding_stability": Table(EMBEDDING_STABILITY_COLUMNS, ("model_version", "lesion_id", "perturbation"),
+                                 derived=True),
     "cohorts": Table(COHORT_REGISTRY_COLUMNS, ("name",)),
     "audit_log": Table(AUDIT_COLUMNS, ("id",)),
     # fingerprints (never the keys) of the pseudonymisation keys this warehouse's patient keys were made

@@ -463,7 +463,7 @@ def test_warm_search_follows_the_pipeline(chain, tmp_path):
         lid = _q(wh.duckdb_path, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0][0]
         first = similar_rows(lid, k=3, warehouse=wh, warm=warm)
         assert warm.flush_audit() == 1
-        assert warm.refresh() == {"vectors": False, "tables": False}
+        assert warm.refresh() == {"vectors": False, "embeddings": False, "tables": False}
         with wh.transaction() as con:
             con.execute("UPDATE lesions SET roi_name = 'renamed' WHERE lesion_id = ?", [lid])
         assert not warm.refresh()["tables"]  # a file still being written waits for calm ...

@@ -1,11 +1,11 @@
-"""The LanceDB side of the warehouse: the lesion vector table (storage only, no domain imports).
+"""The LanceDB side of the warehouse: the lesion vector tables (storage only, no domain imports).
 
 The DuckDB side is :mod:`imaging_assets.store.warehouse`; the stages (:mod:`imaging_assets.stages`) fill
 this table and search it. Nothing here imports the DICOM, feature, analysis, demo or stage code, nor
 Dagster; ``lancedb`` is imported when first used. One concept per module:
 
 * :mod:`~imaging_assets.store.lance.schema` -- the table layout (:func:`vector_schema`,
-  :data:`VECTOR_TABLE`, :data:`METADATA_COLUMNS`) and the shaping of inputs into it;
+  :data:`VECTOR_TABLE`, :data:`EMBEDDING_TABLE`, :data:`METADATA_COLUMNS`) and the shaping of inputs into it;
 * :mod:`~imaging_assets.store.lance.connection` -- connections cached per URI and opening tables
   (:func:`open_db`, :func:`open_dataset`, :func:`table_version`, :func:`table_names`);
 * :mod:`~imaging_assets.store.lance.sync` -- verified idempotent writes (:func:`sync_vectors`,
@@ -38,6 +38,7 @@ from imaging_assets.store.lance.index import (
     ivf_sq_params,
 )
 from imaging_assets.store.lance.schema import (
+    EMBEDDING_TABLE,
     METADATA_COLUMNS,
     METADATA_TYPES,
     VECTOR_COLUMN,
@@ -55,6 +56,7 @@ __all__ = [
     "DEFAULT_NPROBES",
     "DEFAULT_REFINE",
     "DEFAULT_SCALAR_INDEXES",
+    "EMBEDDING_TABLE",
     "EXACT_SCAN_BUDGET",
     "IVF_PARTITION_SIZE",
     "METADATA_COLUMNS",

@@ -28,6 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 VECTOR_TABLE = "lesion_vectors"
+#: The learned embeddings (stages.embeddings): the same layout and write / index / retention code as
+#: :data:`VECTOR_TABLE`; its ``feature_set_version`` column holds the embedding model's version.
+EMBEDDING_TABLE = "lesion_embeddings"
 VECTOR_COLUMN = "vector"
 
 #: Metadata columns after ``lesion_id`` and ``vector``, with their Arrow types.

@@ -1,0 +1,605 @@
+"""Deep embeddings beside radiomics: the steps behind ``lesion_crops``, ``embedding_model``, ``lesion_embeddings``
+and ``embedding_robustness``.
+
+``lesion_crops``
+    One lesion-centred crop per extractable lesion (:func:`~imaging_assets.features.crops.lesion_crop`: 48³ at
+    1 mm, intensity normalised per modality, the mask as a second channel) as ``<warehouse>/crops/<id>.npy``
+    (float16, 442 KB), incremental by content hash like the pictures
+    (:func:`~imaging_assets.stages.lesion_files.update_lesion_files`). Training and embedding read them one
+    batch at a time: the cohort is never in memory at once.
+``embedding_model``
+    The encoder: a small 3D CNN trained self-supervised on the crops
+    (:func:`~imaging_assets.features.embedding.train_encoder`), saved as TorchScript under
+    ``<warehouse>/models/ssl-<sha12>.pt`` with a JSON sidecar (training config, data version, loss curve);
+    or a model file of yours (``IMAGING_ASSETS_EMBEDDING_MODEL``, TorchScript or ONNX), registered as
+    ``ext-<sha12>`` and used through the same loader. A trained model is reused while the training config is
+    the same and the cohort has not grown by more than ``retrain_growth`` (25 %) since it was trained: a
+    new model changes every embedding, so it is not retrained for every new study.
+``lesion_embeddings``
+    The Lance table ``lesion_embeddings``: the same layout, upsert, verification, index and retention code
+    as ``lesion_vectors`` (:func:`~imaging_assets.store.lance.sync_vectors` with another table name); its
+    ``feature_set_version`` column holds the model version, ``space`` the lesion's feature space (a search
+    never crosses spaces), ``cluster`` its radiomics phenotype cluster. Only new or changed crops (or all,
+    under a new model) are embedded (``embedding_state``).
+``embedding_robustness``
+    Under the perturbations of the radiomics robustness stage (:mod:`imaging_assets.features.perturb`): the
+    ICC(3,1) of every embedding dimension over sampled lesions, and the retrieval stability (overlap of the
+    top-10 neighbours among other patients' lesions, original vs perturbed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imaging_assets.stages.lesion_files import update_lesion_files
+from imaging_assets.store.schema import ensure_schema
+from imaging_assets.store.warehouse import Warehouse, table_rows
+
+logger = logging.getLogger(__name__)
+
+#: Folders under the warehouse root.
+CROP_DIR = "crops"
+MODEL_DIR = "models"
+#: Retrain the encoder when the cohort grew by more than this fraction since the active model was trained.
+RETRAIN_GROWTH = 0.25
+#: Embedding robustness: lesions sampled and perturbed copies per lesion (the radiomics stage's perturbations).
+ROBUSTNESS_LESIONS = 30
+ROBUSTNESS_PERTURBATIONS = 4
+#: The check's thresholds: median ICC(3,1) over the dimensions, mean top-10 overlap.
+ICC_THRESHOLD = 0.75
+OVERLAP_THRESHOLD = 0.5
+
+
+# ------------------------------------------------------------------------------------------------ crops
+@dataclass(frozen=True)
+class CropsResult:
+    """One crops run: made, kept, removed, failed (with reasons), the crop geometry."""
+
+    folder: str
+    made: int
+    unchanged: int
+    removed: int
+    failed: list[dict[str, str]]
+    total: int
+    size: int
+    spacing_mm: float
+    elapsed_s: float
+
+
+def crop_path(wh: Warehouse, lesion_id: str) -> Path:
+    """Where a lesion's crop lives (``<warehouse>/crops/<lesion_id>.npy``)."""
+    return Path(wh.root) / CROP_DIR / f"{lesion_id}.npy"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _crop_npy(image: Any, mask: Any, lesion: Any) -> bytes:
+    """In a worker: one lesion's crop as ``.npy`` bytes."""
+    from imaging_assets.features.crops import lesion_crop
+
+    return _npy_bytes(lesion_crop(image, mask, lesion.get("modality")))
+
+
+def _crop_version() -> str:
+    from imaging_assets.features.crops import CROP_SIZE, CROP_SPACING_MM, CROP_VERSION
+
+    return f"crop{CROP_VERSION}-{CROP_SIZE}-{CROP_SPACING_MM}"
+
+
+def build_lesion_crops(wh: Warehouse, workers: int | None = None, force: bool = False) -> CropsResult:
+    """Make the missing or outdated crops of every extractable lesion (see the module docstring)."""
+    from imaging_assets.features.crops import CROP_SIZE, CROP_SPACING_MM
+
+    r = update_lesion_files(wh, "lesion_crops", CROP_DIR, ".npy", _crop_npy, _crop_version(),
+                            workers=workers, force=force)
+    for f in r.failed[:10]:
+        logger.warning("crop of lesion %s: %s", f["lesion_id"], f["error"])
+    return CropsResult(folder=r.folder, made=r.made, unchanged=r.unchanged, removed=r.removed, failed=r.failed,
+                       total=r.total, size=CROP_SIZE, spacing_mm=CROP_SPACING_MM, elapsed_s=r.elapsed_s)
+
+
+class NpyCrops:
+    """The crops of some lesions, read from their files on access (a
+    :class:`~imaging_assets.features.embedding.CropSource`)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.load(self.paths[i], allow_pickle=False)
+
+    def batch(self, start: int, stop: int) -> np.ndarray:
+        return np.stack([self[i] for i in range(start, min(stop, len(self)))])
+
+
+def _ok_crops(con: Any, wh: Warehouse) -> list[tuple[str, str]]:
+    """(lesion_id, content_hash) of the extractable lesions whose crop is made, sorted by id."""
+    rows = con.execute("SELECT c.lesion_id, c.content_hash FROM lesion_crops c JOIN lesions l USING (lesion_id) "
+                       "WHERE c.status = 'ok' AND l.extractable ORDER BY 1").fetchall()
+    return [(lid, h) for lid, h in rows if crop_path(wh, lid).is_file()]
+
+
+def data_version(crops: Sequence[tuple[str, str]]) -> str:
+    """What a model was trained on: sha1 (16 hex) of the sorted lesion ids and crop content hashes."""
+    h = hashlib.sha1()
+    for lid, ch in sorted(crops):
+        h.update(f"{lid}:{ch};".encode())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ model
+@dataclass(frozen=True)
+class ModelResult:
+    """The active embedding model after an ``embedding_model`` run."""
+
+    model_version: str
+    source: str  # trained | external
+    path: str
+    sha256: str
+    dim: int
+    input_size: int
+    reused: bool
+    reason: str
+    n_lesions: int
+    data_version: str | None
+    epochs: int | None
+    train_s: float | None
+    stopped_early: bool
+    loss_curve: list[float]
+    config: dict[str, Any]
+    elapsed_s: float
+
+
+def _model_file(wh: Warehouse, row: dict[str, Any]) -> Path:
+    p = Path(str(row["path"]))
+    return p if p.is_absolute() else Path(wh.root) / p
+
+
+def active_model(con: Any) -> dict[str, Any] | None:
+    """The active ``embedding_models`` row, or None."""
+    rows = table_rows(con, "embedding_models")
+    active = [r for r in rows if r["active"]]
+    return dict(active[0]) if active else None
+
+
+def _result(row: dict[str, Any], reused: bool, reason: str, t0: float) -> ModelResult:
+    return ModelResult(
+        model_version=row["model_version"], source=row["source"], path=str(row["path"]), sha256=row["sha256"],
+        dim=int(row["dim"]), input_size=int(row["input_size"]), reused=reused, reason=reason,
+        n_lesions=int(row["n_lesions"] or 0), data_version=row["data_version"], epochs=row["epochs"],
+        train_s=row["train_s"], stopped_early=bool(row["stopped_early"]),
+        loss_curve=[float(x) for x in (row["loss_curve"] or [])], config=json.loads(row["config_json"] or "{}"),
+        elapsed_s=round(time.perf_counter() - t0, 3))
+
+
+def _activate(wh: Warehouse, row: dict[str, Any]) -> None:
+    """Insert (or replace) a model row and make it the only active one, in one transaction."""
+    from imaging_assets.store.schema import EMBEDDING_MODEL_COLUMNS
+
+    cols = list(EMBEDDING_MODEL_COLUMNS)
+    with wh.transaction() as con:
+        con.execute("DELETE FROM embedding_models WHERE model_version = ?", [row["model_version"]])
+        con.execute("UPDATE embedding_models SET active = false")
+        con.execute(f"INSERT INTO embedding_models ({', '.join(cols)}, created_at) VALUES "
+                    f"({', '.join('?' for _ in cols)}, (now() AT TIME ZONE 'UTC'))",
+                    [row.get(c) for c in cols])
+
+
+def train_embedding_model(wh: Warehouse, config: Any = None, force: bool = False,
+                          retrain_growth: float = RETRAIN_GROWTH, external: dict[str, Any] | None = None,
+                          progress: Callable[[int, float], None] | None = None) -> ModelResult:
+    """Make sure an embedding model fits the cohort (see the module docstring); returns the active model.
+
+    Parameters
+    ----------
+    config
+        A :class:`~imaging_assets.features.embedding.TrainConfig` (default: its defaults).
+    force
+        Train again even when the active model could be reused.
+    retrain_growth
+        Reuse the active trained model while the cohort has at most ``(1 + retrain_growth)`` times the lesions
+        it was trained on (and the config is the same).
+    external
+        ``{"path", "input_size"?, "channels"?, "intensity"?}``: use this model file instead of training
+        (default :func:`imaging_assets.settings.embedding_model`, from ``IMAGING_ASSETS_EMBEDDING_MODEL``).
+
+    Raises
+    ------
+    ValueError
+        The external model cannot be loaded (the message names the file and what is wrong); no crops to
+        train on.
+    """
+    from imaging_assets import settings
+    from imaging_assets.features.embedding import TrainConfig, load_embedder, save_encoder, train_encoder
+
+    t0 = time.perf_counter()
+    external = settings.embedding_model() if external is None else external
+    with wh.connect() as con:
+        ensure_schema(con)
+        crops = _ok_crops(con, wh)
+        current = active_model(con)
+    version_of_data = data_version(crops)
+    if external:
+        emb = load_embedder(external["path"], input_size=external.get("input_size"),
+                            channels=external.get("channels"), intensity=external.get("intensity"))
+        mv = f"ext-{emb.sha256[:12]}"
+        if current is not None and current["model_version"] == mv:
+            return _result(current, True, f"the configured model {emb.path} is active", t0)
+        row = {"model_version": mv, "source": "external", "path": str(emb.path), "sha256": emb.sha256,
+               "dim": emb.dim, "input_size": emb.input_size, "channels": emb.channels, "intensity": emb.intensity,
+               "config_json": json.dumps({k: external.get(k) for k in ("path", "input_size", "channels",
+                                                                        "intensity")}),
+               "data_version": None, "n_lesions": len(crops), "epochs": None, "train_s": None,
+               "stopped_early": False, "loss_curve": [], "active": True}
+        _activate(wh, row)
+        return _result(row, False, f"registered your model {emb.path} ({emb.kind})", t0)
+    cfg = config or TrainConfig()
+    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    if not crops:
+        raise ValueError("no lesion crops to train the embedding model on: materialize lesion_crops first "
+                         "(and check its crops_complete result)")
+    if current is not None and current["source"] == "trained" and not force:
+        path = _model_file(wh, current)
+        same_config = json.loads(current["config_json"] or "{}") == json.loads(cfg_json)
+        if path.is_file() and same_config:
+            if current["data_version"] == version_of_data:
+                return _result(current, True, "same crops and config as the active model", t0)
+            trained_on = int(current["n_lesions"] or 0)
+            if trained_on and len(crops) <= trained_on * (1 + retrain_growth):
+                return _result(current, True, f"the cohort has {len(crops)} lesions, trained on {trained_on}: "
+                               f"retrained above {int(trained_on * (1 + retrain_growth))}", t0)
+    source = NpyCrops([crop_path(wh, lid) for lid, _ in crops])
+    trained = train_encoder(source, cfg, progress=progress)
+    folder = Path(wh.root) / MODEL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".training-{os.getpid()}.pt"
+    meta = {"data_version": version_of_data, "n_lesions": len(crops), "crop_version": _crop_version()}
+    sha = save_encoder(trained, tmp, meta)
+    mv = f"ssl-{sha[:12]}"
+    final = folder / f"{mv}.pt"
+    os.replace(f"{tmp}.json", f"{final}.json")
+    os.replace(tmp, final)
+    emb = load_embedder(final)
+    row = {"model_version": mv, "source": "trained", "path": f"{MODEL_DIR}/{final.name}", "sha256": sha,
+           "dim": emb.dim, "input_size": emb.input_size, "channels": emb.channels, "intensity": emb.intensity,
+           "config_json": cfg_json, "data_version": version_of_data, "n_lesions": len(crops),
+           "epochs": trained.epochs, "train_s": round(trained.elapsed_s, 2), "stopped_early": trained.stopped_early,
+           "loss_curve": [float(x) for x in trained.loss_curve], "active": True}
+    _activate(wh, row)
+    reason = ("forced" if force else "no model yet" if current is None
+              else f"replaces {current['model_version']} (config or cohort changed)")
+    return _result(row, False, reason, t0)
+
+
+def load_active_embedder(wh: Warehouse, con: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The active model, loaded (:class:`~imaging_assets.features.embedding.Embedder`), and its row.
+
+    Raises
+    ------
+    RuntimeError
+        No model yet (materialize ``embedding_model``), or its file is gone or changed since registration.
+    """
+    from imaging_assets.features.embedding import load_embedder
+
+    if con is None:
+        with wh.connect(read_only=True) as c:
+            return load_active_embedder(wh, c)
+    ensure_known = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    row = active_model(con) if "embedding_models" in ensure_known else None
+    if row is None:
+        raise RuntimeError("no embedding model yet: materialize embedding_model")
+    path = _model_file(wh, row)
+    try:
+        emb = load_embedder(path, input_size=row["input_size"], channels=row["channels"], intensity=row["intensity"])
+    except ValueError as exc:
+        raise RuntimeError(f"embedding model {row['model_version']}: {exc}") from exc
+    if emb.sha256 != row["sha256"]:
+        raise RuntimeError(f"{path}: the model file changed since it was registered as {row['model_version']} "
+                           "(sha256 differs): materialize embedding_model to register it again")
+    return emb, row
+
+
+# ------------------------------------------------------------------------------------------- embeddings
+@dataclass(frozen=True)
+class EmbeddingsResult:
+    """One ``lesion_embeddings`` build."""
+
+    model_version: str
+    dim: int
+    rows: int
+    embedded: int
+    inserted: int
+    updated: int
+    deleted: int
+    unchanged: int
+    table_version: int | None
+    index: str
+    embed_s: float
+    lesions_per_s: float | None
+    elapsed_s: float
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    retention: dict[str, Any] = field(default_factory=dict)
+
+
+def embed_crops(embedder: Any, paths: Sequence[Path], batch_size: int = 64) -> np.ndarray:
+    """Embeddings of the crops in ``paths`` (read one batch at a time), ``(n, dim)`` float32."""
+    source = NpyCrops(paths)
+    out = np.zeros((len(source), embedder.dim), np.float32)
+    for start in range(0, len(source), batch_size):
+        out[start:start + batch_size] = embedder.embed(source.batch(start, start + batch_size), batch_size)
+    return out
+
+
+def embeddings_frame(lance_uri: str) -> tuple[Any, np.ndarray | None]:
+    """The Lance ``lesion_embeddings`` table as (Arrow table sorted by id, float32 matrix), or (None, None)."""
+    from imaging_assets.stages.vectors import vectors_frame
+    from imaging_assets.store.lance import EMBEDDING_TABLE
+
+    return vectors_frame(lance_uri, EMBEDDING_TABLE)
+
+
+def build_lesion_embeddings(wh: Warehouse, batch_size: int = 64,
+                            exact_threshold: int | None = None) -> EmbeddingsResult:
+    """Embed the new or changed crops with the active model and sync the Lance table (module docstring).
+
+    Raises
+    ------
+    RuntimeError
+        No embedding model yet.
+    """
+    from imaging_assets.stages.reproducibility import lesion_spaces
+    from imaging_assets.stages.vectors import apply_version_retention
+    from imaging_assets.store.lance import EMBEDDING_TABLE, sync_vectors
+
+    t0 = time.perf_counter()
+    with wh.connect() as con:
+        ensure_schema(con)
+        emb, model = load_active_embedder(wh, con)
+        crops = _ok_crops(con, wh)
+        lesions = {r["lesion_id"]: r for r in table_rows(con, "lesions") if r["extractable"]}
+        spaces = lesion_spaces(con)
+        clusters: dict[str, int] = dict(con.execute(
+            "SELECT c.lesion_id, c.cluster FROM phenotype_clusters c JOIN radiomics_provenance p USING (lesion_id) "
+            "WHERE c.space = p.space").fetchall()) if _has(con, "phenotype_clusters") else {}
+        state = {r["lesion_id"]: (r["content_hash"], r["model_version"]) for r in table_rows(con, "embedding_state")}
+    mv = model["model_version"]
+    tbl, mat = embeddings_frame(wh.lance_uri)
+    stored: dict[str, np.ndarray] = {}
+    if tbl is not None and mat is not None and mat.shape[1] == emb.dim:
+        versions = tbl.column("feature_set_version").to_pylist()
+        stored = {lid: mat[i] for i, lid in enumerate(tbl.column("lesion_id").to_pylist()) if versions[i] == mv}
+    todo = [lid for lid, h in crops if not (lid in stored and state.get(lid) == (h, mv))]
+    t1 = time.perf_counter()
+    fresh = embed_crops(emb, [crop_path(wh, lid) for lid in todo], batch_size) if todo else np.zeros((0, emb.dim))
+    embed_s = time.perf_counter() - t1
+    vectors = {**stored, **dict(zip(todo, fresh))}
+    excluded = [{"lesion_id": lid, "reason": "no crop (see lesion_crops)"} for lid in sorted(lesions)
+                if lid not in {c for c, _ in crops}]
+    rows = []
+    for lid, _ in crops:
+        les = lesions[lid]
+        rows.append({
+            "lesion_id": lid, "vector": vectors[lid].astype(np.float32).tolist(), "patient_key": les["patient_key"],
+            "study_date": les["study_date"], "modality": les["modality"], "body_part": les["body_part"],
+            "roi_name": les["roi_name"], "volume_mm3": les["volume_mm3"],
+            "series_instance_uid": les["series_instance_uid"], "feature_set_version": mv,
+            "cluster": clusters.get(lid), "space": spaces.get(lid, {}).get("space"),
+        })
+    report = sync_vectors(wh.lance_uri, rows, dim=emb.dim, exact_threshold=exact_threshold, table_name=EMBEDDING_TABLE)
+    hashes = dict(crops)
+    with wh.transaction() as con:
+        con.execute("DELETE FROM embedding_state")
+        if crops:
+            con.executemany("INSERT INTO embedding_state VALUES (?, ?, ?)", [[lid, hashes[lid], mv] for lid, _ in crops])
+    retention = apply_version_retention(wh, table=EMBEDDING_TABLE)
+    return EmbeddingsResult(
+        model_version=mv, dim=emb.dim, rows=report.rows, embedded=len(todo), inserted=report.inserted,
+        updated=report.updated, deleted=report.deleted, unchanged=report.unchanged, table_version=report.version,
+        index=report.index, embed_s=round(embed_s, 3),
+        lesions_per_s=round(len(todo) / embed_s, 1) if todo and embed_s > 0 else None,
+        elapsed_s=round(time.perf_counter() - t0, 3), excluded=excluded, retention=retention)
+
+
+def _has(con: Any, table: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table]).fetchone()[0])
+
+
+@dataclass(frozen=True)
+class EmbeddingIntegrity:
+    """The ``embeddings_integrity`` check: rows vs crops, and the problems found."""
+
+    rows: int
+    expected_rows: int
+    problems: list[str]
+
+
+def embedding_integrity(wh: Warehouse) -> EmbeddingIntegrity:
+    """One row per lesion with a crop, no duplicates, finite unit-norm vectors, all of the active model."""
+    tbl, mat = embeddings_frame(wh.lance_uri)
+    with wh.connect(read_only=True) as con:
+        expected = {lid for lid, _ in _ok_crops(con, wh)}
+        model = active_model(con) if _has(con, "embedding_models") else None
+    ids = tbl.column("lesion_id").to_pylist() if tbl is not None else []
+    problems = []
+    if len(ids) != len(set(ids)):
+        problems.append("duplicate lesion ids")
+    if set(ids) != expected:
+        problems.append(f"{len(expected - set(ids))} lesions missing, {len(set(ids) - expected)} extra")
+    if mat is not None and mat.size:
+        if not np.isfinite(mat).all():
+            problems.append("non-finite embedding values")
+        elif np.abs(np.linalg.norm(mat, axis=1) - 1).max() > 1e-3:
+            problems.append("embeddings not L2-normalised")
+    if tbl is not None and len(tbl) and model is not None:
+        versions = set(tbl.column("feature_set_version").to_pylist())
+        if versions != {model["model_version"]}:
+            problems.append(f"model versions {sorted(map(str, versions))} differ from the active "
+                            f"{model['model_version']}")
+    return EmbeddingIntegrity(rows=len(ids), expected_rows=len(expected), problems=problems)
+
+
+# ------------------------------------------------------------------------------------------- robustness
+@dataclass(frozen=True)
+class EmbeddingRobustnessResult:
+    """Embedding robustness of the active model under the radiomics perturbations."""
+
+    model_version: str
+    n_lesions: int
+    n_perturbations: int
+    dims: int
+    median_icc: float | None
+    share_icc_above: float | None
+    mean_overlap: float | None
+    failed: list[dict[str, str]]
+    elapsed_s: float
+    passed: bool
+
+
+def _sample(ids: Sequence[str], n: int, seed: int) -> list[str]:
+    """A stable sample: the ``n`` ids with the smallest sha1(seed:id)."""
+    return sorted(ids, key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest())[:n]
+
+
+def _perturbed_crops(task: tuple[dict, dict, dict, Any, int]) -> tuple[str, np.ndarray | None, str | None]:
+    """In a worker: the original crop and ``spec.n_perturbations`` perturbed crops of one lesion."""
+    from imaging_assets.errors import error_text
+    from imaging_assets.features.crops import CROP_SIZE, CROP_SPACING_MM, lesion_crop
+    from imaging_assets.features.perturb import perturb
+    from imaging_assets.features.pipeline import LesionOptions, SeriesLesionLoader
+
+    lesion, series, seg, spec, _ = task
+    try:
+        options = LesionOptions(split_components=int(lesion.get("component") or 0) > 0, resample_mask=True)
+        image, mask, _ = SeriesLesionLoader(series, seg, int(lesion["segment_number"]),
+                                            int(lesion.get("component") or 0), options)()
+        margin = [int(np.ceil(CROP_SIZE * CROP_SPACING_MM / 2 / s)) + 2 for s in image.GetSpacing()]
+        out = [lesion_crop(image, mask, lesion.get("modality"))]
+        for i in range(spec.n_perturbations):
+            pim, pmask, _ = perturb(image, mask, i, spec, lesion["lesion_id"], margin_voxels=margin)
+            out.append(lesion_crop(pim, pmask, lesion.get("modality")))
+        return lesion["lesion_id"], np.stack(out), None
+    except Exception as exc:  # noqa: BLE001 - one lesion must not stop the others
+        return lesion["lesion_id"], None, error_text(exc, 300)
+
+
+def _top_ids(query: np.ndarray, mat: np.ndarray, allowed: np.ndarray, k: int) -> set[int]:
+    d = ((mat - query) ** 2).sum(axis=1)
+    d[~allowed] = np.inf
+    order = np.argsort(d, kind="stable")[:k]
+    return {int(i) for i in order if np.isfinite(d[i])}
+
+
+def compute_embedding_robustness(wh: Warehouse, n_lesions: int = ROBUSTNESS_LESIONS,
+                                 n_perturbations: int = ROBUSTNESS_PERTURBATIONS, seed: int = 0,
+                                 workers: int | None = None, k: int = 10) -> EmbeddingRobustnessResult:
+    """ICC(3,1) per embedding dimension and top-``k`` retrieval stability of the active model, on ``n_lesions``
+    sampled lesions with ``n_perturbations`` perturbed copies each (noise, sub-voxel shift, small rotation,
+    volume change, contour randomisation: :class:`~imaging_assets.features.perturb.PerturbationSpec`).
+    Stored in ``embedding_robustness`` / ``embedding_stability`` (replaced for the model version)."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from imaging_assets.features.extract import default_workers
+    from imaging_assets.features.icc import icc
+    from imaging_assets.features.perturb import PerturbationSpec
+
+    t0 = time.perf_counter()
+    emb, model = load_active_embedder(wh)
+    mv = model["model_version"]
+    tbl, mat = embeddings_frame(wh.lance_uri)
+    if tbl is None or mat is None or not len(tbl):
+        raise RuntimeError("no lesion_embeddings yet: materialize lesion_embeddings")
+    ids = tbl.column("lesion_id").to_pylist()
+    patients = np.array(tbl.column("patient_key").to_pylist(), dtype=object)
+    spaces = np.array(tbl.column("space").to_pylist(), dtype=object)
+    with wh.connect(read_only=True) as con:
+        lesions = {r["lesion_id"]: dict(r) for r in table_rows(con, "lesions") if r["extractable"]}
+        series = {r["series_key"]: dict(r) for r in table_rows(con, "imaging_series")}
+        segs = {r["seg_key"]: dict(r) for r in table_rows(con, "segmentations")}
+    chosen = _sample([i for i in ids if i in lesions], n_lesions, seed)
+    spec = PerturbationSpec(n_perturbations=n_perturbations, seed=seed)
+    tasks = [(lesions[i], series[lesions[i]["series_key"]], segs[lesions[i]["seg_key"]], spec, seed) for i in chosen
+             if lesions[i]["series_key"] in series and lesions[i]["seg_key"] in segs]
+    n = max(1, min(workers or default_workers(), len(tasks)))
+    if n == 1:
+        done = [_perturbed_crops(t) for t in tasks]
+    else:
+        with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(_perturbed_crops, tasks))
+    failed = [{"lesion_id": lid, "error": err} for lid, _, err in done if err]
+    good = [(lid, crops) for lid, crops, err in done if crops is not None]
+    position = {lid: i for i, lid in enumerate(ids)}
+    icc_rows, stability = [], []
+    if good:
+        cube = np.stack([emb.embed(crops) for _, crops in good])  # (lesions, 1 + perturbations, dim)
+        values, lo, hi = icc(cube.astype(np.float64), "ICC3") if len(good) >= 3 else (None, None, None)
+        if values is not None:
+            icc_rows = [[mv, d, _f(values[d]), _f(lo[d]), _f(hi[d]), len(good), n_perturbations]
+                        for d in range(cube.shape[2])]
+        for (lid, _), vecs in zip(good, cube):
+            me = position[lid]
+            allowed = (patients != patients[me]) & (spaces == spaces[me])
+            base = _top_ids(mat[me], mat, allowed, k)
+            for p in range(1, vecs.shape[0]):
+                overlap = len(base & _top_ids(vecs[p], mat, allowed, k)) / max(1, len(base))
+                stability.append([mv, lid, p - 1, float(overlap)])
+    with wh.transaction() as con:
+        con.execute("DELETE FROM embedding_robustness WHERE model_version = ?", [mv])
+        con.execute("DELETE FROM embedding_stability WHERE model_version = ?", [mv])
+        if icc_rows:
+            con.executemany("INSERT INTO embedding_robustness VALUES (?, ?, ?, ?, ?, ?, ?, (now() AT TIME ZONE 'UTC'))",
+                            icc_rows)
+        if stability:
+            con.executemany("INSERT INTO embedding_stability VALUES (?, ?, ?, ?)", stability)
+    iccs = np.array([r[2] for r in icc_rows if r[2] is not None], float)
+    median = float(np.median(iccs)) if iccs.size else None
+    overlap = float(np.mean([s[3] for s in stability])) if stability else None
+    passed = (median is not None and median >= ICC_THRESHOLD and overlap is not None
+              and overlap >= OVERLAP_THRESHOLD)
+    return EmbeddingRobustnessResult(
+        model_version=mv, n_lesions=len(good), n_perturbations=n_perturbations, dims=int(mat.shape[1]),
+        median_icc=None if median is None else round(median, 4),
+        share_icc_above=None if not iccs.size else round(float((iccs >= ICC_THRESHOLD).mean()), 4),
+        mean_overlap=None if overlap is None else round(overlap, 4), failed=failed,
+        elapsed_s=round(time.perf_counter() - t0, 3), passed=bool(passed))
+
+
+def _f(x: Any) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def embedding_robustness_rows(wh: Warehouse, model_version: str) -> tuple[list[float], list[float]]:
+    """ICC per dimension and the top-10 overlaps stored for a model (for the plot)."""
+    with wh.connect(read_only=True) as con:
+        iccs = [r[0] for r in con.execute("SELECT icc FROM embedding_robustness WHERE model_version = ? AND icc IS NOT "
+                                          "NULL ORDER BY dimension", [model_version]).fetchall()]
+        overlaps = [r[0] for r in con.execute("SELECT overlap_at_10 FROM embedding_stability WHERE model_version = ?",
+                                              [model_version]).fetchall()]
+    return iccs, overlaps
+
+
+# -------------------------------------------------------------------------------------------- new lesion
+def query_embedding(wh: Warehouse, image: Any, mask: Any, modality: str | None) -> tuple[np.ndarray, str]:
+    """The embedding of a new lesion (SimpleITK image + mask) with the active model, and the model version."""
+    from imaging_assets.features.crops import lesion_crop
+
+    emb, model = load_active_embedder(wh)
+    return emb.embed(lesion_crop(image, mask, modality)[None])[0], model["model_version"]
