@@ -285,11 +285,12 @@ def _similar_via_server(args: argparse.Namespace, filters: dict) -> tuple[list[d
     import urllib.request
 
     server = settings.search_server()
-    if server is None or args.local or args.lesion_id is None or args.version is not None or args.space:
+    if server is None or args.local or args.lesion_id is None or args.version is not None or args.feature_space:
         return None
     url, token = server
     params = {"k": args.k, "filters": json.dumps({c: ({"range": list(v)} if isinstance(v, tuple) else v)
                                                   for c, v in filters.items()}),
+              **({"space": args.space} if args.space else {}),
               "all_lesions": "0" if args.one_per_patient else "1",
               "include_same_patient": "1" if args.include_same_patient else "0"}
     target = f"{url.rstrip('/')}/api/similar/{urllib.parse.quote(args.lesion_id, safe='')}?{urllib.parse.urlencode(params)}"
@@ -322,8 +323,11 @@ def _similar_via_server(args: argparse.Namespace, filters: dict) -> tuple[list[d
 def _cmd_similar(args: argparse.Namespace) -> int:
     try:
         filters = _parse_filters((args.filter or []) + ([f"modality={args.modality}"] if args.modality else []))
+        from imaging_assets.stages.similar import split_space
+
+        args.space, args.feature_space = split_space(args.space, args.feature_space)
         via = _similar_via_server(args, filters)
-        header, space = None, args.space
+        header, space = None, args.feature_space
         if via is not None:
             rows, ms, where = via
         else:
@@ -341,10 +345,15 @@ def _cmd_similar(args: argparse.Namespace) -> int:
     searched = rows[0]["space"] if rows else (header or {}).get("space", space)
     if header:
         print(f"query extracted with the settings of space {header['space']} (params {header['params_hash'][:12]}, "
-              f"{header['params_source']}; robust set {header['feature_set_version']})")
-    print(f"{len(rows)} similar lesions in space {searched} ({ms:.0f} ms {where})")
+              f"{header['params_source']}; robust set {header['feature_set_version']}"
+              f"{'; embedding model ' + header['model_version'] if header.get('model_version') else ''})")
+    how = rows[0].get("search_space") if rows else args.space
+    print(f"{len(rows)} similar lesions in feature space {searched}, searched by {how or 'default'} "
+          f"({ms:.0f} ms {where})")
     for r in rows:
-        print(f"{r['rank']:3d}  {r['lesion_id']}  d={r['distance']:.3f}  {r['patient_key']}  {r['modality']}  "
+        dist = "d=   n/a" if r.get("distance") is None else f"d={r['distance']:.3f}"
+        deep = "" if r.get("deep_distance") is None else f"  deep={r['deep_distance']:.3f}"
+        print(f"{r['rank']:3d}  {r['lesion_id']}  {dist}{deep}  {r['patient_key']}  {r['modality']}  "
               f"{r['roi_name']} ({r['raw_label']}, segment {r['segment_number']})  {r['volume_mm3'] or 0:.0f} mm3  "
               f"{r['study_date']}  cluster={r['cluster']}")
         if r.get("explanation") is not None:
@@ -359,25 +368,26 @@ def _similar_in_process(args: argparse.Namespace, filters: dict) -> tuple[list[d
     wh = _warehouse(args)
     if wh is None:
         return None, 0.0, None
-    vector, space, header, q = None, args.space, None, None
+    vector, space, header, q = None, args.feature_space, None, None
     if args.lesion_id is None:
         if not (args.image and args.mask):
             raise ValueError("give a lesion id, or --image and --mask of a new lesion")
-        q = query_vector(wh, args.image, args.mask, segment=args.segment, params=args.params, space=args.space,
-                         modality=args.image_modality, resample_mask=args.resample_mask)
+        q = query_vector(wh, args.image, args.mask, segment=args.segment, params=args.params,
+                         space=args.feature_space, modality=args.image_modality, resample_mask=args.resample_mask)
         vector, space = q.vector, q.space
         header = {"space": q.space, "params_hash": q.params_hash, "params_source": q.params_source,
-                  "feature_set_version": q.feature_set_version}
+                  "feature_set_version": q.feature_set_version, "model_version": q.model_version}
     t0 = time.perf_counter()
     # the rows of find_similar without its polars frame (the same search; the command stays quick to start)
     rows = similar_rows(lesion_id=args.lesion_id, vector=vector, k=args.k, where=filters,
                         exclude_same_patient=not args.include_same_patient, warehouse=wh,
-                        version=args.version, space=space, one_per_patient=args.one_per_patient)
+                        version=args.version, feature_space=space, space=args.space,
+                        one_per_patient=args.one_per_patient, embedding=None if q is None else q.embedding)
     ms = (time.perf_counter() - t0) * 1000
     if args.explain:
         for r, e in zip(rows, explain_similar(wh, rows, reference_lesion_id=args.lesion_id, query=q,
                                               version=args.version)):
-            r["explanation"] = e.to_dict()
+            r["explanation"] = e.to_dict() if e is not None else None
     return rows, ms, header
 
 
@@ -432,6 +442,8 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
             config.update(image=args.image, mask=args.mask, segment=args.segment)
         if args.modality:
             config["modality"] = [m.strip() for m in args.modality.split(",") if m.strip()]
+        if args.space:
+            config["space"] = args.space
     try:
         instance = dg.DagsterInstance.get()
     except Exception as exc:  # noqa: BLE001 - DAGSTER_HOME unset or unreadable
@@ -599,8 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--image", help="or: image of a new lesion (DICOM folder, NIfTI, NRRD)")
     f.add_argument("--mask", help="... and its mask (SEG, RTSTRUCT, NIfTI, NRRD)")
     f.add_argument("--segment", help="segment / ROI name in the mask")
-    f.add_argument("--space", help="feature space to search (default: the lesion's own; for --image, the "
-                                   "warehouse's only space of the image's modality)")
+    f.add_argument("--space", help="search space: radiomics (the robust features), deep (the learned embeddings) "
+                                   "or hybrid (both, rank-fused; the default where the lesion has an embedding)")
+    f.add_argument("--feature-space", help="feature space to search, e.g. CT-1a2b3c4d (default: the lesion's own; "
+                                           "for --image, the warehouse's only space of the image's modality)")
     f.add_argument("--params", help="for --image: a pyradiomics YAML; the warehouse must hold lesions extracted "
                                     "with it (default: the settings of the space searched)")
     f.add_argument("--image-modality", help="for a NIfTI/NRRD --image: its modality (CT, MR, PT)")
@@ -635,6 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--segment", help="segment / ROI name in the mask")
     c.add_argument("-k", type=int, default=20, help="number of similar patients (default 20)")
     c.add_argument("--modality", help="filter: modalities, e.g. CT or CT,MR")
+    c.add_argument("--space", choices=["radiomics", "deep", "hybrid"],
+                   help="search space (default hybrid where the reference has an embedding, else radiomics)")
     c.add_argument("--config", help="the cohort op's whole config as JSON (the launchpad's fields: "
                    "reference_lesion_id or image + mask, k, filters); replaces the options above")
     c.add_argument("--requested-by", help="who asked, for the run's tags and the audit row (the search page "

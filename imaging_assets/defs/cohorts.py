@@ -72,6 +72,9 @@ class CohortConfig(dg.Config):
     all_lesions: bool = Field(
         default=False, description="Every similar lesion; by default one row per patient (their closest "
         "lesion), so outcome analyses count each patient once.")
+    space: str | None = Field(
+        default=None, description="Search space: radiomics (the robust features), deep (the learned embeddings) "
+        "or hybrid (both, rank-fused); default hybrid where the reference has an embedding, else radiomics.")
 
     def filters(self) -> dict:
         """The filter dict understood by `find_similar`."""
@@ -106,10 +109,13 @@ def cohort(context: dg.AssetExecutionContext, config: CohortConfig, warehouse: W
 
     wh = warehouse.get_warehouse()
     name = context.partition_key
+    if config.space is not None and config.space not in ("radiomics", "deep", "hybrid"):
+        raise dg.Failure(f"space must be radiomics, deep or hybrid; got {config.space!r}")
     if config.reference_lesion_id or config.image or config.mask:
         query = {"reference_lesion_id": config.reference_lesion_id, "image": config.image, "mask": config.mask,
                  "segment": config.segment, "k": config.k, "filters": config.filters(),
-                 "exclude_same_patient": not config.include_same_patient, "one_per_patient": not config.all_lesions}
+                 "exclude_same_patient": not config.include_same_patient, "one_per_patient": not config.all_lesions,
+                 "search_space": config.space}
     else:
         query = stored_cohort_query(wh, name)
         if query is None:
@@ -120,7 +126,8 @@ def cohort(context: dg.AssetExecutionContext, config: CohortConfig, warehouse: W
     out = discover_cohort(wh, name, reference_lesion_id=query.get("reference_lesion_id"), image=query.get("image"),
                           mask=query.get("mask"), segment=query.get("segment"), k=int(query.get("k") or 20),
                           filters=filters, exclude_same_patient=query.get("exclude_same_patient", True),
-                          one_per_patient=query.get("one_per_patient", True), user=context.run.tags.get(USER_TAG))
+                          one_per_patient=query.get("one_per_patient", True), user=context.run.tags.get(USER_TAG),
+                          search_space=query.get("search_space"))
     context.log.info(f"cohort {out.table}: {out.rows} rows, {out.patients} patients (lesion_vectors v{out.lance_version})")
     ref = out.reference
     ref_caption = [f"REFERENCE  lesion {ref.get('lesion_id') or 'new lesion'}",

@@ -133,7 +133,8 @@ def reference_row(wh: Warehouse, lesion_id: str, warm: Any = None) -> dict[str, 
 def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = None, image: str | None = None,
                     mask: str | None = None, segment: str | None = None, k: int = 20,
                     filters: dict[str, Any] | None = None, exclude_same_patient: bool = True,
-                    one_per_patient: bool = True, user: str | None = None) -> CohortResult:
+                    one_per_patient: bool = True, user: str | None = None,
+                    search_space: str | None = None) -> CohortResult:
     """Run a similar-case search (:func:`find_similar`) and store the ranked cohort as ``cohort_<name>``.
 
     By default the cohort has **one row per patient** (their closest lesion) and leaves out the reference
@@ -143,7 +144,8 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
     in words (``why``), and the path of the lesion's picture. The reference is not a row: it is in the
     ``cohorts`` registry (with the query, the Lance version searched, the audit id) and in the result.
     Re-running a name replaces its table and registry row in one transaction. ``user`` is who asked (the
-    audit row and the registry; default :func:`imaging_assets.store.audit.current_user`).
+    audit row and the registry; default :func:`imaging_assets.store.audit.current_user`). ``search_space``:
+    radiomics | deep | hybrid (:func:`find_similar`'s ``space``; default there).
     """
     from imaging_assets.stages.thumbnails import thumbnail_path
     from imaging_assets.store.lance import table_version
@@ -161,20 +163,22 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
         found = find_similar(reference_lesion_id, vector=vector, k=k, where=filters, warehouse=wh,
                              exclude_same_patient=exclude_same_patient, version=lance_version, action="cohort",
                              extra_params={"name": name, "image": image, "mask": mask, "segment": segment},
-                             space=space, one_per_patient=one_per_patient, user=user)
+                             feature_space=space, space=search_space, one_per_patient=one_per_patient, user=user,
+                             embedding=None if q is None else q.embedding)
     except KeyError as exc:  # a mistyped id in the launchpad: say what to do, not a raw KeyError
         raise ValueError(f"{exc.args[0]}: copy a lesion_id from the `lesions` asset's preview, or give image + "
                          "mask of a new lesion") from None
     explanations = explain_similar(wh, found, reference_lesion_id=reference_lesion_id, query=q,
                                    version=lance_version)
     df = found.to_pandas()
-    df["explanation"] = [json.dumps(e.to_dict(), ensure_ascii=False) for e in explanations]
-    df["why"] = [e.summary() for e in explanations]
+    df["explanation"] = [json.dumps(e.to_dict(), ensure_ascii=False) if e is not None else None for e in explanations]
+    df["why"] = [e.summary() if e is not None else "found by its embedding (no radiomics vector)"
+                 for e in explanations]
     df["thumbnail"] = [str(thumbnail_path(wh, lid)) if thumbnail_path(wh, lid).is_file() else None
                        for lid in df["lesion_id"]]
     query = {"reference_lesion_id": reference_lesion_id, "image": image, "mask": mask, "segment": segment, "k": k,
              "filters": filters or {}, "exclude_same_patient": exclude_same_patient,
-             "one_per_patient": one_per_patient}
+             "one_per_patient": one_per_patient, "search_space": search_space}
     if reference_lesion_id is not None:
         reference = reference_row(wh, reference_lesion_id)
     else:
@@ -211,8 +215,8 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
             con.execute("UPDATE cohorts SET audit_id = ? WHERE name = ?", [last[0], name])
     rows = found.to_dicts()
     for r, e, thumb in zip(rows, explanations, df["thumbnail"]):
-        r["explanation"] = e.to_dict()
-        r["why"] = e.summary()
+        r["explanation"] = e.to_dict() if e is not None else None
+        r["why"] = e.summary() if e is not None else "found by its embedding (no radiomics vector)"
         r["thumbnail"] = thumb
     return CohortResult(table=table, rows=len(df), lance_version=lance_version, query=query, preview=rows[:10],
                         elapsed_s=round(time.perf_counter() - t0, 3), reference=reference, results=rows,

@@ -562,7 +562,9 @@ def explain_similar(wh: Warehouse, results: Any, reference_lesion_id: str | None
                     warm: Any = None) -> list[Any]:
     """Why each result of :func:`find_similar` is close to its reference: one
     :class:`~imaging_assets.features.explain.Explanation` per result row, in order (the one explanation of
-    the CLI, the Python API, the cohort asset and the search page).
+    the CLI, the Python API, the cohort asset and the search page), by the radiomics features also for a deep
+    or hybrid search (the features are what a person can read); None for a row found by its embedding that
+    has no radiomics vector.
 
     Parameters
     ----------
@@ -611,13 +613,18 @@ def explain_similar(wh: Warehouse, results: Any, reference_lesion_id: str | None
             names = sorted({f for sc in scalers.values() if sc is not None for f in sc.feature_names})
             raw = raw_feature_values(con, wanted, names)
     if reference_lesion_id is not None and reference_lesion_id not in vectors:
+        if any(r.get("search_space") == "deep" for r in rows):
+            return [None] * len(rows)  # a deep search of a lesion without radiomics vector: nothing to explain by
         raise KeyError(f"lesion {reference_lesion_id!r} is not in the vector table at {wh.lance_uri}")
     ref_vec = vectors[reference_lesion_id] if reference_lesion_id is not None else query.vector
     ref_values = raw.get(reference_lesion_id, {}) if reference_lesion_id is not None else query.values
-    out = []
+    out: list[Any] = []
     for r in rows:
         lid = str(r["lesion_id"])
         scaler = scalers.get(str(r.get("feature_set_version")))
+        if r.get("feature_set_version") is None and r.get("search_space") in ("deep", "hybrid"):
+            out.append(None)  # found by its embedding, without radiomics vector (it lacks robust features)
+            continue
         if scaler is None or lid not in vectors:
             raise RuntimeError(f"no scaler or vector for lesion {lid} (feature set {r.get('feature_set_version')}): "
                                "materialize lesion_vectors")

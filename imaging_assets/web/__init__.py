@@ -177,7 +177,8 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
             answer = similar_answer(wh, lesion_id, k, filters, user.name, base(request),
                                     one_per_patient=q.get("all_lesions") not in ("1", "true"), warm=warm,
                                     outcomes=q.get("outcomes") in ("1", "true"),
-                                    exclude_same_patient=q.get("include_same_patient") not in ("1", "true"))
+                                    exclude_same_patient=q.get("include_same_patient") not in ("1", "true"),
+                                    space=q.get("space") or None)
         except (KeyError, ValueError, RuntimeError) as exc:
             status, message = failure(exc)
             return JSONResponse({"error": message}, status_code=status)
@@ -205,7 +206,8 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
             return JSONResponse({"error": message}, status_code=status)
         try:
             answer = similar_answer(wh, None, k, filters, user.name, base(request), warm=warm, query=query,
-                                    outcomes=str(form.get("outcomes")) in ("1", "true", "True"))
+                                    outcomes=str(form.get("outcomes")) in ("1", "true", "True"),
+                                    space=str(form.get("space") or "") or None)
         except (KeyError, ValueError, RuntimeError) as exc:
             status, message = failure(exc)
             return JSONResponse({"error": message}, status_code=status)
@@ -296,7 +298,8 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
             return f"<p class='error'>{html.escape(message)}</p>"
         try:
             answer = similar_answer(wh, None if new_lesion else str(params.get("lesion_id")).strip(), k, filters,
-                                    user.name, base(request), warm=warm, query=query, outcomes=True)
+                                    user.name, base(request), warm=warm, query=query, outcomes=True,
+                                    space=str(params.get("space") or "") or None)
         except (KeyError, ValueError, RuntimeError) as exc:
             return f"<p class='error'>{html.escape(failure(exc)[1])}</p>"
         saving = save_form(params) if user.can(SAVE_COHORT) and not new_lesion else ""

@@ -91,17 +91,20 @@ def search_filters(params: Any) -> dict[str, Any]:
 
 def similar_answer(wh: Warehouse, lesion_id: str | None = None, k: int = 10, filters: dict[str, Any] | None = None,
                    user: str | None = None, picture_base: str = "", one_per_patient: bool = True, warm: Any = None,
-                   query: Any = None, outcomes: bool = False, exclude_same_patient: bool = True) -> dict[str, Any]:
+                   query: Any = None, outcomes: bool = False, exclude_same_patient: bool = True,
+                   space: str | None = None) -> dict[str, Any]:
     """The JSON answer of ``/api/similar``: the reference (a lesion, or the new lesion of ``query``) and
     the results with explanations and the (signed) URLs of their pictures; with ``outcomes``, the
-    neighbours' and the rest's Kaplan-Meier curves (:func:`neighbour_outcomes`)."""
+    neighbours' and the rest's Kaplan-Meier curves (:func:`neighbour_outcomes`). ``space``: the search space
+    (radiomics | deep | hybrid; default :data:`~imaging_assets.stages.similar.DEFAULT_SPACE`)."""
     from imaging_assets.stages.cohorts import reference_row
     from imaging_assets.stages.similar import explain_similar, similar_rows
     from imaging_assets.stages.thumbnails import picture_url
 
     rows = similar_rows(lesion_id, vector=None if query is None else query.vector, k=k, where=filters or None,
                         warehouse=wh, one_per_patient=one_per_patient, user=user, warm=warm,
-                        space=None if query is None else query.space, exclude_same_patient=exclude_same_patient)
+                        feature_space=None if query is None else query.space, space=space or None,
+                        exclude_same_patient=exclude_same_patient, embedding=None if query is None else query.embedding)
     explanations = explain_similar(wh, rows, reference_lesion_id=lesion_id, query=query, warm=warm)
     if lesion_id is not None:
         ref = reference_row(wh, lesion_id, warm=warm)
@@ -113,7 +116,7 @@ def similar_answer(wh: Warehouse, lesion_id: str | None = None, k: int = 10, fil
     results = []
     for row, e in zip(rows, explanations):
         results.append({**{c: (str(v) if c == "study_date" and v is not None else v) for c, v in row.items()},
-                        "explanation": e.to_dict(),
+                        "explanation": e.to_dict() if e is not None else None,
                         "thumbnail_url": picture_url(wh, picture_base, "thumbnails", f"{row['lesion_id']}.png")})
     answer: dict[str, Any] = {"reference": ref, "results": results}
     if outcomes and warm is not None:
@@ -178,8 +181,11 @@ async def query_from_request(wh: Warehouse, form: Any, roots: list[str]) -> Any:
 
     from imaging_assets.stages.similar import query_vector
 
+    from imaging_assets.stages.similar import split_space
+
     opts: dict[str, Any] = {n: (str(form.get(n)).strip() or None) if form.get(n) is not None else None
-                            for n in ("segment", "space", "modality")}
+                            for n in ("segment", "space", "feature_space", "modality")}
+    opts["space"] = split_space(opts["space"], opts.pop("feature_space"))[1]  # the feature space to extract with
     raw_label = str(form.get("label") or "").strip()
     try:
         opts["label"] = int(raw_label) if raw_label else None

@@ -44,9 +44,18 @@ def _filter_fields(q: Any) -> str:
             _field(q, "max_volume", "to", 8) + _field(q, "cluster", "Cluster", 4))
 
 
+def _space_field(q: Any) -> str:
+    """The search space: default (hybrid where the lesion has an embedding), radiomics, deep, hybrid."""
+    chosen = str(q.get("space") or "")
+    options = "".join(f"<option value='{v}'{' selected' if v == chosen else ''}>{label}</option>" for v, label in (
+        ("", "default (hybrid)"), ("hybrid", "hybrid: features + deep"), ("radiomics", "radiomics features"),
+        ("deep", "deep embedding")))
+    return f"<label>Compare by <select name='space'>{options}</select></label>"
+
+
 def search_form(q: Any) -> str:
     return ("<form class='search' method='get' action='/'>" + _field(q, "lesion_id", "Lesion id", 20) +
-            _filter_fields(q) + " <button type='submit'>Search</button></form>")
+            _filter_fields(q) + " " + _space_field(q) + " <button type='submit'>Search</button></form>")
 
 
 def new_lesion_form() -> str:
@@ -56,12 +65,13 @@ def new_lesion_form() -> str:
             "size='40'></label> <label>mask path <input name='mask_path' size='40'></label> <small>files or DICOM "
             "folders under the archive roots</small><br>" + _field({}, "segment", "Segment") +
             _field({}, "label", "or label", 3) + _field({}, "modality", "Modality", 6) + _field({}, "k", "k", 3) +
-            " <button type='submit'>Search</button></form></fieldset>")
+            " " + _space_field({}) + " <button type='submit'>Search</button></form></fieldset>")
 
 
 def save_form(q: Any) -> str:
     hidden = "".join(f"<input type='hidden' name='{n}' value='{html.escape(str(q.get(n)), quote=True)}'>"
-                     for n in ("lesion_id", "modality", "date_from", "date_to", "min_volume", "max_volume", "cluster")
+                     for n in ("lesion_id", "modality", "date_from", "date_to", "min_volume", "max_volume", "cluster",
+                               "space")
                      if q.get(n))
     hidden = hidden.replace("name='lesion_id'", "name='reference_lesion_id'")
     return ("<form method='post' action='/cohorts'>" + hidden +
@@ -119,6 +129,12 @@ def km_svg(outcomes: dict[str, Any], width: int = 420, height: int = 220) -> str
     return "".join(parts)
 
 
+def _distances(r: dict[str, Any]) -> str:
+    """``d = 4.21`` (radiomics), with ``deep 0.12`` beside it when the embedding was compared."""
+    out = "d = n/a" if r.get("distance") is None else f"d = {r['distance']:.2f}"
+    return out + ("" if r.get("deep_distance") is None else f", deep {r['deep_distance']:.2f}")
+
+
 def results_html(answer: dict[str, Any]) -> str:
     from imaging_assets.features.explain import percentile_words as _pct
 
@@ -134,10 +150,14 @@ def results_html(answer: dict[str, Any]) -> str:
     out = [f"<h2>{title}</h2><p>{picture}{what}</p>"]
     if "outcomes" in answer:
         out.append("<h3>How these patients did</h3>" + km_svg(answer["outcomes"]))
-    out.append(f"<h2>{len(answer['results'])} closest patients</h2><table class='results'>"
+    searched = answer["results"][0].get("search_space") if answer["results"] else None
+    how = {"hybrid": "by radiomics features and the deep embedding (rank-fused)", "deep": "by the deep embedding",
+           "radiomics": "by radiomics features"}.get(str(searched), "")
+    out.append(f"<h2>{len(answer['results'])} closest patients <small>{html.escape(how)}</small></h2>"
+               "<table class='results'>"
                "<tr><th>#</th><th>picture</th><th>lesion</th><th>why it is close</th></tr>")
     for r in answer["results"]:
-        e = r["explanation"]
+        e = r["explanation"] or {"groups": {}, "agree": [], "differ": []}
         groups = "".join(f"<div>{html.escape(g)} <span class='bar' style='width:{s * 150:.0f}px'></span> {s:.0%}</div>"
                          for g, s in sorted(e["groups"].items(), key=lambda kv: -kv[1]) if s >= 0.01)
 
@@ -149,7 +169,7 @@ def results_html(answer: dict[str, Any]) -> str:
         out.append(
             f"<tr class='result'><td>{r['rank']}</td><td><img class='thumb' src='{html.escape(r['thumbnail_url'], quote=True)}' "
             f"alt='lesion {html.escape(r['lesion_id'])}'></td><td><code>{html.escape(r['lesion_id'])}</code><br>"
-            f"d = {r['distance']:.2f}<br>{html.escape(str(r.get('modality')))} {html.escape(str(r.get('roi_name')))}<br>"
+            f"{_distances(r)}<br>{html.escape(str(r.get('modality')))} {html.escape(str(r.get('roi_name')))}<br>"
             f"{(r.get('volume_mm3') or 0) / 1000:.1f} cm³, cluster {r.get('cluster')}<br>"
             f"<small>{html.escape(str(r.get('patient_key')))}</small></td><td class='why'>{groups}<b>agree</b><ul>"
             f"{items('agree')}</ul><b>differ</b><ul>{items('differ')}</ul></td></tr>")
