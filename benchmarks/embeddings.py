@@ -147,6 +147,13 @@ class Cohort:
     note: str = ""
 
 
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def _commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -180,7 +187,7 @@ def truth_table(wh: Any, ground_truth: Path):
 def _json_safe(v: Any) -> Any:
     if isinstance(v, Mapping):
         return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
+    if type(v) in (list, tuple):  # exactly: Dagster's records (TableSchema...) are tuples that refuse iteration
         return [_json_safe(x) for x in v]
     if isinstance(v, np.generic):
         return v.item()
@@ -193,7 +200,9 @@ def _metadata_values(md: Mapping[str, Any]) -> dict[str, Any]:
     """Plain values of a Dagster materialization's metadata (``MetadataValue.value``)."""
     out = {}
     for k, v in md.items():
-        out[k] = _json_safe(getattr(v, "value", v))
+        value = getattr(v, "value", v)
+        if value is None or isinstance(value, str | int | float | bool | dict):  # tables and plots left out
+            out[k] = _json_safe(value)
     return out
 
 
@@ -707,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         torch_info = "torch missing"
     print(f"benchmarks/embeddings.py  cores {os.cpu_count()}  {torch_info}  bootstrap {n_boot} (patients, seed "
-          f"{BOOT_SEED})  commit {_commit()[:10]}  {dt.datetime.now():%Y-%m-%d %H:%M}")
+          f"{BOOT_SEED})  commit {_commit()[:10]}  load average {_load()}  {dt.datetime.now():%Y-%m-%d %H:%M}")
 
     cohorts: list[Cohort] = []
     if "demo" in which:
@@ -727,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
         cohorts.append(b)
     results = [evaluate(c, n_boot) for c in cohorts]
     report(results)
+    print(f"load average at the end {_load()} on {os.cpu_count()} cores (timings are those of a shared machine "
+          "when it is above the core count)")
     return 0
 
 

@@ -49,6 +49,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,6 +128,22 @@ def _block(cin: int, cout: int, stride: int) -> list[nn.Module]:
             nn.GroupNorm(min(8, cout // 4) or 1, cout), nn.GELU()]
 
 
+def _dilate(m: torch.Tensor, r: int) -> torch.Tensor:
+    """Box dilation (max filter of half-width ``r``) of (N, C, D, H, W), one axis at a time (max_pool3d with
+    stride 1 is slow on CPU)."""
+    for dim in (2, 3, 4):
+        pads = [0, 0, 0, 0, 0, 0]
+        pads[2 * (4 - dim)] = r
+        pads[2 * (4 - dim) + 1] = r
+        p = F.pad(m, pads)
+        n = m.shape[dim]
+        out = p.narrow(dim, 0, n)
+        for i in range(1, 2 * r + 1):
+            out = torch.maximum(out, p.narrow(dim, i, n))
+        m = out
+    return m
+
+
 class LesionEncoder(nn.Module):
     """The small 3-D CNN (see the module docstring)."""
 
@@ -148,8 +165,7 @@ class LesionEncoder(nn.Module):
         if x.shape[2] != s or x.shape[3] != s or x.shape[4] != s:
             x = F.interpolate(x, size=[s, s, s], mode="trilinear", align_corners=False)
         if self.focus_vox >= 0 and x.shape[1] == 2:
-            k = 2 * self.focus_vox + 1
-            near = F.max_pool3d(x[:, 1:2], kernel_size=k, stride=1, padding=self.focus_vox)
+            near = _dilate(x[:, 1:2], self.focus_vox)
             x = torch.cat([x[:, 0:1] * near, x[:, 1:2]], dim=1)
         h = self.features(x)
         w = F.adaptive_avg_pool3d(x[:, -1:], h.shape[2:])
@@ -362,14 +378,16 @@ def save_encoder(trained: TrainedEncoder, path: str | Path, metadata: dict) -> s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = trained.module.eval()
-    try:
-        scripted = torch.jit.script(module)
-    except Exception:  # noqa: BLE001 - a module script cannot compile: trace it at its input size
-        s = trained.input_size
-        with torch.no_grad():
-            scripted = torch.jit.trace(module, torch.zeros(1, 2, s, s, s))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.jit.save(scripted, str(tmp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is what users' tools load
+        try:
+            scripted = torch.jit.script(module)
+        except Exception:  # noqa: BLE001 - a module script cannot compile: trace it at its input size
+            s = trained.input_size
+            with torch.no_grad():
+                scripted = torch.jit.trace(module, torch.zeros(1, 2, s, s, s))
+        torch.jit.save(scripted, str(tmp))
     os.replace(tmp, path)
     digest = _sha256(path)
     side = {
@@ -471,7 +489,9 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
 
 def _torchscript_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"{path}: not a loadable TorchScript model: {exc}") from exc
     module.eval()

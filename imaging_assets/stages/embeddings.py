@@ -270,13 +270,18 @@ def train_embedding_model(wh: Warehouse, config: Any = None, force: bool = False
     trained = train_encoder(source, cfg, progress=progress)
     folder = Path(wh.root) / MODEL_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".training-{os.getpid()}.pt"
+    # a fixed file name inside a temporary folder: TorchScript archives are named after their file, so the same
+    # weights give the same bytes (and the same version) whatever the process
+    staging = folder / f".training-{os.getpid()}"
+    staging.mkdir(exist_ok=True)
+    tmp = staging / "encoder.pt"
     meta = {"data_version": version_of_data, "n_lesions": len(crops), "crop_version": _crop_version()}
     sha = save_encoder(trained, tmp, meta)
     mv = f"ssl-{sha[:12]}"
     final = folder / f"{mv}.pt"
     os.replace(f"{tmp}.json", f"{final}.json")
     os.replace(tmp, final)
+    staging.rmdir()
     emb = load_embedder(final)
     row = {"model_version": mv, "source": "trained", "path": f"{MODEL_DIR}/{final.name}", "sha256": sha,
            "dim": emb.dim, "input_size": emb.input_size, "channels": emb.channels, "intensity": emb.intensity,

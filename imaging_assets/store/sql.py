@@ -224,17 +224,20 @@ def run_sql(wh: Warehouse, sql: str, limit: int | None = None, user: str | None 
 
 
 def _register_lance(con: duckdb.DuckDBPyConnection, lance_uri: str) -> dict[str, Any]:
-    """Register the Lance vector table at its current version (pinned first, so the audit names exactly
-    what the query read); ``{}`` when there is no Lance table yet."""
-    from imaging_assets.store.lance import VECTOR_TABLE, register_duckdb_views, table_version
+    """Register the Lance tables (``lesion_vectors``, ``lesion_embeddings``) at their current versions (pinned
+    first, so the audit names exactly what the query read); ``{}`` when there is no Lance table yet."""
+    from imaging_assets.store.lance import EMBEDDING_TABLE, VECTOR_TABLE, register_duckdb_views, table_version
 
     if not lance_uri:
         return {}
-    try:
-        pinned = {VECTOR_TABLE: table_version(lance_uri, VECTOR_TABLE)}
-        if pinned[VECTOR_TABLE] is None:
-            return {}
-        register_duckdb_views(con, lance_uri, [VECTOR_TABLE], versions=pinned)
-        return pinned
-    except Exception:  # noqa: BLE001 - no Lance tables yet
-        return {}
+    pinned: dict[str, Any] = {}
+    for table in (VECTOR_TABLE, EMBEDDING_TABLE):
+        try:
+            version = table_version(lance_uri, table)
+            if version is None:
+                continue
+            register_duckdb_views(con, lance_uri, [table], versions={table: version})
+            pinned[table] = version
+        except Exception:  # noqa: BLE001 - no such Lance table yet
+            continue
+    return pinned

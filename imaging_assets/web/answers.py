@@ -179,9 +179,7 @@ async def query_from_request(wh: Warehouse, form: Any, roots: list[str]) -> Any:
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
 
-    from imaging_assets.stages.similar import query_vector
-
-    from imaging_assets.stages.similar import split_space
+    from imaging_assets.stages.similar import query_vector, split_space
 
     opts: dict[str, Any] = {n: (str(form.get(n)).strip() or None) if form.get(n) is not None else None
                             for n in ("segment", "space", "feature_space", "modality")}
