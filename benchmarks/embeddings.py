@@ -74,6 +74,9 @@ TARGET_RATE = 50.0
 MARKER = "benchmark-complete.json"
 BENCH_USER = "bench-embeddings"  # the audit rows of the benchmark's searches name this user
 BOOT_SEED = 20240601
+#: The environment that names a model file of yours (left out while the generated cohort is materialized)
+EXTERNAL_MODEL_ENV = ("IMAGING_ASSETS_EMBEDDING_MODEL", "IMAGING_ASSETS_EMBEDDING_INPUT_SIZE",
+                      "IMAGING_ASSETS_EMBEDDING_CHANNELS", "IMAGING_ASSETS_EMBEDDING_INTENSITY")
 #: Dagster's console log at WARNING (the assets' config stays the default; --verbose shows the whole log)
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -275,9 +278,14 @@ def deep_ready(wh: Any, truth) -> str | None:
     """None when the warehouse has deep and hybrid vectors (a ``find_similar`` answers for its first
     lesion), else why not."""
     from imaging_assets.stages.similar import find_similar
+    from imaging_assets.store.lance import EMBEDDING_TABLE, table_version
 
     if not len(truth):
         return "no extractable lesions"
+    if active_model(wh) is None:
+        return "no active embedding model (embedding_models)"
+    if table_version(wh.lance_uri, EMBEDDING_TABLE) is None:
+        return f"no Lance table {EMBEDDING_TABLE}"
     lid = truth.index[0]
     for space in ("deep", "hybrid"):
         try:
@@ -371,18 +379,23 @@ def generated_cohort(cache: Path, seed: int, patients: int, rebuild: bool = Fals
     everything = [a for a in defs.assets if a.partitions_def is None] + list(defs.asset_checks)
     log(f"{label}: materializing {len(everything)} assets and checks into {whdir} (minutes; Dagster's log "
         f"{'below' if verbose else 'at WARNING and above only, --verbose for all of it'})")
-    old_key = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = DEMO_KEY  # synthetic data: the explicit demo key, as make demo
+    # synthetic data: the explicit demo key, as make demo; the encoder trained on the cohort (a model of yours
+    # named by the environment would be registered instead of training)
+    saved = {k: os.environ.get(k) for k in (ENV_VAR, *EXTERNAL_MODEL_ENV)}
+    os.environ[ENV_VAR] = DEMO_KEY
+    for k in EXTERNAL_MODEL_ENV:
+        os.environ.pop(k, None)
     t0 = time.perf_counter()
     try:
         with dg.instance_for_test() as instance:
             result = dg.materialize(everything, instance=instance, resources=resources, raise_on_error=False,
                                     run_config=None if verbose else QUIET_RUN_CONFIG)
     finally:
-        if old_key is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old_key
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     elapsed = time.perf_counter() - t0
     if not result.success:
         failed = [e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
@@ -564,9 +577,10 @@ def report(results: Sequence[CohortResult]) -> list[str]:
               f"{'; '.join(extra) or 'every one queried in every space'}"
               + (f"; note: {r.cohort.note}" if r.cohort.note else ""))
         phenos = sorted({p for s in SPACES for p in r.spaces[s].by_phenotype})
-        print(f"  {'phenotype':<18}" + "".join(f"{s:>11}" for s in SPACES) + f"{'queries':>9}")
+        wide = max([18, *(len(p) + 2 for p in phenos)])
+        print(f"  {'phenotype':<{wide}}" + "".join(f"{s:>11}" for s in SPACES) + f"{'queries':>9}")
         for p in phenos:
-            print(f"  {p:<18}" + "".join(f"{r.spaces[s].by_phenotype.get(p, float('nan')):>11.3f}" for s in SPACES)
+            print(f"  {p:<{wide}}" + "".join(f"{r.spaces[s].by_phenotype.get(p, float('nan')):>11.3f}" for s in SPACES)
                   + f"{r.phenotype_counts.get(p, 0):>9}")
         if r.gain is not None:
             print(f"  hybrid - radiomics {r.gain.fmt()} (paired);  deep - radiomics {r.deep_gain.fmt()} (paired)")

@@ -201,7 +201,7 @@ def embedding_robustness(context: dg.AssetExecutionContext, config: EmbeddingRob
     from pathlib import Path
 
     from imaging_assets.analysis.plots import embedding_icc_png
-    from imaging_assets.stages.embeddings import (
+    from imaging_assets.stages.embedding_robustness import (
         ICC_THRESHOLD,
         OVERLAP_THRESHOLD,
         compute_embedding_robustness,

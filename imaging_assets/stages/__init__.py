@@ -38,7 +38,16 @@ class ChainSettings:
 
 
 def _steps() -> list[tuple[str, Callable[[Any, ChainSettings], Any]]]:
-    from imaging_assets.stages import discovery, embeddings, outcomes, radiomics, reproducibility, thumbnails, vectors
+    from imaging_assets.stages import (
+        discovery,
+        embedding_robustness,
+        embeddings,
+        outcomes,
+        radiomics,
+        reproducibility,
+        thumbnails,
+        vectors,
+    )
 
     def png(s: ChainSettings, name: str) -> Path | None:
         return Path(s.png_dir) / name if s.png_dir is not None else None
@@ -63,7 +72,8 @@ def _steps() -> list[tuple[str, Callable[[Any, ChainSettings], Any]]]:
         ("phenotype_clusters", lambda wh, s: outcomes.build_clusters(wh, png_path=png(s, "clusters.png"))),
         ("cluster_outcomes", lambda wh, s: outcomes.analyse_cluster_outcomes(wh, png_path=png(s, "km.png"))),
         ("lesion_embeddings", lambda wh, s: embeddings.build_lesion_embeddings(wh)),
-        ("embedding_robustness", lambda wh, s: embeddings.compute_embedding_robustness(wh, workers=s.workers)),
+        ("embedding_robustness", lambda wh, s: embedding_robustness.compute_embedding_robustness(
+            wh, workers=s.workers)),
     ]
 
 
