@@ -204,7 +204,9 @@ def _metadata_values(md: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in md.items():
         value = getattr(v, "value", v)
-        if value is None or isinstance(value, str | int | float | bool | dict):  # tables and plots left out
+        if isinstance(value, str) and len(value) > 300:  # an inline picture
+            continue
+        if value is None or isinstance(value, str | int | float | bool | dict):  # tables left out
             out[k] = _json_safe(value)
     return out
 
@@ -385,6 +387,7 @@ def generated_cohort(cache: Path, seed: int, patients: int, rebuild: bool = Fals
     os.environ[ENV_VAR] = DEMO_KEY
     for k in EXTERNAL_MODEL_ENV:
         os.environ.pop(k, None)
+    load_before = _load()
     t0 = time.perf_counter()
     try:
         with dg.instance_for_test() as instance:
@@ -397,10 +400,12 @@ def generated_cohort(cache: Path, seed: int, patients: int, rebuild: bool = Fals
             else:
                 os.environ[k] = v
     elapsed = time.perf_counter() - t0
+    load_after = _load()
     if not result.success:
         failed = [e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
         raise SystemExit(f"{label}: materialization failed (steps {failed}); see the log above")
-    log(f"{label}: materialized every asset and check in {elapsed:.0f} s")
+    log(f"{label}: materialized every asset and check in {elapsed:.0f} s (load average before {load_before}, "
+        f"after {load_after})")
 
     def md(key: str) -> dict[str, Any]:
         mats = result.asset_materializations_for_node(key)
@@ -411,7 +416,8 @@ def generated_cohort(cache: Path, seed: int, patients: int, rebuild: bool = Fals
     embedding = {k: emb[k] for k in ("dagster/row_count", "embedded", "dim", "embed_s", "lesions_per_s",
                                        "table_version", "model_version") if k in emb}
     rec = {**want, "materialized_at": dt.datetime.now().isoformat(timespec="seconds"),
-           "materialize_s": round(elapsed, 1), "training": training, "embedding": embedding,
+           "materialize_s": round(elapsed, 1), "load_average": [load_before, load_after],
+           "training": training, "embedding": embedding,
            "embedding_model_metadata": md("embedding_model")}
     (cache / MARKER).write_text(json.dumps(_json_safe(rec), indent=2) + "\n")
     return Cohort(label, wh, demo / "ground_truth.csv", training=training, embedding=embedding)
@@ -592,6 +598,9 @@ def report(results: Sequence[CohortResult]) -> list[str]:
             tr += f" (loss {t['loss_first_last'][0]:.3f} -> {t['loss_first_last'][1]:.3f})"
         tr += f"  [from {t.get('source', '?')}]"
         print(f"  {tr}")
+        if t.get("stopped_early"):
+            print("  note: the training stopped at its time cap before its last epoch: the deep and hybrid figures "
+                  "are those of a shorter training than configured")
         if "lesions_per_s" in th:
             print(f"  embedding: {th['crops']} crops {th['shape']} {th['dtype']}: read {th['read_s']:.2f} s "
                   f"(.npy files), model load {th['load_s']:.2f} s (not counted), embed {th['embed_s']:.2f} s "

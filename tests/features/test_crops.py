@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from imaging_assets.features.crops import CROP_SIZE, CT_WINDOW, lesion_crop
+from imaging_assets.features.crops import CROP_SIZE, CT_KNOTS_HU, CT_KNOTS_VALUE, lesion_crop
 
 SPACING = (0.8, 0.8, 1.5)
 ORIGIN = (-30.0, -40.0, 10.0)
@@ -108,10 +108,10 @@ def test_ct_window_and_mr_percentile_scaling(phantom):
     image, mask = phantom
     crop = lesion_crop(image, mask, "CT").astype(np.float32)
     c = CROP_SIZE // 2
-    lo, hi = CT_WINDOW
     hu_centre = LESION_HU + 2.0 * CENTER_MM[0] + CENTER_MM[1] - 0.5 * CENTER_MM[2]
-    assert crop[0, c, c, c] == pytest.approx((hu_centre - lo) / (hi - lo), abs=0.01)
-    assert float(np.median(crop[0][crop[1] == 0])) == pytest.approx((BACKGROUND_HU - lo) / (hi - lo), abs=0.03)
+    assert crop[0, c, c, c] == pytest.approx(0.3 + 0.7 * (hu_centre + 160.0) / 400.0, abs=0.01)  # soft tissue
+    assert float(np.median(crop[0][crop[1] == 0])) == pytest.approx(0.3 * 200.0 / 840.0, abs=0.03)  # lung
+    assert np.interp([-1000.0, -160.0, 240.0], CT_KNOTS_HU, CT_KNOTS_VALUE).tolist() == [0.0, 0.3, 1.0]
     # -2000 / +3000 HU clip to the window's ends
     arr = sitk.GetArrayFromImage(image).astype(np.float32)
     extreme = _image(np.where(sitk.GetArrayFromImage(mask) > 0, 3000.0, -2000.0).astype(np.float32))

@@ -472,7 +472,11 @@ def test_warm_search_follows_the_pipeline(chain, tmp_path):
         gone = first[0]["lesion_id"]
         lance_dataset(wh.lance_uri).delete(f"lesion_id = '{gone}'")
         assert warm.refresh()["vectors"]
-        assert gone not in {r["lesion_id"] for r in similar_rows(lid, k=10, warehouse=wh, warm=warm)}
+        assert gone not in {r["lesion_id"] for r in similar_rows(lid, k=10, warehouse=wh, warm=warm, space="radiomics")}
+        deep = similar_rows(lid, k=3, warehouse=wh, warm=warm, space="deep")[0]["lesion_id"]
+        lance_dataset(wh.lance_uri, "lesion_embeddings").delete(f"lesion_id = '{deep}'")
+        assert warm.refresh()["embeddings"]
+        assert deep not in {r["lesion_id"] for r in similar_rows(lid, k=10, warehouse=wh, warm=warm, space="deep")}
     finally:
         warm.stop()
 
