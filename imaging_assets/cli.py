@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--mask", help="... and its mask (SEG, RTSTRUCT, NIfTI, NRRD)")
     f.add_argument("--segment", help="segment / ROI name in the mask")
     f.add_argument("--space", help="search space: radiomics (the robust features), deep (the learned embeddings) "
-                                   "or hybrid (both, rank-fused; the default where the lesion has an embedding)")
+                                   "or hybrid (both, rank-fused); default radiomics, the best measured (README)")
     f.add_argument("--feature-space", help="feature space to search, e.g. CT-1a2b3c4d (default: the lesion's own; "
                                            "for --image, the warehouse's only space of the image's modality)")
     f.add_argument("--params", help="for --image: a pyradiomics YAML; the warehouse must hold lesions extracted "
@@ -650,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-k", type=int, default=20, help="number of similar patients (default 20)")
     c.add_argument("--modality", help="filter: modalities, e.g. CT or CT,MR")
     c.add_argument("--space", choices=["radiomics", "deep", "hybrid"],
-                   help="search space (default hybrid where the reference has an embedding, else radiomics)")
+                   help="search space (default radiomics, the best measured; README 'Deep embeddings')")
     c.add_argument("--config", help="the cohort op's whole config as JSON (the launchpad's fields: "
                    "reference_lesion_id or image + mask, k, filters); replaces the options above")
     c.add_argument("--requested-by", help="who asked, for the run's tags and the audit row (the search page "

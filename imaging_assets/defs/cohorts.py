@@ -74,7 +74,7 @@ class CohortConfig(dg.Config):
         "lesion), so outcome analyses count each patient once.")
     space: str | None = Field(
         default=None, description="Search space: radiomics (the robust features), deep (the learned embeddings) "
-        "or hybrid (both, rank-fused); default hybrid where the reference has an embedding, else radiomics.")
+        "or hybrid (both, rank-fused); default radiomics, the best measured (README 'Deep embeddings').")
 
     def filters(self) -> dict:
         """The filter dict understood by `find_similar`."""

@@ -36,7 +36,8 @@ Determinism
     The weights are a function of the seed, the crops (in order) and the config: ``torch.manual_seed``, a
     :class:`numpy.random.Generator` and a :class:`torch.Generator` from the seed, a fixed thread count and
     ``torch.use_deterministic_algorithms(True)`` during training (the previous global settings are restored
-    afterwards). ``max_seconds`` is a safety cap checked after each epoch; a run that hits it is marked
+    afterwards). ``max_seconds`` is a safety cap: no epoch starts that would end past it (by the slowest epoch so far);
+    a run that hits it is marked
     ``stopped_early`` and is then no longer a function of the seed alone.
 
 Memory
@@ -327,6 +328,7 @@ def train_encoder(crops: CropSource, config: TrainConfig = TrainConfig(),
         curve: list[float] = []
         step = 0
         stopped = False
+        last = slowest = 0.0
         for epoch in range(1, config.epochs + 1):
             order = rng.permutation(n)
             losses, weights = [], []
@@ -352,7 +354,11 @@ def train_encoder(crops: CropSource, config: TrainConfig = TrainConfig(),
             curve.append(mean)
             if progress is not None:
                 progress(epoch, mean)
-            if time.perf_counter() - t0 > config.max_seconds and epoch < config.epochs:
+            # stop before an epoch that would end past the cap (the slowest epoch so far as its estimate)
+            spent = time.perf_counter() - t0
+            slowest = max(slowest, spent - last)
+            last = spent
+            if epoch < config.epochs and spent + slowest > config.max_seconds:
                 stopped = True
                 break
     encoder.eval()

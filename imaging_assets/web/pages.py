@@ -45,11 +45,13 @@ def _filter_fields(q: Any) -> str:
 
 
 def _space_field(q: Any) -> str:
-    """The search space: default (hybrid where the lesion has an embedding), radiomics, deep, hybrid."""
+    """The search space: default (:data:`~imaging_assets.stages.similar.DEFAULT_SPACE`), radiomics, deep, hybrid."""
+    from imaging_assets.stages.similar import DEFAULT_SPACE
+
     chosen = str(q.get("space") or "")
     options = "".join(f"<option value='{v}'{' selected' if v == chosen else ''}>{label}</option>" for v, label in (
-        ("", "default (hybrid)"), ("hybrid", "hybrid: features + deep"), ("radiomics", "radiomics features"),
-        ("deep", "deep embedding")))
+        ("", f"default ({DEFAULT_SPACE})"), ("radiomics", "radiomics features"), ("deep", "deep embedding"),
+        ("hybrid", "hybrid: features + deep")))
     return f"<label>Compare by <select name='space'>{options}</select></label>"
 
 

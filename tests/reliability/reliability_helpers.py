@@ -21,6 +21,7 @@ from typing import Any
 VOLATILE_COLUMNS = frozenset({
     "created_at", "loaded_at", "updated_at", "removed_at", "computed_at", "logged_at", "fitted_at",
     "activated_at", "elapsed_s", "first_seen", "gone_at", "rendered_at", "recorded_at", "retired_at",
+    "train_s",
 })
 #: Tables that record who asked what (not produced by the chain).
 GOVERNANCE_TABLES = frozenset({"audit_log", "cohorts"})

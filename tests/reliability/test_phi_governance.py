@@ -97,7 +97,7 @@ def test_no_phi_in_any_duckdb_or_lance_table(chain_copy, needles, monkeypatch):
     tables = {t for (t,) in _q(db, "SELECT table_name FROM information_schema.tables")}
     assert {"dicom_files", "lesions", "radiomics_features", "clinical_outcomes", "audit_log", "cohorts",
             "cohort_phi_probe", "phenotype_clusters"} <= tables
-    assert rh.lance_table_names(lance) == ["lesion_vectors"]
+    assert rh.lance_table_names(lance) == ["lesion_embeddings", "lesion_vectors"]
     assert rh.scan_warehouse(chain_copy["wh"], needles) == []
     assert rh.scan_files(chain_copy["wh"], needles) == []  # nor in the raw bytes of any warehouse file
 
@@ -175,7 +175,9 @@ def test_every_search_cohort_and_sql_query_leaves_exactly_one_audit_row(chain_co
     df = run_sql(wh, sql)
     (row,) = _new_rows(db, before)
     assert (row["action"], row["user"], row["query"], row["status"], row["n_rows"]) == ("sql", USER, sql, "ok", len(df))
-    assert json.loads(row["table_versions"]) == {"lesion_vectors": version}
+    # SQL pins every Lance table it registers as a view (the vectors and the embeddings)
+    assert json.loads(row["table_versions"]) == {"lesion_vectors": version,
+                                                 "lesion_embeddings": table_version(lance, "lesion_embeddings")}
 
     before = _audit(db)  # a failing search is audited too, once
     with pytest.raises(KeyError):

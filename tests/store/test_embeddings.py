@@ -112,7 +112,7 @@ def test_a_removed_lesion_loses_its_crop_and_embedding(chain, tmp_path):
 
 
 def test_deep_and_hybrid_search_other_patients_in_the_same_feature_space(chain):
-    from imaging_assets.stages.similar import explain_similar, find_similar
+    from imaging_assets.stages.similar import DEFAULT_SPACE, explain_similar, find_similar
 
     wh = chain["wh"]
     lid, patient = _q(wh, "SELECT lesion_id, patient_key FROM lesions WHERE extractable ORDER BY 1 LIMIT 1")[0]
@@ -120,20 +120,20 @@ def test_deep_and_hybrid_search_other_patients_in_the_same_feature_space(chain):
     deep = find_similar(lid, k=5, warehouse=wh, space="deep")
     hybrid = find_similar(lid, k=5, warehouse=wh, space="hybrid")
     default = find_similar(lid, k=5, warehouse=wh)
-    for df, space in ((radiomics, "radiomics"), (deep, "deep"), (hybrid, "hybrid"), (default, "hybrid")):
+    for df, space in ((radiomics, "radiomics"), (deep, "deep"), (hybrid, "hybrid"), (default, DEFAULT_SPACE)):
         assert len(df) == 5 and set(df["search_space"]) == {space}
         assert patient not in set(df["patient_key"]) and len(set(df["space"])) == 1
         assert df["rank"].to_list() == [1, 2, 3, 4, 5]
     assert deep["deep_distance"].is_sorted() and radiomics["distance"].is_sorted()
     assert radiomics["deep_distance"].null_count() == 5
     assert hybrid["score"].is_sorted(descending=True) and hybrid["score"].null_count() == 0
-    assert default["lesion_id"].to_list() == hybrid["lesion_id"].to_list()
+    assert default["lesion_id"].to_list() == {"radiomics": radiomics, "hybrid": hybrid}[DEFAULT_SPACE]["lesion_id"].to_list()
     # the distances of a deep search are the radiomics ones where the lesions have vectors: explainable
     explained = explain_similar(wh, deep, reference_lesion_id=lid)
     assert len(explained) == 5 and all(e is not None for e in explained)
     audit = _q(wh, "SELECT params, table_versions FROM audit_log WHERE action = 'search' ORDER BY logged_at")
     spaces = [json.loads(p)["search_space"] for p, _ in audit[-4:]]
-    assert spaces == ["radiomics", "deep", "hybrid", "hybrid"]
+    assert spaces == ["radiomics", "deep", "hybrid", DEFAULT_SPACE]
     assert "lesion_embeddings" in json.loads(audit[-1][1])
 
 
@@ -145,6 +145,8 @@ def test_fusion_ranks_by_both_spaces():
     # distance: it ranks after all (5th of 4) there
     assert scores == pytest.approx([1 / 2 + 1 / 5, 1 / 3 + 1 / 3, 1 / 4 + 1 / 4, 1 / 6 + 1 / 2])
     assert int(np.argmax(scores)) == 0
+    weighted = fuse_ranks({"radiomics": [1.0, 2.0], "deep": [0.2, 0.1]}, k0=0, weights={"radiomics": 0.75, "deep": 0.25})
+    assert weighted == pytest.approx([0.75 / 1 + 0.25 / 2, 0.75 / 2 + 0.25 / 1])
 
 
 def test_cli_similar_space_hybrid(chain):
@@ -243,3 +245,23 @@ def test_the_search_server_answers_every_space(chain, tmp_path):
         assert [x["lesion_id"] for x in warm_rows] == [x["lesion_id"] for x in cold]
         page = client.get(f"/?lesion_id={lid}&space=deep", cookies={"ia_token": token})
         assert page.status_code == 200 and "by the deep embedding" in page.text and "deep 0." in page.text
+
+
+def test_a_new_lesion_gets_the_same_embedding_as_the_stored_one(chain):
+    """A lesion given as files (its own series folder and SEG) is embedded through the same crop and model as
+    the pipeline: its embedding equals the stored one, and a hybrid search of it finds itself first."""
+    from imaging_assets.stages.similar import find_similar, query_vector
+
+    wh = chain["wh"]
+    lid, files, seg_path, label = _q(
+        wh, "SELECT l.lesion_id, i.files, s.path, l.segment_number FROM lesions l JOIN imaging_series i "
+            "USING (series_key) JOIN segmentations s USING (seg_key) WHERE l.extractable AND s.kind = 'seg' "
+            "ORDER BY l.volume_mm3 DESC LIMIT 1")[0]
+    q = query_vector(wh, Path(files[0]).parent, seg_path, label=label)
+    assert q.embedding is not None and q.model_version == chain["out"]["embedding_model"].model_version
+    tbl, mat = embeddings.embeddings_frame(wh.lance_uri)
+    stored = mat[tbl.column("lesion_id").to_pylist().index(lid)]
+    assert float(np.abs(stored - q.embedding).max()) < 1e-3
+    hits = find_similar(vector=q.vector, embedding=q.embedding, k=3, warehouse=wh, space="hybrid",
+                        feature_space=q.space, exclude_same_patient=False)
+    assert hits["lesion_id"][0] == lid and hits["deep_distance"][0] < 1e-3
