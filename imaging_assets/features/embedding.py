@@ -388,6 +388,18 @@ def sidecar_path(path: str | Path) -> Path:
     return p.with_name(p.name + ".json")
 
 
+def weights_digest(trained: TrainedEncoder) -> str:
+    """sha256 of what a trained encoder computes: its parameter and buffer names, shapes, dtypes and bytes, the
+    input size and :data:`ENCODER_VERSION`. Unlike the TorchScript file's bytes (which carry class names that
+    TorchScript numbers per process), it is the same for the same weights in any process."""
+    h = hashlib.sha256(f"{ENCODER_VERSION}|{trained.input_size}".encode())
+    for name, tensor in trained.module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"|{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_encoder(trained: TrainedEncoder, path: str | Path, metadata: dict) -> str:
     """Write ``trained.module`` as TorchScript at ``path`` and its sidecar ``<path>.json``; the file's sha256.
 

@@ -174,7 +174,7 @@ def active_model(con: Any) -> dict[str, Any] | None:
 
 def _result(row: dict[str, Any], reused: bool, reason: str, t0: float) -> ModelResult:
     return ModelResult(
-        model_version=row["model_version"], source=row["source"], path=str(row["path"]), sha256=row["sha256"],
+        model_version=row["model_version"], source=row["source"], path=str(row["path"]), sha256=row["file_sha256"],
         dim=int(row["dim"]), input_size=int(row["input_size"]), reused=reused, reason=reason,
         n_lesions=int(row["n_lesions"] or 0), data_version=row["data_version"], epochs=row["epochs"],
         train_s=row["train_s"], stopped_early=bool(row["stopped_early"]),
@@ -220,7 +220,13 @@ def train_embedding_model(wh: Warehouse, config: Any = None, force: bool = False
         train on.
     """
     from imaging_assets import settings
-    from imaging_assets.features.embedding import TrainConfig, load_embedder, save_encoder, train_encoder
+    from imaging_assets.features.embedding import (
+        TrainConfig,
+        load_embedder,
+        save_encoder,
+        train_encoder,
+        weights_digest,
+    )
 
     t0 = time.perf_counter()
     external = settings.embedding_model() if external is None else external
@@ -235,7 +241,7 @@ def train_embedding_model(wh: Warehouse, config: Any = None, force: bool = False
         mv = f"ext-{emb.sha256[:12]}"
         if current is not None and current["model_version"] == mv:
             return _result(current, True, f"the configured model {emb.path} is active", t0)
-        row = {"model_version": mv, "source": "external", "path": str(emb.path), "sha256": emb.sha256,
+        row = {"model_version": mv, "source": "external", "path": str(emb.path), "file_sha256": emb.sha256,
                "dim": emb.dim, "input_size": emb.input_size, "channels": emb.channels, "intensity": emb.intensity,
                "config_json": json.dumps({k: external.get(k) for k in ("path", "input_size", "channels",
                                                                         "intensity")}),
@@ -262,20 +268,19 @@ def train_embedding_model(wh: Warehouse, config: Any = None, force: bool = False
     trained = train_encoder(source, cfg, progress=progress)
     folder = Path(wh.root) / MODEL_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    # a fixed file name inside a temporary folder: TorchScript archives are named after their file, so the same
-    # weights give the same bytes (and the same version) whatever the process
+    # a fixed file name inside a temporary folder (a TorchScript archive is named after its file)
     staging = folder / f".training-{os.getpid()}"
     staging.mkdir(exist_ok=True)
     tmp = staging / "encoder.pt"
     meta = {"data_version": version_of_data, "n_lesions": len(crops), "crop_version": _crop_version()}
     sha = save_encoder(trained, tmp, meta)
-    mv = f"ssl-{sha[:12]}"
+    mv = f"ssl-{weights_digest(trained)[:12]}"  # the weights' digest: the same model in any process
     final = folder / f"{mv}.pt"
     os.replace(f"{tmp}.json", f"{final}.json")
     os.replace(tmp, final)
     staging.rmdir()
     emb = load_embedder(final)
-    row = {"model_version": mv, "source": "trained", "path": f"{MODEL_DIR}/{final.name}", "sha256": sha,
+    row = {"model_version": mv, "source": "trained", "path": f"{MODEL_DIR}/{final.name}", "file_sha256": sha,
            "dim": emb.dim, "input_size": emb.input_size, "channels": emb.channels, "intensity": emb.intensity,
            "config_json": cfg_json, "data_version": version_of_data, "n_lesions": len(crops),
            "epochs": trained.epochs, "train_s": round(trained.elapsed_s, 2), "stopped_early": trained.stopped_early,
@@ -308,7 +313,7 @@ def load_active_embedder(wh: Warehouse, con: Any = None) -> tuple[Any, dict[str,
         emb = load_embedder(path, input_size=row["input_size"], channels=row["channels"], intensity=row["intensity"])
     except ValueError as exc:
         raise RuntimeError(f"embedding model {row['model_version']}: {exc}") from exc
-    if emb.sha256 != row["sha256"]:
+    if emb.sha256 != row["file_sha256"]:
         raise RuntimeError(f"{path}: the model file changed since it was registered as {row['model_version']} "
                            "(sha256 differs): materialize embedding_model to register it again")
     return emb, row

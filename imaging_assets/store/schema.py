@@ -281,10 +281,12 @@ CROP_COLUMNS: dict[str, str] = dict(THUMBNAIL_COLUMNS)
 
 #: Embedding models (stages.embeddings): each trained or registered model, one active at a time.
 EMBEDDING_MODEL_COLUMNS: dict[str, str] = {
-    "model_version": "VARCHAR",  # ssl-<sha256 12> (trained here) | ext-<sha256 12> (a model file of yours)
+    # ssl-<12 hex of the weights' sha256> (trained here) | ext-<12 hex of the file's sha256> (a model file of yours)
+    "model_version": "VARCHAR",
     "source": "VARCHAR",  # trained | external
     "path": "VARCHAR",  # trained: relative to the warehouse (models/...); external: the file as configured
-    "sha256": "VARCHAR", "dim": "INTEGER", "input_size": "INTEGER", "channels": "INTEGER", "intensity": "VARCHAR",
+    # the file's sha256, checked before every use (a TorchScript file's bytes also carry per-process class names)
+    "file_sha256": "VARCHAR", "dim": "INTEGER", "input_size": "INTEGER", "channels": "INTEGER", "intensity": "VARCHAR",
     "config_json": "VARCHAR",  # the training config (trained) or the loader settings (external)
     "data_version": "VARCHAR",  # sha1 of the crops (lesion ids + content hashes) it was trained on
     "n_lesions": "INTEGER", "epochs": "INTEGER", "train_s": "DOUBLE", "stopped_early": "BOOLEAN",

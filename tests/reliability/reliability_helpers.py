@@ -22,6 +22,8 @@ VOLATILE_COLUMNS = frozenset({
     "created_at", "loaded_at", "updated_at", "removed_at", "computed_at", "logged_at", "fitted_at",
     "activated_at", "elapsed_s", "first_seen", "gone_at", "rendered_at", "recorded_at", "retired_at",
     "train_s",
+    # a TorchScript file's bytes carry class names numbered per process; the model's version is its weights' digest
+    "file_sha256",
 })
 #: Tables that record who asked what (not produced by the chain).
 GOVERNANCE_TABLES = frozenset({"audit_log", "cohorts"})

@@ -134,7 +134,7 @@ def test_deep_and_hybrid_search_other_patients_in_the_same_feature_space(chain):
     audit = _q(wh, "SELECT params, table_versions FROM audit_log WHERE action = 'search' ORDER BY logged_at")
     spaces = [json.loads(p)["search_space"] for p, _ in audit[-4:]]
     assert spaces == ["radiomics", "deep", "hybrid", DEFAULT_SPACE]
-    assert "lesion_embeddings" in json.loads(audit[-1][1])
+    assert "lesion_embeddings" in json.loads(audit[-2][1]) and "lesion_embeddings" not in json.loads(audit[-4][1])
 
 
 def test_fusion_ranks_by_both_spaces():
