@@ -283,6 +283,10 @@ def rekey(wh: Warehouse, old_secret: str, new_secret: str | None = None,
             lance_synced = True
         except NoRobustSetError:
             notes.append("no robust feature set yet: no Lance vectors to re-sync")
+        from imaging_assets.stages.embeddings import build_lesion_embeddings, embeddings_frame
+
+        if embeddings_frame(wh.lance_uri)[0] is not None:  # the embeddings carry patient keys too (not re-embedded)
+            build_lesion_embeddings(wh)
     logger.info("rekeyed %d patients (%d rows) in %s", len(mapping) - len(unmapped), sum(changed_rows.values()),
                 wh.duckdb_path)
     return RekeyResult(patients=len(mapping) - len(unmapped), rows_changed={k: v for k, v in changed_rows.items() if v},

@@ -498,6 +498,8 @@ def test_rekey_moves_every_table_and_the_lance_vectors_to_the_new_key(chain_copy
     assert lance_after.keys() == lance_before.keys()
     assert all(lance_after[lid] == lesion_keys[lid] for lid in lance_after)
     assert not set(lance_after.values()) & old_keys
+    deep_after = {r["lesion_id"]: r["patient_key"] for r in rh.lance_rows(lance, "lesion_embeddings")}
+    assert deep_after and all(deep_after[lid] == lesion_keys[lid] for lid in deep_after)  # the embeddings too
     monkeypatch.setenv(ENV_VAR, old)
     with pytest.raises(PseudonymKeyMismatch):
         discovery.refresh_catalog(wh, [chain_copy["cohort"].dicom_dir], workers=1)
