@@ -52,7 +52,8 @@ def lesion_crops(context: dg.AssetExecutionContext, config: CropConfig,
 
 
 class ModelConfig(dg.Config):
-    """Training settings (the defaults train the demo's encoder in about 4 minutes on 2 cores)."""
+    """Training settings (the defaults train the demo's encoder in about 30 s on 2 idle cores; the time cap
+    guards a loaded machine)."""
 
     seed: int = Field(default=0, description="Seed of the weights, augmentations and batches (same seed, same "
                       "crops, same threads: the same model).")
