@@ -363,7 +363,7 @@ def _cmd_similar(args: argparse.Namespace) -> int:
 
 def _similar_in_process(args: argparse.Namespace, filters: dict) -> tuple[list[dict] | None, float, dict | None]:
     """``similar`` opening the warehouse's files itself: (rows, search ms, the new lesion's header)."""
-    from imaging_assets.stages.similar import explain_similar, query_vector, similar_rows
+    from imaging_assets.stages.similar import explain_similar, needs_embedding, query_vector, similar_rows
 
     wh = _warehouse(args)
     if wh is None:
@@ -373,7 +373,8 @@ def _similar_in_process(args: argparse.Namespace, filters: dict) -> tuple[list[d
         if not (args.image and args.mask):
             raise ValueError("give a lesion id, or --image and --mask of a new lesion")
         q = query_vector(wh, args.image, args.mask, segment=args.segment, params=args.params,
-                         space=args.feature_space, modality=args.image_modality, resample_mask=args.resample_mask)
+                         space=args.feature_space, modality=args.image_modality, resample_mask=args.resample_mask,
+                         embed=needs_embedding(args.space))
         vector, space = q.vector, q.space
         header = {"space": q.space, "params_hash": q.params_hash, "params_source": q.params_source,
                   "feature_set_version": q.feature_set_version, "model_version": q.model_version}

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from imaging_assets.stages.similar import explain_similar, find_similar, query_vector
+from imaging_assets.stages.similar import explain_similar, find_similar, needs_embedding, query_vector
 from imaging_assets.store import audit
 from imaging_assets.store.schema import ensure_schema
 from imaging_assets.store.warehouse import Warehouse, transaction
@@ -156,7 +156,7 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
     if reference_lesion_id is None:
         if not (image and mask):
             raise ValueError("a cohort needs reference_lesion_id, or image and mask of a new lesion")
-        q = query_vector(wh, image, mask, segment=segment)
+        q = query_vector(wh, image, mask, segment=segment, embed=needs_embedding(search_space))
         vector, fs_version, space = q.vector, q.feature_set_version, q.space
     lance_version = table_version(wh.lance_uri)
     try:

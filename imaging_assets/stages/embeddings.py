@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from imaging_assets.stages.lesion_files import update_lesion_files
+from imaging_assets.stages.reproducibility import _has_table
 from imaging_assets.store.schema import ensure_schema
 from imaging_assets.store.warehouse import Warehouse, table_rows
 
@@ -304,8 +305,7 @@ def load_active_embedder(wh: Warehouse, con: Any = None) -> tuple[Any, dict[str,
     if con is None:
         with wh.connect(read_only=True) as c:
             return load_active_embedder(wh, c)
-    ensure_known = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-    row = active_model(con) if "embedding_models" in ensure_known else None
+    row = active_model(con) if _has_table(con, "embedding_models") else None
     if row is None:
         raise RuntimeError("no embedding model yet: materialize embedding_model")
     path = _model_file(wh, row)
@@ -380,7 +380,7 @@ def build_lesion_embeddings(wh: Warehouse, batch_size: int = 64,
         spaces = lesion_spaces(con)
         clusters: dict[str, int] = dict(con.execute(
             "SELECT c.lesion_id, c.cluster FROM phenotype_clusters c JOIN radiomics_provenance p USING (lesion_id) "
-            "WHERE c.space = p.space").fetchall()) if _has(con, "phenotype_clusters") else {}
+            "WHERE c.space = p.space").fetchall()) if _has_table(con, "phenotype_clusters") else {}
         state = {r["lesion_id"]: (r["content_hash"], r["model_version"]) for r in table_rows(con, "embedding_state")}
     mv = model["model_version"]
     tbl, mat = embeddings_frame(wh.lance_uri)
@@ -420,10 +420,6 @@ def build_lesion_embeddings(wh: Warehouse, batch_size: int = 64,
         elapsed_s=round(time.perf_counter() - t0, 3), excluded=excluded, retention=retention)
 
 
-def _has(con: Any, table: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table]).fetchone()[0])
-
-
 @dataclass(frozen=True)
 class EmbeddingIntegrity:
     """The ``embeddings_integrity`` check: rows vs crops, and the problems found."""
@@ -438,7 +434,7 @@ def embedding_integrity(wh: Warehouse) -> EmbeddingIntegrity:
     tbl, mat = embeddings_frame(wh.lance_uri)
     with wh.connect(read_only=True) as con:
         expected = {lid for lid, _ in _ok_crops(con, wh)}
-        model = active_model(con) if _has(con, "embedding_models") else None
+        model = active_model(con) if _has_table(con, "embedding_models") else None
     ids = tbl.column("lesion_id").to_pylist() if tbl is not None else []
     problems = []
     if len(ids) != len(set(ids)):

@@ -95,13 +95,14 @@ def feature_spaces(wh: Warehouse) -> list[dict[str, Any]]:
 
 def query_vector(wh: Warehouse, image: str | Path, mask: str | Path, label: int | None = None,
                  segment: str | None = None, params: str | Path | None = None, space: str | None = None,
-                 modality: str | None = None, resample_mask: bool = False) -> QueryVector:
+                 modality: str | None = None, resample_mask: bool = False, embed: bool = True) -> QueryVector:
     """Vector of a new lesion (image + mask), extracted with **the settings of the feature space it is
     compared with** (read from ``feature_spaces``), then the space's robust set and stored scaler.
 
     The space is ``space`` when given; else the one made by ``params`` (a pyradiomics file) for the image's
     modality; else the warehouse's only space of that modality (a DICOM image names its modality; a NIfTI /
-    NRRD image takes ``modality``, or the warehouse's only space).
+    NRRD image takes ``modality``, or the warehouse's only space). With ``embed`` (and an embedding model in
+    the warehouse) the lesion is also embedded (:attr:`QueryVector.embedding`), for deep and hybrid searches.
 
     Raises
     ------
@@ -154,7 +155,8 @@ def query_vector(wh: Warehouse, image: str | Path, mask: str | Path, label: int 
     dim = lance_dataset(wh.lance_uri).schema.field("vector").type.list_size
     padded = np.zeros(dim, np.float32)
     padded[: len(vec)] = vec
-    embedding, model_version = _new_lesion_embedding(wh, image, mask, label, segment, info["modality"], resample_mask)
+    embedding, model_version = (_new_lesion_embedding(wh, image, mask, label, segment, info["modality"], resample_mask)
+                                if embed else (None, None))
     return QueryVector(padded, str(info["feature_set_version"]), space, str(info["params_hash"]), str(info["source"]),
                        values={n: float(outcome.features[n]) for n in scaler.feature_names if n in outcome.features},
                        embedding=embedding, model_version=model_version)
@@ -255,6 +257,11 @@ def split_space(space: str | None, feature_space: str | None = None) -> tuple[st
         raise ValueError(f"space {space!r} is neither one of {', '.join(SEARCH_SPACES)} nor the feature space "
                          f"{feature_space!r}")
     return None, feature_space if feature_space is not None else space
+
+
+def needs_embedding(space: str | None) -> bool:
+    """Whether a search of ``space`` (the ``space`` argument of :func:`find_similar`) compares embeddings."""
+    return (split_space(space)[0] or DEFAULT_SPACE) != "radiomics"
 
 
 def similar_rows(lesion_id: str | None = None, vector: np.ndarray | None = None, k: int = 10,

@@ -153,7 +153,8 @@ def neighbour_outcomes(warm: Any, results: list[dict[str, Any]], space: str | No
 
 
 def query_from_paths(wh: Warehouse, image: str, mask: str, roots: list[str], segment: str | None = None,
-                     space: str | None = None, modality: str | None = None, label: int | None = None) -> Any:
+                     space: str | None = None, modality: str | None = None, label: int | None = None,
+                     embed: bool = True) -> Any:
     """The query vector of a new lesion named by server paths, which must lie under ``roots`` (the
     archive's folders): a user of the page cannot make the server read anything else.
 
@@ -171,7 +172,7 @@ def query_from_paths(wh: Warehouse, image: str, mask: str, roots: list[str], seg
             raise FileNotFoundError(f"{what} {raw}: no such file or folder")
         checked.append(p)
     return query_vector(wh, checked[0], checked[1], label=label, segment=segment or None, space=space or None,
-                        modality=modality or None)
+                        modality=modality or None, embed=embed)
 
 
 async def query_from_request(wh: Warehouse, form: Any, roots: list[str]) -> Any:
@@ -179,10 +180,11 @@ async def query_from_request(wh: Warehouse, form: Any, roots: list[str]) -> Any:
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
 
-    from imaging_assets.stages.similar import query_vector, split_space
+    from imaging_assets.stages.similar import needs_embedding, query_vector, split_space
 
     opts: dict[str, Any] = {n: (str(form.get(n)).strip() or None) if form.get(n) is not None else None
                             for n in ("segment", "space", "feature_space", "modality")}
+    opts["embed"] = needs_embedding(opts["space"])  # embedded only for a deep or hybrid search
     opts["space"] = split_space(opts["space"], opts.pop("feature_space"))[1]  # the feature space to extract with
     raw_label = str(form.get("label") or "").strip()
     try:

@@ -265,3 +265,26 @@ def test_a_new_lesion_gets_the_same_embedding_as_the_stored_one(chain):
     hits = find_similar(vector=q.vector, embedding=q.embedding, k=3, warehouse=wh, space="hybrid",
                         feature_space=q.space, exclude_same_patient=False)
     assert hits["lesion_id"][0] == lid and hits["deep_distance"][0] < 1e-3
+    assert query_vector(wh, Path(files[0]).parent, seg_path, label=label, embed=False).embedding is None
+
+
+def test_the_server_searches_a_new_lesion_by_its_embedding(chain, tmp_path):
+    from starlette.testclient import TestClient
+
+    from imaging_assets.access import add_user
+    from imaging_assets.web import create_app
+
+    wh = _copy(chain, tmp_path)
+    lid, files, seg_path, label = _q(
+        wh, "SELECT l.lesion_id, i.files, s.path, l.segment_number FROM lesions l JOIN imaging_series i "
+            "USING (series_key) JOIN segmentations s USING (seg_key) WHERE l.extractable AND s.kind = 'seg' "
+            "ORDER BY l.volume_mm3 DESC LIMIT 1")[0]
+    users = tmp_path / "users.json"
+    token = add_user("ana", "viewer", path=users)
+    with TestClient(create_app(wh, users=users, roots=[str(chain["cohort"].dicom_dir)])) as client:
+        r = client.post("/api/similar", json={"image": str(Path(files[0]).parent), "mask": seg_path, "label": label,
+                                              "k": 2, "space": "deep", "filters": {"lesion_id": [lid]}},
+                        headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        (row,) = r.json()["results"]
+        assert row["lesion_id"] == lid and row["search_space"] == "deep" and row["deep_distance"] < 1e-3
