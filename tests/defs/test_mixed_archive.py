@@ -71,3 +71,17 @@ def test_mixed_archive_runs_end_to_end_with_default_settings(shared_data, tmp_pa
     assert {spaces[s] for s in in_vectors} >= {"CT", "MR", "PT"}
     hits = find_similar(mr, k=10, warehouse=wh, exclude_same_patient=False)
     assert hits.height >= 2 and set(hits["modality"]) == {"MR"}
+    # the deep embeddings too: every extractable CT, MR and PET lesion has a crop and an embedding, the checks
+    # pass, and a deep or hybrid search of an MR lesion stays in its feature space
+    assert checks["embeddings_integrity"].passed and checks["crops_complete"].passed, checks["crops_complete"].metadata
+    con = duckdb.connect(str(wh.duckdb_path), read_only=True)
+    try:
+        per_modality = dict(con.execute(
+            "SELECT l.modality, count(*) FILTER (WHERE c.status = 'ok') = count(*) FROM lesions l "
+            "LEFT JOIN lesion_crops c USING (lesion_id) WHERE l.extractable GROUP BY 1").fetchall())
+    finally:
+        con.close()
+    assert set(per_modality) >= {"CT", "MR", "PT"} and all(per_modality.values()), per_modality
+    for space in ("deep", "hybrid"):
+        found = find_similar(mr, k=5, warehouse=wh, exclude_same_patient=False, space=space)
+        assert found.height >= 2 and set(found["modality"]) == {"MR"} and set(found["search_space"]) == {space}
