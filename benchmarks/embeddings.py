@@ -506,7 +506,7 @@ def throughput(wh: Any, lesion_ids: Sequence[str]) -> dict[str, Any]:
     """The cohort's model through ``load_embedder`` (untimed) on all its crops (read from the ``.npy`` files,
     timed apart): lesions/s of an ``embed`` call of all of them (median of :data:`EMBED_REPEATS`, after a 2-crop
     warm-up); the embeddings are compared with the stored ones."""
-    from imaging_assets.features.embedding import load_embedder
+    from imaging_assets.features.embedder import load_embedder
     from imaging_assets.stages import embeddings as stage
 
     out: dict[str, Any] = {}

@@ -221,13 +221,8 @@ def train_embedding_model(wh: Warehouse, config: Any = None, force: bool = False
         train on.
     """
     from imaging_assets import settings
-    from imaging_assets.features.embedding import (
-        TrainConfig,
-        load_embedder,
-        save_encoder,
-        train_encoder,
-        weights_digest,
-    )
+    from imaging_assets.features.embedder import load_embedder
+    from imaging_assets.features.embedding import TrainConfig, save_encoder, train_encoder, weights_digest
 
     t0 = time.perf_counter()
     external = settings.embedding_model() if external is None else external
@@ -293,14 +288,14 @@ def train_embedding_model(wh: Warehouse, config: Any = None, force: bool = False
 
 
 def load_active_embedder(wh: Warehouse, con: Any = None) -> tuple[Any, dict[str, Any]]:
-    """The active model, loaded (:class:`~imaging_assets.features.embedding.Embedder`), and its row.
+    """The active model, loaded (:class:`~imaging_assets.features.embedder.Embedder`), and its row.
 
     Raises
     ------
     RuntimeError
         No model yet (materialize ``embedding_model``), or its file is gone or changed since registration.
     """
-    from imaging_assets.features.embedding import load_embedder
+    from imaging_assets.features.embedder import load_embedder
 
     if con is None:
         with wh.connect(read_only=True) as c:

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from imaging_assets.features.embedding import (
-    Embedder,
-    TrainConfig,
-    TrainedEncoder,
-    load_embedder,
-    save_encoder,
-    train_encoder,
-)
+from imaging_assets.features.embedder import Embedder, load_embedder
+from imaging_assets.features.embedding import TrainConfig, TrainedEncoder, save_encoder, train_encoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit / legacy ONNX export
 
