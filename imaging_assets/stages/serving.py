@@ -253,22 +253,15 @@ class WarmSearch:
         A DuckDB file locked by the pipeline is tried again at the next look (the old snapshot stays); while
         it keeps changing, the tables wait ``quiet_s`` of calm (at most ``max_stale_s``)."""
         changed = {"vectors": False, "embeddings": False, "tables": False}
-        index = self._index
-        if index is None:
-            changed["vectors"] = self.index is not None
-        elif index.is_stale():
-            try:
-                changed["vectors"] = bool(index.refresh())
-            except Exception as exc:  # noqa: BLE001 - a half-written version: next look
-                logger.warning("could not refresh the vectors of %s: %s", self.wh.lance_uri, exc)
-        deep = self._deep
-        if deep is None:
-            changed["embeddings"] = self.deep_index is not None
-        elif deep.is_stale():
-            try:
-                changed["embeddings"] = bool(deep.refresh())
-            except Exception as exc:  # noqa: BLE001 - a half-written version: next look
-                logger.warning("could not refresh the embeddings of %s: %s", self.wh.lance_uri, exc)
+        for key, held, load in (("vectors", self._index, lambda: self.index),
+                                ("embeddings", self._deep, lambda: self.deep_index)):
+            if held is None:
+                changed[key] = load() is not None
+            elif held.is_stale():
+                try:
+                    changed[key] = bool(held.refresh())
+                except Exception as exc:  # noqa: BLE001 - a half-written version: next look
+                    logger.warning("could not refresh the %s of %s: %s", key, self.wh.lance_uri, exc)
         current = self._tables
         token = file_token(self.wh.duckdb_path)
         if current is not None and token == current.token:
