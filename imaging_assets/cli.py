@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -405,6 +407,40 @@ def _print_explanation(e: dict) -> None:
                   f"this lesion {_pct(c['neighbour_percentile'])}{share}")
 
 
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    """Backfill every batch of series (or ``--partitions``) of the extraction job in the instance of
+    DAGSTER_HOME, and with ``--wait`` follow the runs; then ``--load`` materializes radiomics_features."""
+    from imaging_assets.defs.backfill import run_backfill, submit_backfill
+    from imaging_assets.stages.batches import batch_status
+
+    wh = _warehouse(args)
+    if wh is None:
+        return 2
+    status = batch_status(wh)
+    partitions = args.partitions.split(",") if args.partitions else [b["batch"] for b in status]
+    if not partitions:
+        print("error: no batches of series yet: materialize `lesions` first (it assigns them)", file=sys.stderr)
+        return 2
+    if not args.wait:
+        tag = submit_backfill(args.job, partitions)
+        print(f"backfill {tag}: {len(partitions)} partitions of {args.job} submitted to the instance in "
+              f"{os.environ.get('DAGSTER_HOME')} (runs tagged imaging_assets/backfill={tag})")
+        return 0
+    print(f"backfilling {len(partitions)} partitions of {args.job} in {os.environ.get('DAGSTER_HOME')}", flush=True)
+    report = run_backfill(args.job, partitions, retries=args.retries, timeout_s=args.timeout)
+    for partition, (run_id, st) in report.runs.items():
+        print(f"  {partition}  {st:<8} run {run_id}")
+    print(f"{sum(s == 'SUCCESS' for _, s in report.runs.values())} of {len(partitions)} partitions succeeded "
+          f"({report.attempts} runs, retries included) in {report.elapsed_s} s")
+    if not report.ok:
+        return 1
+    if args.load:
+        r = subprocess.run([str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m",
+                            "imaging_assets.definitions", "--select", "radiomics_features"], check=False)
+        return r.returncode
+    return 0
+
+
 def _cmd_cohort(args: argparse.Namespace) -> int:
     """Materialize the cohort's partition of ``cohort`` and ``cohort_outcomes`` in the Dagster instance of
     ``DAGSTER_HOME`` (so the cohort is in the UI's catalog, with its run), adding the partition first."""
@@ -659,6 +695,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the run as JSON (name, table, run_id, success, errors)")
     c.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
     c.set_defaults(func=_cmd_cohort)
+
+    b = sub.add_parser("backfill", help="run the partitioned extraction (one run per batch of series) in the Dagster "
+                       "instance of DAGSTER_HOME: locally, or on Celery workers (README: Running on a cluster)")
+    b.add_argument("--job", default="extraction_job", choices=["extraction_job", "extraction_celery_job"],
+                   help="extraction_job (steps in local processes) or extraction_celery_job (steps on Celery "
+                   "workers; needs the PostgreSQL instance and DAGSTER_CELERY_BROKER_URL / _BACKEND_URL)")
+    b.add_argument("--partitions", help="comma-separated batch ids (default: every batch)")
+    b.add_argument("--wait", action="store_true", help="follow the runs until every partition finished")
+    b.add_argument("--load", action="store_true", help="with --wait: then materialize radiomics_features (loads "
+                   "the batches into DuckDB)")
+    b.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait at most (default 3600)")
+    b.add_argument("--retries", type=int, default=2, help="with --wait: submit partitions whose run failed again, "
+                   "up to this many times (default 2)")
+    b.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    b.set_defaults(func=_cmd_backfill)
 
     v = sub.add_parser("serve", help="the similar-case search page and JSON API, and the pictures of the Dagster UI "
                                             "(loopback by default)")

@@ -232,7 +232,10 @@ def new_dicom_sensor(context: dg.SensorEvaluationContext, dicom_sources: DicomSo
 refresh_job = dg.define_asset_job(
     "refresh_job",
     # cohorts are partitions of their own (one per name): materialized by cohort_discovery, not here
-    selection=dg.AssetSelection.all() - dg.AssetSelection.groups("cohorts"),
+    # and the extraction's batches are partitions too (backfilled by extraction_job / extraction_celery_job;
+    # radiomics_features extracts the batches that are not current itself)
+    selection=dg.AssetSelection.all() - dg.AssetSelection.groups("cohorts")
+    - dg.AssetSelection.assets("radiomics_batches"),
     description="The whole chain: discovery, lesions, pictures, features, robustness, vectors, clusters, "
     "outcomes (every stage is incremental: unchanged inputs are not read or extracted again).",
 )

@@ -11,6 +11,12 @@ from imaging_assets.progress import ProgressReporter
 GROUP = "features"
 OWNERS = ["team:imaging"]
 
+#: The extraction's partitions: batches of image series, added by `lesions` as series gain lesions
+#: (imaging_assets.stages.batches). A batch's membership never changes, so its result files stay valid.
+series_batches = dg.DynamicPartitionsDefinition(name="series_batches")
+#: Tag of every run of the partitioned extraction (the PostgreSQL profile's tag concurrency limit).
+STAGE_TAG = {"imaging_assets/stage": "extraction"}
+
 
 class LesionConfig(dg.Config):
     """How segments become lesions."""
@@ -19,10 +25,14 @@ class LesionConfig(dg.Config):
     fractional_threshold: float = Field(
         default=0.5, description="FRACTIONAL SEG: voxel in the lesion when value >= this x maximum.")
     workers: int = Field(default=0, description="Decoding processes; 0 = one per CPU core.")
+    series_per_batch: int = Field(
+        default=0, description="Series per batch (partition of the extraction) for series new in this run; "
+        "0 = env IMAGING_ASSETS_SERIES_PER_BATCH, else 32 (about a minute of one core's work).")
 
 
 class RadiomicsConfig(dg.Config):
-    """Extraction settings."""
+    """Extraction settings (the same for the partitioned batches and the load step: a batch extracted with
+    other settings is not current and is extracted again by `radiomics_features`)."""
 
     params_yaml: str | None = Field(
         default=None, description="A pyradiomics YAML used for every modality instead of the presets "
@@ -49,9 +59,15 @@ def lesions(context: dg.AssetExecutionContext, config: LesionConfig,
     r = radiomics.rebuild_lesions(
         wh, split_components=config.split_components, fractional_threshold=config.fractional_threshold,
         workers=config.workers or None, progress=ProgressReporter("segmentations decoded", context.log.info),
+        series_per_batch=config.series_per_batch or None,
     )
+    known = set(context.instance.get_dynamic_partitions(series_batches.name))
+    added = [b for b in r.batches if b not in known]
+    if added:
+        context.instance.add_dynamic_partitions(series_batches.name, added)
     context.log.info(f"{r.lesions} lesions ({r.extractable} extractable), "
-                     f"{r.decoded_segmentations} segmentations decoded")
+                     f"{r.decoded_segmentations} segmentations decoded, {len(r.batches)} batches of series "
+                     f"({len(added)} new partitions)")
     preview = radiomics.lesions_preview(wh)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": r.lesions,
@@ -60,14 +76,55 @@ def lesions(context: dg.AssetExecutionContext, config: LesionConfig,
         "by_roi_name": dg.MetadataValue.json(r.by_roi_name),
         "decoded_segmentations": r.decoded_segmentations,
         "features_dropped_for_removed_lesions": r.removed,
+        "batches": len(r.batches),
+        "partitions_added": dg.MetadataValue.json(added),
+        "batches_with_new_inputs": dg.MetadataValue.json(list(r.changed_batches)),
+        "series_per_batch": r.series_per_batch,
         "not_extractable": table_metadata(r.problem_rows, ["lesion_id", "status", "reason"]),
         "preview": table_metadata(preview, list(preview[0]) if preview else ["lesion_id"]),
         "elapsed_s": r.elapsed_s,
     })
 
 
+class BatchConfig(RadiomicsConfig):
+    """Extraction settings of one batch."""
+
+    workers: int = Field(default=1, description="Extraction processes inside the step; 1 = in the step's own "
+                         "process (one batch per core: a Celery worker or a pod per core), 0 = one per CPU core.")
+
+
+@dg.asset(partitions_def=series_batches, deps=[lesions], group_name=GROUP, kinds={"python", "parquet"},
+          owners=OWNERS, tags=STAGE_TAG)
+def radiomics_batches(context: dg.AssetExecutionContext, config: BatchConfig,
+                      warehouse: WarehouseResource) -> dg.MaterializeResult:
+    """pyradiomics features of one batch of series (one partition), written as Parquet files under
+    `<warehouse>/partitions/radiomics/<batch>/` and committed by a manifest: any process on any machine can
+    run a batch (it reads the batch's input file, never the DuckDB file), re-running a batch replaces
+    exactly its files, and a run killed midway leaves the previous version. Backfill every partition from
+    the UI, `imaging-assets backfill`, or over Celery workers (`extraction_celery_job`); then
+    `radiomics_features` loads the new files into the DuckDB tables.
+    """
+    import os
+    import socket
+
+    from imaging_assets.stages import batches
+
+    worker = {"host": socket.gethostname(), "pid": os.getpid()}
+    context.log.info(f"batch {context.partition_key} on {worker['host']} pid {worker['pid']}")
+    r = batches.extract_batch(warehouse.get_warehouse(), context.partition_key, params_override=config.params_yaml,
+                              workers=config.workers or None, retry_failed=config.retry_failed,
+                              progress=ProgressReporter("lesions extracted", context.log.info), worker=worker)
+    return dg.MaterializeResult(metadata={
+        "lesions": r.lesions, "extracted": r.extracted, "failed": r.failed,
+        "unchanged_skipped": r.skipped_current, "known_failures_skipped": r.skipped_failed,
+        "written": r.committed, "version": r.token or "",
+        "errors": table_metadata(r.errors, ["lesion_id", "message"]),
+        "worker_host": worker["host"], "worker_pid": worker["pid"], "elapsed_s": r.elapsed_s,
+    })
+
+
 @dg.asset(metadata=table_definition("radiomics_features"),
-          deps=[lesions], group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS,
+          deps=[lesions, radiomics_batches], group_name=GROUP, kinds={"python", "duckdb"}, owners=OWNERS,
           pool="duckdb_writer")
 def radiomics_features(context: dg.AssetExecutionContext, config: RadiomicsConfig,
                        warehouse: WarehouseResource) -> dg.MaterializeResult:
@@ -75,6 +132,10 @@ def radiomics_features(context: dg.AssetExecutionContext, config: RadiomicsConfi
     (lesion_id, image_type, feature_class, feature, value), wide view `radiomics_features_wide`,
     provenance per lesion in `radiomics_provenance` (pyradiomics version, params hash, image and mask
     content hashes, crop, elapsed time) and failures in `radiomics_errors`.
+
+    The one DuckDB writer of the extraction: batches of series whose files are current (from a
+    `radiomics_batches` backfill on other workers, or an earlier run) are only loaded; the others are
+    extracted here first, so a single machine needs nothing else.
 
     Parameters come from the modality's preset in data/params (Original + LoG + Wavelet, all feature
     classes) unless a YAML is configured. Each lesion is extracted from its bounding box plus the margin
@@ -88,7 +149,8 @@ def radiomics_features(context: dg.AssetExecutionContext, config: RadiomicsConfi
         wh, params_override=config.params_yaml, workers=config.workers or None,
         retry_failed=config.retry_failed, progress=ProgressReporter("lesions extracted", context.log.info),
     )
-    context.log.info(f"extracted {r.extracted}, failed {r.failed}, unchanged {r.skipped_current} in {r.elapsed_s} s")
+    context.log.info(f"extracted {r.extracted}, failed {r.failed}, unchanged {r.skipped_current} in {r.elapsed_s} s; "
+                     f"{r.batches_extracted} of {r.batches} batches extracted here, {r.batches_loaded} loaded")
     table = radiomics.feature_table_report(wh)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": table.rows,
@@ -107,6 +169,9 @@ def radiomics_features(context: dg.AssetExecutionContext, config: RadiomicsConfi
         "params_hashes": dg.MetadataValue.json(table.params_hashes),
         "feature_spaces": table_metadata(table.spaces, ["space", "modality", "source", "lesions",
                                                                       "features", "incomplete"]),
+        "batches": r.batches,
+        "batches_extracted_here": r.batches_extracted,
+        "batches_loaded": r.batches_loaded,
         "elapsed_s": r.elapsed_s,
     })
 
@@ -145,3 +210,34 @@ def lesions_decodable(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             "lesions_not_ok": table_metadata(report.not_ok, ["lesion_id", "status", "reason"]),
         },
     )
+
+
+extraction_job = dg.define_asset_job(
+    "extraction_job",
+    selection=[radiomics_batches],
+    partitions_def=series_batches,
+    tags=STAGE_TAG,
+    description="The partitioned extraction, one run per batch of series, steps in local processes. "
+    "Backfill it (UI: Jobs > extraction_job > Backfill, or `imaging-assets backfill`), then materialize "
+    "`radiomics_features` to load the batches.",
+)
+
+
+def _celery_executor() -> dg.ExecutorDefinition:
+    from dagster_celery import celery_executor
+
+    return celery_executor
+
+
+extraction_celery_job = dg.define_asset_job(
+    "extraction_celery_job",
+    selection=[radiomics_batches],
+    partitions_def=series_batches,
+    tags=STAGE_TAG,
+    executor_def=_celery_executor(),
+    config={"execution": {"config": {"broker": {"env": "DAGSTER_CELERY_BROKER_URL"},
+                                     "backend": {"env": "DAGSTER_CELERY_BACKEND_URL"}}}},
+    description="The partitioned extraction with its steps on Celery workers (`make workers`; broker and "
+    "result backend from DAGSTER_CELERY_BROKER_URL / DAGSTER_CELERY_BACKEND_URL, e.g. Redis). Backfill it "
+    "on the PostgreSQL instance (README: Running on a cluster).",
+)

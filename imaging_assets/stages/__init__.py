@@ -27,7 +27,8 @@ class ChainSettings:
     manifests: Sequence[str | Path] = ()
     secret: str | None = None
     workers: int | None = None
-    batch_size: int = 16
+    #: series per batch of the partitioned extraction (:mod:`imaging_assets.stages.batches`); default its setting
+    batch_size: int | None = None
     spec: Any = None
     max_lesions: int = 48
     progress: Callable[[int, int], None] | None = None
@@ -57,12 +58,12 @@ def _steps() -> list[tuple[str, Callable[[Any, ChainSettings], Any]]]:
                                                                 workers=s.workers)),
         ("imaging_series", lambda wh, s: discovery.rebuild_series(wh)),
         ("segmentations", lambda wh, s: discovery.rebuild_segmentations(wh, s.manifests, secret=s.secret)),
-        ("lesions", lambda wh, s: radiomics.rebuild_lesions(wh, workers=s.workers)),
+        ("lesions", lambda wh, s: radiomics.rebuild_lesions(wh, workers=s.workers,
+                                                            series_per_batch=s.batch_size)),
         ("lesion_thumbnails", lambda wh, s: thumbnails.render_lesion_thumbnails(wh, workers=s.workers)),
         ("lesion_crops", lambda wh, s: embeddings.build_lesion_crops(wh, workers=s.workers)),
         ("embedding_model", lambda wh, s: embeddings.train_embedding_model(wh, s.train)),
         ("radiomics_features", lambda wh, s: radiomics.extract_features(wh, workers=s.workers,
-                                                                        batch_size=s.batch_size,
                                                                         progress=s.progress)),
         ("feature_robustness", lambda wh, s: reproducibility.compute_robustness(
             wh, spec=s.spec, max_lesions=s.max_lesions, workers=s.workers)),

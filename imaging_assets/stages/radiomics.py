@@ -44,6 +44,11 @@ class LesionsResult:
     removed: int
     problem_rows: list[dict[str, Any]]
     elapsed_s: float
+    #: every batch of series (the extraction's partitions), those new in this run, those whose inputs changed
+    batches: tuple[str, ...] = ()
+    new_batches: tuple[str, ...] = ()
+    changed_batches: tuple[str, ...] = ()
+    series_per_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,10 @@ class ExtractionResult:
     errors: list[dict[str, str]]
     lesions_per_s: float | None
     elapsed_s: float
+    #: batches in all / extracted here (not current) / loaded into the feature tables by this run
+    batches: int = 0
+    batches_extracted: int = 0
+    batches_loaded: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,10 +123,14 @@ def rebuild_lesions(
     roi_mapping: Sequence[tuple[str, str]] | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    series_per_batch: int | None = None,
 ) -> LesionsResult:
     """Decode linked segmentations into the ``lesions`` table (unchanged ones are reused); lesions that left
-    it (or became non-extractable) lose their features in the same transaction."""
+    it (or became non-extractable) lose their features in the same transaction. Then every series with an
+    extractable lesion gets its batch, and the inputs of new or changed batches are written
+    (:func:`~imaging_assets.stages.batches.assign_batches`; ``series_per_batch`` default: its setting)."""
     from imaging_assets.features.pipeline import LesionOptions, lesion_rows
+    from imaging_assets.stages.batches import assign_batches, batch_files
 
     t0 = time.perf_counter()
     options = LesionOptions(split_components, fractional_threshold,
@@ -137,6 +150,10 @@ def rebuild_lesions(
             con.execute("DELETE FROM lesions")
             insert_rows(con, "lesions", rows)
             _delete_for(con, _DERIVED, stale)
+        assignment = assign_batches(con, batch_files(wh), {
+            "split_components": split_components, "fractional_threshold": fractional_threshold,
+            "roi_mapping": [list(m) for m in options.roi_mapping] if options.roi_mapping else None,
+        }, series_per_batch)
     problems = [r for r in rows if r["status"] != "ok"]
     return LesionsResult(
         lesions=len(rows),
@@ -148,10 +165,15 @@ def rebuild_lesions(
         problem_rows=[{"lesion_id": r["lesion_id"], "status": r["status"], "reason": r["reason"]}
                       for r in problems],
         elapsed_s=round(time.perf_counter() - t0, 3),
+        batches=assignment.batches,
+        new_batches=assignment.new,
+        changed_batches=assignment.changed,
+        series_per_batch=assignment.series_per_batch,
     )
 
 
-def _feature_rows(lesion_id: str, features: Mapping[str, float]) -> list[dict[str, Any]]:
+def feature_rows(lesion_id: str, features: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One long-table row (lesion, image type, class, feature, value) per pyradiomics feature."""
     from imaging_assets.features.pipeline import split_feature_name
 
     rows = []
@@ -160,39 +182,6 @@ def _feature_rows(lesion_id: str, features: Mapping[str, float]) -> list[dict[st
         rows.append({"lesion_id": lesion_id, "image_type": image_type, "feature_class": feature_class,
                      "feature": feature, "value": float(value)})
     return rows
-
-
-def write_outcomes(con: duckdb.DuckDBPyConnection, outcomes: Sequence[Any], fingerprints: Mapping[str, str],
-                   spaces: Mapping[str, str] | None = None) -> None:
-    """Write a batch of extraction outcomes in one transaction.
-
-    A success replaces the lesion's features, provenance and error row. A failure records the error and
-    **keeps the lesion's last good features and provenance** (a failed re-extraction never removes stored
-    features; the failure-share check reports it).
-    """
-    spaces = spaces or {}
-    feats, prov, errs = [], [], []
-    for o in outcomes:
-        fp = fingerprints[o.lesion_id]
-        if o.ok:
-            feats.extend(_feature_rows(o.lesion_id, o.features))
-            prov.append({
-                "lesion_id": o.lesion_id, "pyradiomics_version": o.pyradiomics_version,
-                "params_hash": o.params_hash, "image_hash": o.image_hash, "mask_hash": o.mask_hash,
-                "source_fingerprint": fp, "crop_index": list(o.crop_index or []) or None,
-                "crop_size": list(o.crop_size or []) or None, "n_features": len(o.features),
-                "elapsed_s": float(o.elapsed_s), "space": spaces.get(o.lesion_id), "missing_image_types": None,
-            })
-        else:
-            errs.append({"lesion_id": o.lesion_id, "params_hash": o.params_hash, "source_fingerprint": fp,
-                         "message": o.error, "space": spaces.get(o.lesion_id)})
-    stamp = {"created_at": "(now() AT TIME ZONE 'UTC')"}
-    with transaction(con):
-        _delete_for(con, _DERIVED, [o.lesion_id for o in outcomes if o.ok])
-        _delete_for(con, ("radiomics_errors",), [o.lesion_id for o in outcomes if not o.ok])
-        insert_rows(con, "radiomics_features", feats)
-        insert_rows(con, "radiomics_provenance", prov, stamp)
-        insert_rows(con, "radiomics_errors", errs, stamp)
 
 
 def record_spaces(con: duckdb.DuckDBPyConnection, spaces: Mapping[str, Any]) -> None:
@@ -261,14 +250,16 @@ def extract_features(
     wh: Warehouse,
     params_override: str | Path | None = None,
     workers: int | None = None,
-    batch_size: int = 16,
     retry_failed: bool = False,
     progress: Progress | None = None,
-    split_components: bool = False,
-    fractional_threshold: float = 0.5,
-    roi_mapping: Sequence[tuple[str, str]] | None = None,
 ) -> ExtractionResult:
-    """Extract pyradiomics features for every extractable lesion that lacks current ones.
+    """Bring the feature tables up to date, batch by batch (the ``radiomics_features`` asset).
+
+    Batches of series whose result files are current (extracted by the partitioned ``radiomics_batches``
+    asset on any worker, or by an earlier run) are not extracted again; the others are extracted here, in
+    one process pool, and each batch is committed to its files as soon as its last lesion is done. Every
+    batch whose files changed is then loaded into DuckDB in one transaction per batch
+    (:func:`~imaging_assets.stages.batches.load_batch`): a crash leaves whole batches, never part of one.
 
     Parameters
     ----------
@@ -277,74 +268,70 @@ def extract_features(
     retry_failed
         Re-run lesions that failed before with the same inputs (by default they are skipped: the same
         inputs fail the same way).
-    batch_size
-        Lesions per write transaction.
     """
-    from imaging_assets.features.extract import extract_many
-    from imaging_assets.features.pipeline import LesionOptions, extraction_jobs
+    from imaging_assets.stages import batches as bt
 
     t0 = time.perf_counter()
-    options = LesionOptions(split_components, fractional_threshold,
-                            tuple(tuple(m) for m in roi_mapping) if roi_mapping else None)
+    files = bt.batch_files(wh)
     with wh.connect() as con:
         ensure_schema(con)
-        lesions = table_rows(con, "lesions")
-        series = table_rows(con, "imaging_series")
-        segs = table_rows(con, "segmentations")
-        done = {r[0]: (r[1], r[2]) for r in con.execute(
-            "SELECT lesion_id, params_hash, source_fingerprint FROM radiomics_provenance").fetchall()}
-        failed = {r[0]: (r[1], r[2]) for r in con.execute(
-            "SELECT lesion_id, params_hash, source_fingerprint FROM radiomics_errors").fetchall()}
-    fingerprints = {r["lesion_id"]: r["source_fingerprint"] for r in lesions}
-    # settings are resolved and validated here, before anything is written: a bad parameter file stops
-    # the run with the file and the key named, and every stored feature stays as it was
-    all_jobs = extraction_jobs(lesions, series, segs, params_override, options)
-    spaces = {job.lesion_id: settings.space for job, settings in all_jobs}
-    with wh.connect() as con:
-        record_spaces(con, {settings.space: settings for _, settings in all_jobs})
-    todo, skipped_current, skipped_failed = [], 0, 0
-    for job, settings in all_jobs:
-        state = (settings.params_hash, fingerprints[job.lesion_id])
-        if done.get(job.lesion_id) == state:
-            skipped_current += 1
-        elif failed.get(job.lesion_id) == state and not retry_failed:
-            skipped_failed += 1
-        else:
-            todo.append(job)
-    n_ok = n_err = 0
-    errors: list[dict[str, str]] = []
-    buffer: list[Any] = []
-
-    def flush() -> None:
-        if buffer:
+        unassigned = con.execute(
+            "SELECT count(*) FROM lesions l WHERE l.extractable AND NOT EXISTS "
+            "(SELECT 1 FROM series_batches b WHERE b.series_key = l.series_key)").fetchone()[0]
+        if unassigned:  # a warehouse whose lesions were written before batches existed
+            logger.warning("%d extractable lesions have no batch: assigning them (default lesion options)",
+                           unassigned)
+            bt.assign_batches(con, files, {})
+        batch_ids = [r[0] for r in con.execute(
+            "SELECT DISTINCT batch_id FROM series_batches ORDER BY 1").fetchall()]
+        loaded = bt.loaded_tokens(con)
+        # settings are resolved and validated for every batch before anything is written: a bad parameter
+        # file stops the run with the file and the key named, and every stored feature stays as it was
+        plans = []
+        for batch in batch_ids:
+            version = files.current(batch)
+            if version is not None:
+                prior = bt.prior_from_version(version)
+            else:  # no files yet: carry the features this warehouse already holds
+                ids = [r["lesion_id"] for r in files.read_inputs(batch)["lesions"]]
+                prior = bt.prior_from_store(con, ids)
+            plans.append(bt.plan_batch(files, batch, params_override, retry_failed, prior=prior))
+        record_spaces(con, {space: st for plan in plans for space, st in plan.settings.items()})
+    stale = [plan for plan in plans if not bt.is_current(files, plan)]
+    stale_ids = {plan.batch for plan in stale}
+    n_loaded = 0
+    for plan in plans:  # current files not loaded yet (e.g. written by a backfill on other workers)
+        version = files.current(plan.batch)
+        if plan.batch not in stale_ids and version is not None and loaded.get(plan.batch) != version.token:
             with wh.connect() as con:
-                write_outcomes(con, buffer, fingerprints, spaces)
-            buffer.clear()
-
-    for outcome in extract_many(todo, workers=workers, progress=progress):
-        buffer.append(outcome)
-        if outcome.ok:
-            n_ok += 1
-        else:
-            n_err += 1
-            errors.append({"lesion_id": outcome.lesion_id, "message": outcome.error})
-        if len(buffer) >= batch_size:
-            flush()
-    flush()
+                bt.load_batch(con, version)
+            n_loaded += 1
+    todo = sum(len(plan.todo) for plan in stale)
+    errors: list[dict[str, str]] = []
+    n_ok = 0
+    for plan, version in bt.extract_plans(files, stale, workers=workers, progress=progress):
+        with wh.connect() as con:
+            bt.load_batch(con, version)
+        n_loaded += 1
+        n_ok += sum(1 for o in plan.outcomes if o.ok)
+        errors += [{"lesion_id": o.lesion_id, "message": o.error} for o in plan.outcomes if not o.ok]
     with wh.connect() as con:
         mark_missing_image_types(con)
         n_columns = refresh_wide_view(con)
     elapsed = time.perf_counter() - t0
     return ExtractionResult(
-        extractable=len(all_jobs),
+        extractable=sum(len(plan.jobs) for plan in plans),
         extracted=n_ok,
-        failed=n_err,
-        skipped_current=skipped_current,
-        skipped_failed=skipped_failed,
+        failed=len(errors),
+        skipped_current=sum(plan.skipped_current for plan in plans),
+        skipped_failed=sum(plan.skipped_failed for plan in plans),
         features_per_lesion=n_columns,
         errors=errors,
-        lesions_per_s=round(len(todo) / elapsed, 3) if todo else None,
+        lesions_per_s=round(todo / elapsed, 3) if todo else None,
         elapsed_s=round(elapsed, 3),
+        batches=len(plans),
+        batches_extracted=len(stale),
+        batches_loaded=n_loaded,
     )
 
 

@@ -328,6 +328,21 @@ _CATALOG_EXTRA = {"status": "VARCHAR", "updated_at": "TIMESTAMP", "removed_at": 
                   "duplicate_of": "VARCHAR", "copy_checked": "BOOLEAN"}
 _STAMPED = {"created_at": "TIMESTAMP"}
 
+#: Which batch (partition of the partitioned extraction) each image series belongs to
+#: (``series_batches``): assigned once, when the series first has an extractable lesion, so a batch's
+#: membership never changes and its partition's result files stay valid.
+SERIES_BATCH_COLUMNS: dict[str, str] = {
+    "series_key": "VARCHAR",
+    "batch_id": "VARCHAR",
+}
+#: The version (manifest token) of each batch's result files loaded into the feature tables
+#: (``batch_loads``), so the load step reads only batches that changed.
+BATCH_LOAD_COLUMNS: dict[str, str] = {
+    "batch_id": "VARCHAR",
+    "token": "VARCHAR",
+    "lesion_ids": "VARCHAR[]",
+}
+
 #: Every table of the warehouse, in creation order.
 TABLES: dict[str, Table] = {
     "dicom_files": Table(FILE_COLUMNS, ("path",), _CATALOG_EXTRA),
@@ -335,6 +350,8 @@ TABLES: dict[str, Table] = {
     "imaging_series": Table(SERIES_COLUMNS, ("series_key",)),
     "segmentations": Table(SEGMENTATION_COLUMNS, ("seg_key",)),
     "lesions": Table(LESION_COLUMNS, ("lesion_id",)),
+    "series_batches": Table(SERIES_BATCH_COLUMNS, ("series_key",), _STAMPED),
+    "batch_loads": Table(BATCH_LOAD_COLUMNS, ("batch_id",), {"loaded_at": "TIMESTAMP"}),
     "radiomics_features": Table(FEATURE_COLUMNS, ("lesion_id", "image_type", "feature_class", "feature")),
     "radiomics_provenance": Table(PROVENANCE_COLUMNS, ("lesion_id",), _STAMPED),
     "radiomics_errors": Table(EXTRACTION_ERROR_COLUMNS, ("lesion_id",), _STAMPED),

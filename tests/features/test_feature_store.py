@@ -116,21 +116,28 @@ def test_changed_segmentation_is_reextracted_and_removed_one_is_dropped(small_co
 
 
 def test_failed_lesion_goes_to_errors_table_and_others_survive(tmp_path):
+    from types import SimpleNamespace
+
     from imaging_assets.features.extract import ExtractionOutcome
-    from imaging_assets.stages.radiomics import write_outcomes
+    from imaging_assets.stages.batches import BatchPlan, batch_files, commit_batch, load_batch
     from imaging_assets.store.schema import ensure_schema
+    from imaging_assets.store.warehouse import insert_rows
     wh = Warehouse(tmp_path)
-    db = wh.duckdb_path
     good = ExtractionOutcome("a", {"original_firstorder_Mean": 1.0, "original_shape_VoxelVolume": 2.0}, None,
                              0.1, "v3.0.1", "h", "ih", "mh", (0, 0, 0), (5, 5, 5))
     bad = ExtractionOutcome("b", None, "ValueError: mask is empty", 0.1, "v3.0.1", "h")
-    with connect(db) as con:
+    jobs = [(SimpleNamespace(lesion_id=lid), None) for lid in ("a", "b")]
+    with connect(wh.duckdb_path) as con:
         ensure_schema(con)
-        write_outcomes(con, [good, bad], {"a": "fa", "b": "fb"})
-        write_outcomes(con, [good, bad], {"a": "fa", "b": "fb"})  # rewriting is idempotent: no duplicates
+        insert_rows(con, "lesions", [{"lesion_id": lid, "series_key": "s", "extractable": True} for lid in "ab"])
+        for _ in range(2):  # rewriting is idempotent: no duplicates
+            plan = BatchPlan("batch-00001", "d", "s", jobs, [], {"a": "fa", "b": "fb"}, {}, {},
+                             {"features": {}, "provenance": {}, "errors": {}}, outcomes=[good, bad])
+            load_batch(con, commit_batch(batch_files(wh), plan))
         assert con.execute("SELECT count(*) FROM radiomics_features").fetchone()[0] == 2
         assert con.execute("SELECT lesion_id, message FROM radiomics_errors").fetchall() == [("b", "ValueError: mask is empty")]
         assert con.execute("SELECT lesion_id, source_fingerprint FROM radiomics_provenance").fetchall() == [("a", "fa")]
+        assert con.execute("SELECT batch_id, lesion_ids FROM batch_loads").fetchall() == [("batch-00001", ["a", "b"])]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -105,25 +105,24 @@ def _table(ids, vec, vol, idx):
 def mode_chain(args: argparse.Namespace) -> int:
     import reliability_helpers as rh
 
-    import imaging_assets.stages.radiomics as features_mod
+    import imaging_assets.stages.batches as batches_mod
 
     flushes = {"n": 0}
-    real_write, real_insert = features_mod.write_outcomes, features_mod.insert_rows
+    real_load = batches_mod.load_batch
 
-    def write_outcomes(con, outcomes, fingerprints, spaces=None):
+    def load_batch(con, version):
         flushes["n"] += 1
-        say("FLUSH_BEGIN", flushes["n"], len(outcomes))
-        real_write(con, outcomes, fingerprints, spaces)
-        say("FLUSH_END", flushes["n"])
-
-    def insert_rows(con, table, rows, extra_sql=None):
-        real_insert(con, table, rows, extra_sql)
-        if table == "radiomics_features" and flushes["n"] == args.hang_in_flush:
+        say("FLUSH_BEGIN", flushes["n"], version.read("provenance").num_rows)
+        if flushes["n"] == args.hang_in_flush:  # hold the batch's write transaction open: the kill lands inside
+            con.execute("BEGIN TRANSACTION")
+            con.execute("DELETE FROM radiomics_features WHERE lesion_id IN (SELECT lesion_id FROM lesions)")
             say("IN_TXN", flushes["n"])
             time.sleep(600)
+        n = real_load(con, version)
+        say("FLUSH_END", flushes["n"])
+        return n
 
-    features_mod.write_outcomes = write_outcomes
-    features_mod.insert_rows = insert_rows
+    batches_mod.load_batch = load_batch
     rh.run_chain(Path(args.warehouse), Path(args.dicom), Path(args.outcomes), workers=args.workers,
                  batch_size=args.batch_size, progress=lambda done, total: say("PROGRESS", done, total),
                  log=lambda step: say("STEP", step))

@@ -22,6 +22,8 @@ VOLATILE_COLUMNS = frozenset({
     "created_at", "loaded_at", "updated_at", "removed_at", "computed_at", "logged_at", "fitted_at",
     "activated_at", "elapsed_s", "first_seen", "gone_at", "rendered_at", "recorded_at", "retired_at",
     "train_s",
+    # the manifest token of a batch's result files is random per commit (imaging_assets.store.partfiles)
+    "token",
     # a TorchScript file's bytes carry class names numbered per process; the model's version is its weights' digest
     "file_sha256",
 })
@@ -40,11 +42,12 @@ def chain_spec():
 
 
 def run_chain(warehouse: Path, dicom_dir: Path, outcomes_csv: Path, workers: int = 2,
-              batch_size: int = 16, progress=None, log=None) -> dict[str, Any]:
+              batch_size: int = 2, progress=None, log=None) -> dict[str, Any]:
     """Materialize discovery -> features -> robustness -> vectors -> outcomes -> clusters -> survival
     (:func:`imaging_assets.stages.run_chain`, with this module's perturbation spec and sample size).
 
-    ``log(step)`` is called before each step (the crash driver prints it).
+    ``log(step)`` is called before each step (the crash driver prints it). ``batch_size`` is series per batch
+    of the extraction: small, so that a kill can land between batches (and equal in every run compared).
     """
     from imaging_assets import stages
     from imaging_assets.store.warehouse import Warehouse

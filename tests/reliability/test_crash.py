@@ -113,7 +113,7 @@ def test_kill_during_extraction_then_rerun_equals_clean_run(clean_chain, tmp_pat
         assert now >= done, "lesions committed by an earlier run lost their features"
         assert low <= len(new) <= high, (what, low, len(new), high)
         if extra:  # killed inside batch 2: exactly batch 1 is there
-            assert len(new) == low == 2
+            assert len(new) == low > 0
         done = now
     assert 0 < len(done) < n_lesions
 

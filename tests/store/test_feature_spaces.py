@@ -127,17 +127,22 @@ def test_a_params_typo_stops_before_anything_is_touched(mixed, tmp_path):
 
 def test_a_failed_reextraction_keeps_the_last_good_features(mixed, tmp_path):
     from imaging_assets.features.extract import ExtractionOutcome
-    from imaging_assets.stages.radiomics import write_outcomes
+    from imaging_assets.stages.batches import batch_files, commit_batch, load_batch, plan_batch
 
     root = tmp_path / "wh"
     shutil.copytree(mixed["wh"].root, root)
     wh = Warehouse(root)
     lid, fp = _q(wh, "SELECT lesion_id, source_fingerprint FROM radiomics_provenance ORDER BY 1 LIMIT 1")[0]
+    (batch,) = _q(wh, "SELECT b.batch_id FROM series_batches b JOIN lesions l USING (series_key) "
+                      "WHERE l.lesion_id = ?", [lid])[0]
     before = _q(wh, "SELECT count(*) FROM radiomics_features WHERE lesion_id = ?", [lid])
     failed = ExtractionOutcome(lesion_id=lid, features={}, error="decoder crashed", elapsed_s=0.1,
                                pyradiomics_version="3.0.1", params_hash="x")
+    plan = plan_batch(batch_files(wh), batch)
+    plan.fingerprints[lid] = fp + "-changed"
+    plan.outcomes = [failed]
     with wh.connect() as con:
-        write_outcomes(con, [failed], {lid: fp + "-changed"})
+        load_batch(con, commit_batch(batch_files(wh), plan))
     assert _q(wh, "SELECT count(*) FROM radiomics_features WHERE lesion_id = ?", [lid]) == before
     assert _q(wh, "SELECT message FROM radiomics_errors WHERE lesion_id = ?", [lid]) == [("decoder crashed",)]
     assert _q(wh, "SELECT count(*) FROM radiomics_provenance WHERE lesion_id = ?", [lid]) == [(1,)]
