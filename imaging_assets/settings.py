@@ -25,6 +25,8 @@ Lance versions kept for (days)     ``IMAGING_ASSETS_LANCE_KEEP_DAYS``           
 your embedding model (TorchScript  ``IMAGING_ASSETS_EMBEDDING_MODEL``              none (the encoder trained
 or ONNX file, with its sidecar     (+ ``_INPUT_SIZE``, ``_CHANNELS``,               on the cohort)
 ``<file>.json`` or the settings)   ``_INTENSITY``)
+series per batch (partition) of    ``IMAGING_ASSETS_SERIES_PER_BATCH``             ``32``
+the extraction
 =================================  =============================================  ==========================
 """
 
@@ -185,3 +187,18 @@ def embedding_model() -> dict[str, object] | None:
     if raw:
         out["intensity"] = raw
     return out
+
+
+def series_per_batch() -> int | None:
+    """Series per batch of the partitioned extraction from ``IMAGING_ASSETS_SERIES_PER_BATCH`` (None when
+    unset: the stage's default). A value that is not a whole number >= 1 raises, naming the variable."""
+    raw = os.environ.get("IMAGING_ASSETS_SERIES_PER_BATCH", "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ValueError(f"IMAGING_ASSETS_SERIES_PER_BATCH={raw!r}: not a whole number") from exc
+    if value < 1:
+        raise ValueError(f"IMAGING_ASSETS_SERIES_PER_BATCH={raw!r}: must be at least 1")
+    return value

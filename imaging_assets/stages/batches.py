@@ -25,7 +25,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,6 @@ logger = logging.getLogger(__name__)
 #: per-run cost (~5 s to start a run, ~1 s per step) stays a small share, short enough that a failed or
 #: killed batch loses little and a backfill spreads evenly over many workers.
 DEFAULT_SERIES_PER_BATCH = 32
-ENV_SERIES_PER_BATCH = "IMAGING_ASSETS_SERIES_PER_BATCH"
 TABLE_NAMES = ("features", "provenance", "errors")
 _STORE_TABLES = {"features": "radiomics_features", "provenance": "radiomics_provenance",
                  "errors": "radiomics_errors"}
@@ -56,14 +54,9 @@ Progress = Callable[[int, int], None]
 
 def series_per_batch(configured: int | None = None) -> int:
     """The batch size: ``configured``, else ``IMAGING_ASSETS_SERIES_PER_BATCH``, else the default."""
-    if configured:
-        value = int(configured)
-    else:
-        raw = os.environ.get(ENV_SERIES_PER_BATCH, "").strip()
-        try:
-            value = int(raw) if raw else DEFAULT_SERIES_PER_BATCH
-        except ValueError as exc:
-            raise ValueError(f"{ENV_SERIES_PER_BATCH}={raw!r}: not a whole number") from exc
+    from imaging_assets import settings
+
+    value = int(configured) if configured else (settings.series_per_batch() or DEFAULT_SERIES_PER_BATCH)
     if value < 1:
         raise ValueError(f"series per batch must be at least 1, got {value}")
     return value

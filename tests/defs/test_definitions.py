@@ -28,7 +28,12 @@ def test_definitions_load_with_expected_graph():
     graph = repo.asset_graph
     assert graph.get(dg.AssetKey("imaging_series")).parent_keys == {dg.AssetKey("dicom_files")}
     assert graph.get(dg.AssetKey("lesions")).parent_keys == {dg.AssetKey("segmentations")}
-    assert graph.get(dg.AssetKey("radiomics_features")).parent_keys == {dg.AssetKey("lesions")}
+    assert graph.get(dg.AssetKey("radiomics_features")).parent_keys == {dg.AssetKey("lesions"),
+                                                                        dg.AssetKey("radiomics_batches")}
+    batches = graph.get(dg.AssetKey("radiomics_batches"))
+    assert batches.parent_keys == {dg.AssetKey("lesions")} and batches.partitions_def.name == "series_batches"
+    for name in ("extraction_job", "extraction_celery_job"):
+        assert defs.resolve_job_def(name).partitions_def.name == "series_batches"
     groups = {"dicom_files": "ingest", "imaging_series": "ingest", "segmentations": "ingest",
               "lesions": "features", "radiomics_features": "features"}
     for key, group in groups.items():
