@@ -215,7 +215,6 @@ def lesions_decodable(warehouse: WarehouseResource) -> dg.AssetCheckResult:
 extraction_job = dg.define_asset_job(
     "extraction_job",
     selection=[radiomics_batches],
-    partitions_def=series_batches,
     tags=STAGE_TAG,
     description="The partitioned extraction, one run per batch of series, steps in local processes. "
     "Backfill it (UI: Jobs > extraction_job > Backfill, or `imaging-assets backfill`), then materialize "
@@ -232,7 +231,6 @@ def _celery_executor() -> dg.ExecutorDefinition:
 extraction_celery_job = dg.define_asset_job(
     "extraction_celery_job",
     selection=[radiomics_batches],
-    partitions_def=series_batches,
     tags=STAGE_TAG,
     executor_def=_celery_executor(),
     config={"execution": {"config": {"broker": {"env": "DAGSTER_CELERY_BROKER_URL"},

@@ -282,7 +282,8 @@ def extract_batch(wh: Warehouse, batch: str, params_override: str | Path | None 
                   worker: Mapping[str, Any] | None = None) -> BatchResult:
     """Extract one batch from its input file into its result files; never opens the DuckDB file.
 
-    ``workers`` defaults to 1 (in this process): on a cluster each worker runs one batch per core.
+    ``workers`` defaults to 1 (in this process, with one SimpleITK thread): on a cluster each worker
+    process runs one batch per core.
     """
     import time
 
@@ -295,7 +296,8 @@ def extract_batch(wh: Warehouse, batch: str, params_override: str | Path | None 
         version = files.current(batch)
         return BatchResult(batch, len(plan.jobs), 0, 0, plan.skipped_current, plan.skipped_failed, False,
                            version.token if version else None, [], round(time.perf_counter() - t0, 3))
-    plan.outcomes = list(extract_many(plan.todo, workers=workers, progress=progress))
+    plan.outcomes = list(extract_many(plan.todo, workers=workers, progress=progress,
+                                      itk_threads=1 if workers == 1 else None))
     version = commit_batch(files, plan, worker)
     errors = [{"lesion_id": o.lesion_id, "message": o.error} for o in plan.outcomes if not o.ok]
     return BatchResult(batch, len(plan.jobs), len(plan.outcomes) - len(errors), len(errors), plan.skipped_current,

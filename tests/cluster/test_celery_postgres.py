@@ -168,28 +168,23 @@ def test_celery_backfill_on_postgres_equals_one_process(cluster, single_process)
     assert _table_digest(cluster["wh"].duckdb_path) == single_process
 
 
-def test_celery_worker_killed_mid_batch_is_retried_without_duplicates_postgres(cluster, single_process):
+def _kill_mid_batch(instance, files, batch: str) -> tuple[bool, object]:
+    """Reset ``batch`` to never extracted, backfill it, SIGKILL the worker process running its step as soon as
+    the step logs that it started; returns (the kill landed before the batch's commit, the backfill report)."""
+    import threading
+
     import dagster as dg
 
     from imaging_assets.defs.backfill import run_backfill
 
-    instance = dg.DagsterInstance.get()
-    files = batch_files(cluster["wh"])
-    sizes = {p: len(files.read_inputs(p)["lesions"]) for p in instance.get_dynamic_partitions("series_batches")}
-    batch = max(sizes, key=lambda p: (sizes[p], p))
-    if files.current(batch) is None:
-        pytest.skip("the backfill test did not run first")
-    for p in files.folder(batch).iterdir():  # the batch was never extracted: only its inputs remain
+    for p in files.folder(batch).iterdir():  # only its inputs remain
         if p.name != "_inputs.json":
             p.unlink()
-    import threading
-
     t0 = time.time()
     result = {}
     backfill = threading.Thread(target=lambda: result.update(report=run_backfill(
         "extraction_celery_job", [batch], retries=2, timeout_s=600, instance=instance)))
     backfill.start()
-    # wait until the step is running in a worker, then kill that worker process
     deadline = time.monotonic() + 300
     victim = None
     while victim is None and time.monotonic() < deadline:
@@ -199,19 +194,37 @@ def test_celery_worker_killed_mid_batch_is_retried_without_duplicates_postgres(c
                 msg = entry.user_message or ""
                 if msg.startswith(f"batch {batch} on ") and " pid " in msg:
                     victim = int(msg.rsplit(" pid ", 1)[1])
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert victim is not None, "the batch's step never started"
     os.kill(victim, signal.SIGKILL)
-    assert files.current(batch) is None, "the kill landed after the batch was committed (batch too fast)"
+    mid = files.current(batch) is None
     backfill.join(700)
     report = result["report"]
-    assert report.ok and report.attempts >= 2, report
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": batch}, created_after=dg_datetime(t0)))
-    assert sorted(r.status.value for r in runs) == ["FAILURE", "SUCCESS"][: len(runs)] or (
-        [r.status.value for r in runs].count("SUCCESS") == 1), [r.status for r in runs]
-    assert files.current(batch) is not None
-    leftovers = [p.name for p in files.folder(batch).iterdir() if p.name.startswith(".")]
-    assert not leftovers, leftovers
+    statuses = sorted(r.status.value for r in runs)
+    assert report.ok and statuses.count("SUCCESS") == 1 and "FAILURE" in statuses, (report, statuses)
+    return mid, report
+
+
+def test_celery_worker_killed_mid_batch_is_retried_without_duplicates_postgres(cluster, single_process):
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    files = batch_files(cluster["wh"])
+    sizes = {p: len(files.read_inputs(p)["lesions"]) for p in instance.get_dynamic_partitions("series_batches")}
+    candidates = sorted(sizes, key=lambda p: (-sizes[p], p))[:3]
+    if any(files.current(b) is None for b in candidates):
+        pytest.skip("the backfill test did not run first")
+    tried, mid = [], []
+    for batch in candidates:  # the largest batches first, until a kill lands before the batch's commit
+        landed, _ = _kill_mid_batch(instance, files, batch)
+        tried.append(batch)
+        assert files.current(batch) is not None
+        assert not [p.name for p in files.folder(batch).iterdir() if p.name.startswith(".")]
+        if landed:
+            mid.append(batch)
+            break
+    assert mid, f"every kill landed after the batch's commit (batches too fast): {tried}"
     meta = _load(cluster)
-    assert meta["batches_extracted_here"] == 0 and meta["batches_loaded"] == 1, meta
+    assert meta["batches_extracted_here"] == 0 and meta["batches_loaded"] == len(tried), meta
     assert _table_digest(cluster["wh"].duckdb_path) == single_process
