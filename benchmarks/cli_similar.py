@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from imaging_assets import settings
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--warehouse", default=str(settings.warehouse_dir()),
+    p.add_argument("--warehouse", default=settings.warehouse_location(),
                    help="warehouse folder (default: the configured one, data/warehouse)")
     p.add_argument("--lesion", help="reference lesion id (default: the first of the vector table)")
     p.add_argument("--repeats", type=int, default=10, help="measured runs per command (default 10)")

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from imaging_assets.web import similar_answer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder (default: the demo's)")
+    p.add_argument("--warehouse", default=settings.warehouse_location(), help="warehouse folder (default: the demo's)")
     p.add_argument("--requests", type=int, default=400, help="measured HTTP requests (default 400)")
     p.add_argument("--k", type=int, default=10, help="neighbours per answer (default 10)")
     args = p.parse_args(argv)

@@ -633,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("sql", help="read-only SQL over the warehouse (DuckDB tables + Lance views), audited")
     q.add_argument("query", help="a SELECT query, e.g. \"SELECT * FROM lesions LIMIT 5\"")
-    q.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    q.add_argument("--warehouse", default=settings.warehouse_location(), help="warehouse folder or s3://bucket/prefix")
     fmt = q.add_mutually_exclusive_group()
     fmt.add_argument("--format", choices=["table", "csv", "json"], default="table",
                      help="table (default), csv, or json (a list of row objects)")
@@ -666,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--version", type=int, help="search an older lesion_vectors table version")
     f.add_argument("--include-same-patient", action="store_true",
                    help="keep the query lesion's patient (the lesion itself then comes first)")
-    f.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    f.add_argument("--warehouse", default=settings.warehouse_location(), help="warehouse folder or s3://bucket/prefix")
     f.add_argument("--one-per-patient", action="store_true",
                    help="only the closest lesion of each patient (as in cohorts)")
     f.add_argument("--explain", action="store_true",
@@ -693,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--requested-by", help="who asked, for the run's tags and the audit row (the search page "
                    "passes its signed-in user; default: IMAGING_ASSETS_USER or the login name)")
     c.add_argument("--json", action="store_true", help="print the run as JSON (name, table, run_id, success, errors)")
-    c.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    c.add_argument("--warehouse", default=settings.warehouse_location(), help="warehouse folder or s3://bucket/prefix")
     c.set_defaults(func=_cmd_cohort)
 
     b = sub.add_parser("backfill", help="run the partitioned extraction (one run per batch of series) in the Dagster "
@@ -708,23 +708,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait at most (default 3600)")
     b.add_argument("--retries", type=int, default=2, help="with --wait: submit partitions whose run failed again, "
                    "up to this many times (default 2)")
-    b.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    b.add_argument("--warehouse", default=settings.warehouse_location(), help="warehouse folder or s3://bucket/prefix")
     b.set_defaults(func=_cmd_backfill)
 
     v = sub.add_parser("serve", help="the similar-case search page and JSON API, and the pictures of the Dagster UI "
                                             "(loopback by default)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     v.add_argument("--port", type=int, default=8321, help="port (default 8321)")
-    v.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    v.add_argument("--warehouse", default=settings.warehouse_location(), help="warehouse folder or s3://bucket/prefix")
     v.set_defaults(func=_cmd_serve)
 
     m = sub.add_parser("summary", help="print what the warehouse holds")
-    m.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    m.add_argument("--warehouse", default=settings.warehouse_location(), help="warehouse folder or s3://bucket/prefix")
     m.set_defaults(func=_cmd_summary)
 
     r = sub.add_parser("rekey", help="rotate the pseudonymisation key: re-derive every stored patient key (from "
                        "the sources, with the configured new key) in one transaction")
-    r.add_argument("--warehouse", default=str(settings.warehouse_dir()), help="warehouse folder")
+    r.add_argument("--warehouse", default=settings.warehouse_location(), help="warehouse folder or s3://bucket/prefix")
     r.add_argument("--old-key-file", help="file holding the old key (default: IMAGING_ASSETS_OLD_PSEUDONYM_KEY)")
     r.add_argument("--forget-unmapped", action="store_true", help="set stored patient keys that no source gives "
                    "any more (files deleted since) to NULL instead of refusing")

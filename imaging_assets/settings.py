@@ -8,7 +8,14 @@ defaults, the CLI through both).
 setting                            environment variable                            default
 =================================  =============================================  ==========================
 data folder                        ``IMAGING_ASSETS_DATA``                         ``<repo>/data``
-warehouse (DuckDB file + Lance)    ``IMAGING_ASSETS_WAREHOUSE``                    ``<data>/warehouse``
+warehouse (a folder, or            ``IMAGING_ASSETS_WAREHOUSE``                    ``<data>/warehouse``
+``s3://bucket/prefix`` for its
+files and tables)
+the DuckDB file's folder (always   ``IMAGING_ASSETS_DUCKDB_DIR``                   the warehouse folder; for
+local disk)                                                                        ``s3://b/p``: ``<data>/duckdb/
+                                                                                   b/p``
+S3 endpoint and credentials        ``AWS_ENDPOINT_URL``, ``AWS_REGION``,           the AWS defaults
+                                   ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``
 Lance vector tables (folder / URI) ``IMAGING_ASSETS_LANCE_URI``                    ``<warehouse>/lance``
 outcome files (file or folder)     ``IMAGING_ASSETS_OUTCOMES``                     ``<demo>/outcomes.csv``
 DICOM roots (``os.pathsep`` list)  ``IMAGING_ASSETS_DICOM_ROOTS``                  ``<data>/demo/dicom``
@@ -48,9 +55,31 @@ def demo_dir() -> Path:
     return data_dir() / "demo"
 
 
-def warehouse_dir() -> Path:
-    """Root of the warehouse: ``warehouse.duckdb`` and the Lance tables live below it."""
-    return Path(os.environ.get("IMAGING_ASSETS_WAREHOUSE", data_dir() / "warehouse"))
+def warehouse_location() -> str:
+    """Root of the warehouse's files and tables: a local folder (which also holds ``warehouse.duckdb``) or
+    an object-store URI ``s3://bucket/prefix`` (the DuckDB file then lives in :func:`duckdb_dir`)."""
+    return os.environ.get("IMAGING_ASSETS_WAREHOUSE") or str(data_dir() / "warehouse")
+
+
+def is_remote(location: str | Path) -> bool:
+    """True for an object-store URI (``s3://...``)."""
+    text = os.fspath(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def duckdb_dir(location: str | Path | None = None) -> Path:
+    """Local folder of the DuckDB file (and the private snapshots of SQL readers).
+
+    ``IMAGING_ASSETS_DUCKDB_DIR`` when set; else the warehouse folder itself, or, for a warehouse on object
+    storage (DuckDB cannot keep its file there), ``<data>/duckdb/<bucket>/<prefix>``."""
+    env = os.environ.get("IMAGING_ASSETS_DUCKDB_DIR")
+    if env:
+        return Path(env)
+    location = os.fspath(location) if location is not None else warehouse_location()
+    if not is_remote(location):
+        return Path(location)
+    rest = location.split("://", 1)[1].strip("/")
+    return data_dir() / "duckdb" / Path(*[p for p in rest.split("/") if p not in ("", ".", "..")])
 
 
 def lance_uri(warehouse: str | Path | None = None) -> str:
@@ -59,7 +88,10 @@ def lance_uri(warehouse: str | Path | None = None) -> str:
     env = os.environ.get("IMAGING_ASSETS_LANCE_URI")
     if env:
         return env
-    return str(Path(warehouse if warehouse is not None else warehouse_dir()) / "lance")
+    location = os.fspath(warehouse) if warehouse is not None else warehouse_location()
+    if is_remote(location):
+        return location.rstrip("/") + "/lance"
+    return str(Path(location) / "lance")
 
 
 def users_file() -> Path:
@@ -71,7 +103,7 @@ def users_file() -> Path:
     shared warehouse folder. The file holds no token in clear, only SHA-256 hashes, and is written 0600.
     """
     env = os.environ.get("IMAGING_ASSETS_USERS", "").strip()
-    return Path(env) if env else warehouse_dir() / "users.json"
+    return Path(env) if env else duckdb_dir() / "users.json"
 
 
 def pseudonym_key_file() -> Path:

@@ -29,3 +29,13 @@ def small_cohort(tmp_path_factory: pytest.TempPathFactory):
 
     out = tmp_path_factory.mktemp("cohort") / "demo"
     return generate_cohort(out, n_patients=6, seed=11, workers=2)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's ThreadedMotoServer) on loopback with a free port, for the session;
+    stopped afterwards. ``s3_server.bucket(name)`` creates a bucket and returns ``s3://name``."""
+    from imaging_assets.locals3 import local_s3
+
+    with local_s3() as s3:
+        yield s3

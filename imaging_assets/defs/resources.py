@@ -6,19 +6,34 @@ import dagster as dg
 from pydantic import Field
 
 from imaging_assets import settings
+from imaging_assets.store.objects import S3Options
 from imaging_assets.store.warehouse import Warehouse
 
 
+#: Resource field -> the standard AWS environment variable it is read from (``dg.EnvVar``) when set.
+S3_ENV_FIELDS = {
+    "s3_endpoint_url": "AWS_ENDPOINT_URL",
+    "s3_region": "AWS_REGION",
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
+}
+
+
 class WarehouseResource(dg.ConfigurableResource):
-    """The warehouse folder: ``warehouse.duckdb`` (SQL face, catalog tables) and the Lance tables.
+    """The warehouse: ``warehouse.duckdb`` (SQL face, catalog tables) on local disk, and its files and tables
+    (Lance, Delta, partition results, thumbnails, crops, models) in the same folder or on object storage.
 
     Connections are opened briefly inside ``with`` blocks, as dagster-duckdb's ``DuckDBResource`` does;
-    a writer waits (with backoff) while another process holds DuckDB's single write lock.
+    a writer waits (with backoff) while another process holds DuckDB's single write lock. The S3 fields are
+    filled from the standard AWS environment variables through ``dg.EnvVar`` (never stored in run config).
     """
 
     root: str = Field(
-        default_factory=lambda: str(settings.warehouse_dir()),
-        description="Warehouse folder (env IMAGING_ASSETS_WAREHOUSE; default data/warehouse).",
+        default_factory=settings.warehouse_location,
+        description="Warehouse folder, or s3://bucket/prefix for its files and tables (env "
+        "IMAGING_ASSETS_WAREHOUSE; default data/warehouse). On S3 the DuckDB file stays local "
+        "(IMAGING_ASSETS_DUCKDB_DIR).",
     )
 
     lance: str = Field(
@@ -26,10 +41,30 @@ class WarehouseResource(dg.ConfigurableResource):
         description="LanceDB URI for the vector tables: a folder or an object-store URI (s3://...); "
         "empty = env IMAGING_ASSETS_LANCE_URI, else <root>/lance.",
     )
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (AWS_ENDPOINT_URL).")
+    s3_region: str | None = Field(default=None, description="S3 region (AWS_REGION).")
+    aws_access_key_id: str | None = Field(default=None, description="S3 access key id (AWS_ACCESS_KEY_ID).")
+    aws_secret_access_key: str | None = Field(default=None, description="S3 secret (AWS_SECRET_ACCESS_KEY).")
+    aws_session_token: str | None = Field(default=None, description="S3 session token (AWS_SESSION_TOKEN).")
 
     def get_warehouse(self) -> Warehouse:
         """The :class:`~imaging_assets.store.warehouse.Warehouse` every stage step takes."""
-        return Warehouse.from_settings(root=self.root, lance_uri=self.lance or None)
+        s3 = None
+        if settings.is_remote(self.root) or settings.is_remote(self.lance or ""):
+            env = S3Options.from_env()
+            s3 = S3Options(
+                endpoint_url=self.s3_endpoint_url or env.endpoint_url,
+                region=self.s3_region or env.region,
+                access_key_id=self.aws_access_key_id or env.access_key_id,
+                secret_access_key=self.aws_secret_access_key or env.secret_access_key,
+                session_token=self.aws_session_token or env.session_token,
+            )
+        return Warehouse.from_settings(root=self.root, lance_uri=self.lance or None, s3=s3)
+
+
+def s3_env_vars() -> dict[str, dg.EnvVar]:
+    """``dg.EnvVar`` of each S3 field whose environment variable is set (an unset EnvVar would fail)."""
+    return {name: dg.EnvVar(var) for name, var in S3_ENV_FIELDS.items() if os.environ.get(var)}
 
 
 class DicomSourcesResource(dg.ConfigurableResource):
@@ -83,7 +118,7 @@ def resources() -> dg.Definitions:
     """Default resources; override in tests with ``dg.materialize(..., resources=...)``."""
     return dg.Definitions(
         resources={
-            "warehouse": WarehouseResource(),
+            "warehouse": WarehouseResource(**s3_env_vars()),
             "dicom_sources": DicomSourcesResource(),
             "outcome_sources": OutcomeSourcesResource(),
         }

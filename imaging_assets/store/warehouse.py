@@ -16,12 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from imaging_assets.store import objects as objstore
+from imaging_assets.store.objects import S3Options
 from imaging_assets.store.schema import TABLES, arrow_table, ensure_schema
 
 logger = logging.getLogger(__name__)
@@ -39,30 +41,76 @@ def duckdb_path(warehouse: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class Warehouse:
-    """Where one warehouse lives: the folder of its DuckDB file and the URI of its Lance tables.
+    """Where one warehouse lives: the local folder of its DuckDB file, the root of its files and the URI of
+    its Lance tables.
 
     The one object every pipeline step takes. Build it from the settings (environment) with
-    :meth:`from_settings`, or directly in tests and tools: ``Warehouse(tmp_path / "wh")`` puts the Lance
-    tables in ``<root>/lance``.
+    :meth:`from_settings`, or directly in tests and tools: ``Warehouse(tmp_path / "wh")`` keeps everything
+    in one local folder (Lance tables in ``<root>/lance``).
+
+    Parameters
+    ----------
+    root
+        Local folder of ``warehouse.duckdb`` (DuckDB needs a local file with locks) and of the private
+        snapshots of SQL readers.
+    lance_uri
+        The Lance tables; default ``<files>/lance``.
+    files
+        Root of everything else the warehouse keeps as files (partition results, thumbnails, crops, models,
+        plots, the Delta tables): a local folder or ``s3://bucket/prefix``; default ``root``.
+    s3
+        Endpoint and credentials for an ``s3://`` root (default: the AWS environment variables); registered
+        for every URI under ``files`` and ``lance_uri``, so Lance, delta-rs and pyarrow all use them.
     """
 
     root: Path
     lance_uri: str = ""
+    files: str = ""
+    s3: S3Options | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+        if not self.files:
+            object.__setattr__(self, "files", str(self.root))
         if not self.lance_uri:
-            object.__setattr__(self, "lance_uri", str(self.root / "lance"))
+            object.__setattr__(self, "lance_uri", objstore.join(self.files, "lance"))
+        if self.s3 is not None:
+            objstore.configure(self.files, self.s3)
+            objstore.configure(self.lance_uri, self.s3)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # unpickled in a worker process: register again
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+        self.__post_init__()
 
     @classmethod
-    def from_settings(cls, root: str | Path | None = None, lance_uri: str | None = None) -> Warehouse:
-        """The configured warehouse (``IMAGING_ASSETS_WAREHOUSE``, ``IMAGING_ASSETS_LANCE_URI``); explicit
-        arguments win. A root given without a Lance URI keeps its Lance tables under it unless the
-        environment names another URI."""
+    def from_settings(cls, root: str | Path | None = None, lance_uri: str | None = None,
+                      s3: S3Options | None = None) -> Warehouse:
+        """The configured warehouse (``IMAGING_ASSETS_WAREHOUSE``, ``IMAGING_ASSETS_DUCKDB_DIR``,
+        ``IMAGING_ASSETS_LANCE_URI``); explicit arguments win. ``root`` is a folder or ``s3://bucket/prefix``;
+        a root given without a Lance URI keeps its Lance tables under it unless the environment names
+        another URI."""
         from imaging_assets import settings
 
-        root_path = Path(root) if root else settings.warehouse_dir()
-        return cls(root_path, lance_uri or settings.lance_uri(root_path))
+        location = os.fspath(root) if root else settings.warehouse_location()
+        local = settings.duckdb_dir(location)
+        files = location if objstore.is_remote(location) else str(local)
+        return cls(local, lance_uri or settings.lance_uri(files), files, s3)
+
+    @property
+    def remote(self) -> bool:
+        """True when the files and tables live on object storage."""
+        return objstore.is_remote(self.files)
+
+    @property
+    def objects(self) -> objstore.ObjectStore:
+        """The files of the warehouse (:class:`~imaging_assets.store.objects.ObjectStore` under ``files``)."""
+        return objstore.store(self.files, self.s3)
+
+    @property
+    def delta_uri(self) -> str:
+        """Folder / URI of the Delta Lake tables (``<files>/delta``)."""
+        return objstore.join(self.files, "delta")
 
     @property
     def duckdb_path(self) -> Path:
