@@ -511,7 +511,7 @@ def throughput(wh: Any, lesion_ids: Sequence[str]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    paths = [(lid, Path(stage.crop_path(wh, lid))) for lid in lesion_ids]
+    paths = [(lid, Path(wh.files) / stage.crop_key(lid)) for lid in lesion_ids]
     present = [(lid, p) for lid, p in paths if p.is_file()]
     crops = np.stack([np.load(p) for _, p in present]) if present else np.empty((0,))
     out["read_s"] = time.perf_counter() - t0

@@ -55,17 +55,17 @@ def picture(wh, name: str, data, alt: str = "plot") -> dg.MetadataValue:
     import base64
 
     from imaging_assets import settings
-    from imaging_assets.stages.thumbnails import keep_picture, page_sized, picture_url
+    from imaging_assets.stages.thumbnails import PLOT_DIR, keep_picture, page_sized, picture_bytes, picture_url
 
-    path = keep_picture(wh, name, data)
-    if path is None:
+    stored = keep_picture(wh, name, data)
+    if stored is None:
         return dg.MetadataValue.md("_no plot (not enough data)_")
     base = settings.pictures_url()
     if base:
-        small = page_sized(wh, path, PAGE_WIDTH)
-        return dg.MetadataValue.md(f"[![{alt}]({picture_url(wh, base, 'plots', small.name)})]"
-                                   f"({picture_url(wh, base, 'plots', path.name)})")
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        small = page_sized(wh, stored, PAGE_WIDTH)
+        return dg.MetadataValue.md(f"[![{alt}]({picture_url(wh, base, PLOT_DIR, small)})]"
+                                   f"({picture_url(wh, base, PLOT_DIR, stored)})")
+    encoded = base64.b64encode(picture_bytes(wh, PLOT_DIR, stored) or b"").decode("ascii")
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
 
 

@@ -9,7 +9,6 @@ from imaging_assets import settings
 from imaging_assets.store.objects import S3Options
 from imaging_assets.store.warehouse import Warehouse
 
-
 #: Resource field -> the standard AWS environment variable it is read from (``dg.EnvVar``) when set.
 S3_ENV_FIELDS = {
     "s3_endpoint_url": "AWS_ENDPOINT_URL",

@@ -24,7 +24,7 @@ from imaging_assets.features.embedding import (
     ONNX_SUFFIXES,
     SINGLE_CHANNEL_MODES,
     TORCHSCRIPT_SUFFIXES,
-    _sha256,
+    file_sha256,
     sidecar_path,
 )
 
@@ -198,7 +198,7 @@ def load_embedder(path: str | Path, input_size: int | None = None, channels: int
     single = side.get("single_channel", "image")
     if single not in SINGLE_CHANNEL_MODES:
         raise ValueError(f"{p}: single_channel must be one of {', '.join(SINGLE_CHANNEL_MODES)}, got {single!r}")
-    emb = Embedder(name=str(side.get("name") or p.stem), path=str(p), sha256=_sha256(p), input_size=int(size),
+    emb = Embedder(name=str(side.get("name") or p.stem), path=str(p), sha256=file_sha256(p), input_size=int(size),
                    channels=int(chans), dim=0, intensity=str(mode), single_channel=str(single), kind=kind,
                    _run=run, _fixed_batch=fixed_batch)
     try:  # the output size, from one probe crop (checks the model runs at the stated settings)

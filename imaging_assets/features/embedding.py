@@ -368,7 +368,8 @@ def train_encoder(crops: CropSource, config: TrainConfig = TrainConfig(),
 
 
 # ------------------------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -421,7 +422,7 @@ def save_encoder(trained: TrainedEncoder, path: str | Path, metadata: dict) -> s
                 scripted = torch.jit.trace(module, torch.zeros(1, 2, s, s, s))
         torch.jit.save(scripted, str(tmp))
     os.replace(tmp, path)
-    digest = _sha256(path)
+    digest = file_sha256(path)
     side = {
         "format": "torchscript",
         "input_size": int(trained.input_size),

@@ -64,7 +64,7 @@ def series_per_batch(configured: int | None = None) -> int:
 
 def batch_files(wh: Warehouse) -> PartitionFiles:
     """The extraction's partition folders: ``<warehouse>/partitions/radiomics``."""
-    return PartitionFiles(wh.root / "partitions" / "radiomics")
+    return PartitionFiles(wh.objects, "partitions/radiomics")
 
 
 @dataclass(frozen=True)

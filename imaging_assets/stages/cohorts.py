@@ -63,7 +63,7 @@ def cohort_table_name(name: str) -> str:
 def reference_candidates(wh: Warehouse, per_cluster: int = 3) -> list[dict[str, Any]]:
     """Where a user picks a cohort's reference: the ``per_cluster`` largest lesions of each phenotype cluster
     (per feature space), with patient, ROI, volume, outcome and the path of the lesion's picture."""
-    from imaging_assets.stages.thumbnails import thumbnail_path
+    from imaging_assets.stages.thumbnails import thumbnail_ids, thumbnail_uri
 
     with wh.connect(read_only=True) as con:
         if not con.execute("SELECT count(*) FROM information_schema.tables "
@@ -77,10 +77,10 @@ def reference_candidates(wh: Warehouse, per_cluster: int = 3) -> list[dict[str, 
             "LEFT JOIN patient_outcomes o ON o.patient_key = l.patient_key) WHERE pick <= ? "
             "ORDER BY space, cluster, pick", [per_cluster]).fetchdf().to_dict("records")
     out = []
+    have = thumbnail_ids(wh)
     for r in rows:
-        path = thumbnail_path(wh, r["lesion_id"])
         out.append({**{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items() if k != "pick"},
-                    "thumbnail": str(path) if path.is_file() else None})
+                    "thumbnail": thumbnail_uri(wh, r["lesion_id"]) if r["lesion_id"] in have else None})
     return out
 
 
@@ -107,7 +107,7 @@ def stored_cohort_query(wh: Warehouse, name: str) -> dict[str, Any] | None:
 def reference_row(wh: Warehouse, lesion_id: str, warm: Any = None) -> dict[str, Any]:
     """A lesion as a cohort's or a search's reference: its row, cluster, space and picture path (from a
     server's :class:`~imaging_assets.stages.serving.WarmSearch` when given)."""
-    from imaging_assets.stages.thumbnails import thumbnail_path
+    from imaging_assets.stages.thumbnails import thumbnail_key, thumbnail_uri
 
     cols = ("lesion_id", "patient_key", "modality", "body_part", "roi_name", "raw_label", "volume_mm3",
             "study_date", "cluster", "space")
@@ -126,8 +126,8 @@ def reference_row(wh: Warehouse, lesion_id: str, warm: Any = None) -> dict[str, 
         row["study_date"] = str(row["study_date"])[:10]
     if row.get("cluster") is not None:
         row["cluster"] = int(row["cluster"])
-    path = thumbnail_path(wh, lesion_id)
-    return {**row, "thumbnail": str(path) if path.is_file() else None}
+    has = wh.objects.exists(thumbnail_key(lesion_id))
+    return {**row, "thumbnail": thumbnail_uri(wh, lesion_id) if has else None}
 
 
 def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = None, image: str | None = None,
@@ -147,7 +147,7 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
     audit row and the registry; default :func:`imaging_assets.store.audit.current_user`). ``search_space``:
     radiomics | deep | hybrid (:func:`find_similar`'s ``space``; default there).
     """
-    from imaging_assets.stages.thumbnails import thumbnail_path
+    from imaging_assets.stages.thumbnails import thumbnail_ids, thumbnail_uri
     from imaging_assets.store.lance import table_version
 
     t0 = time.perf_counter()
@@ -174,8 +174,8 @@ def discover_cohort(wh: Warehouse, name: str, reference_lesion_id: str | None = 
     df["explanation"] = [json.dumps(e.to_dict(), ensure_ascii=False) if e is not None else None for e in explanations]
     df["why"] = [e.summary() if e is not None else "found by its embedding (no radiomics vector)"
                  for e in explanations]
-    df["thumbnail"] = [str(thumbnail_path(wh, lid)) if thumbnail_path(wh, lid).is_file() else None
-                       for lid in df["lesion_id"]]
+    have = thumbnail_ids(wh)
+    df["thumbnail"] = [thumbnail_uri(wh, lid) if lid in have else None for lid in df["lesion_id"]]
     query = {"reference_lesion_id": reference_lesion_id, "image": image, "mask": mask, "segment": segment, "k": k,
              "filters": filters or {}, "exclude_same_patient": exclude_same_patient,
              "one_per_patient": one_per_patient, "search_space": search_space}

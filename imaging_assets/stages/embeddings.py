@@ -3,14 +3,16 @@ and ``embedding_robustness``.
 
 ``lesion_crops``
     One lesion-centred crop per extractable lesion (:func:`~imaging_assets.features.crops.lesion_crop`: 48³ at
-    1 mm, intensity normalised per modality, the mask as a second channel) as ``<warehouse>/crops/<id>.npy``
-    (float16, 442 KB), incremental by content hash like the pictures
+    1 mm, intensity normalised per modality, the mask as a second channel) as ``crops/<id>.npy`` in the
+    warehouse files (float16, 442 KB), incremental by content hash like the pictures
     (:func:`~imaging_assets.stages.lesion_files.update_lesion_files`). Training and embedding read them one
-    batch at a time: the cohort is never in memory at once.
+    batch at a time: the cohort is never in memory at once. On object storage the crops are mirrored once
+    into a local cache (``<duckdb dir>/.cache/crops/<id>-<hash>.npy``): training reads each crop every epoch.
 ``embedding_model``
     The encoder: a small 3D CNN trained self-supervised on the crops
     (:func:`~imaging_assets.features.embedding.train_encoder`), saved as TorchScript under
-    ``<warehouse>/models/ssl-<sha12>.pt`` with a JSON sidecar (training config, data version, loss curve);
+    ``models/ssl-<sha12>.pt`` in the warehouse files with a JSON sidecar (training config, data version, loss
+    curve; on object storage a local copy is kept in ``<duckdb dir>/.cache/models`` and checked by sha256);
     or a model file of yours (``IMAGING_ASSETS_EMBEDDING_MODEL``, TorchScript or ONNX), registered as
     ``ext-<sha12>`` and used through the same loader. A trained model is reused while the training config is
     the same and the cohort has not grown by more than ``retrain_growth`` (25 %) since it was trained: a
@@ -70,9 +72,46 @@ class CropsResult:
     elapsed_s: float
 
 
-def crop_path(wh: Warehouse, lesion_id: str) -> Path:
-    """Where a lesion's crop lives (``<warehouse>/crops/<lesion_id>.npy``)."""
-    return Path(wh.root) / CROP_DIR / f"{lesion_id}.npy"
+#: Local cache (under the DuckDB folder) of files a warehouse on object storage keeps remotely.
+CACHE_DIR = ".cache"
+
+
+def crop_key(lesion_id: str) -> str:
+    """A lesion's crop's key in the warehouse files (``crops/<lesion_id>.npy``)."""
+    return f"{CROP_DIR}/{lesion_id}.npy"
+
+
+def crop_paths(wh: Warehouse, crops: Sequence[tuple[str, str]]) -> list[Path]:
+    """Local files of the crops ``(lesion_id, content_hash)``, in order.
+
+    A local warehouse: the crop files themselves. On object storage: copies in
+    ``<duckdb dir>/.cache/crops/<lesion_id>-<hash>.npy``, downloaded once per content version (8 at a
+    time); cached copies of other versions are removed.
+    """
+    if not wh.remote:
+        return [Path(wh.files) / crop_key(lid) for lid, _ in crops]
+    import concurrent.futures as cf
+
+    folder = Path(wh.root) / CACHE_DIR / CROP_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{lid}-{h}.npy" for lid, h in crops]
+    store = wh.objects
+
+    def fetch(item: tuple[tuple[str, str], Path]) -> None:
+        (lid, _), path = item
+        if not path.is_file():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(store.read_bytes(crop_key(lid)))
+            os.replace(tmp, path)
+
+    with cf.ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(fetch, zip(crops, paths)))
+    keep = {p.name for p in paths}
+    mine = {f"{lid}-" for lid, _ in crops}
+    for old in folder.glob("*.npy"):
+        if old.name not in keep and any(old.name.startswith(m) for m in mine):
+            old.unlink(missing_ok=True)
+    return paths
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -127,7 +166,8 @@ def _ok_crops(con: Any, wh: Warehouse) -> list[tuple[str, str]]:
     """(lesion_id, content_hash) of the extractable lesions whose crop is made, sorted by id."""
     rows = con.execute("SELECT c.lesion_id, c.content_hash FROM lesion_crops c JOIN lesions l USING (lesion_id) "
                        "WHERE c.status = 'ok' AND l.extractable ORDER BY 1").fetchall()
-    return [(lid, h) for lid, h in rows if crop_path(wh, lid).is_file()]
+    present = set(wh.objects.list(CROP_DIR))  # one listing, not a request per lesion
+    return [(lid, h) for lid, h in rows if f"{lid}.npy" in present]
 
 
 def data_version(crops: Sequence[tuple[str, str]]) -> str:
@@ -162,8 +202,29 @@ class ModelResult:
 
 
 def _model_file(wh: Warehouse, row: dict[str, Any]) -> Path:
+    """The local file of a model row: an absolute path (your model) as is; a trained model in the warehouse
+    files, or, on object storage, its copy in ``<duckdb dir>/.cache/models`` (downloaded, with its sidecar,
+    when missing or when its sha256 is not the registered one)."""
     p = Path(str(row["path"]))
-    return p if p.is_absolute() else Path(wh.root) / p
+    if p.is_absolute():
+        return p
+    if not wh.remote:
+        return Path(wh.files) / p
+    local = Path(wh.root) / CACHE_DIR / p
+    from imaging_assets.features.embedding import file_sha256
+
+    if local.is_file() and file_sha256(local) == row.get("file_sha256"):
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    for key, target in ((p.as_posix() + ".json", Path(f"{local}.json")), (p.as_posix(), local)):
+        try:
+            data = wh.objects.read_bytes(key)
+        except FileNotFoundError:
+            continue  # load_embedder names what is missing
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return local
 
 
 def active_model(con: Any) -> dict[str, Any] | None:
@@ -260,9 +321,9 @@ def train_embedding_model(wh: Warehouse, config: Any = None, force: bool = False
             if trained_on and len(crops) <= trained_on * (1 + retrain_growth):
                 return _result(current, True, f"the cohort has {len(crops)} lesions, trained on {trained_on}: "
                                f"retrained above {int(trained_on * (1 + retrain_growth))}", t0)
-    source = NpyCrops([crop_path(wh, lid) for lid, _ in crops])
+    source = NpyCrops(crop_paths(wh, crops))
     trained = train_encoder(source, cfg, progress=progress)
-    folder = Path(wh.root) / MODEL_DIR
+    folder = (Path(wh.root) / CACHE_DIR if wh.remote else Path(wh.files)) / MODEL_DIR
     folder.mkdir(parents=True, exist_ok=True)
     # a fixed file name inside a temporary folder (a TorchScript archive is named after its file)
     staging = folder / f".training-{os.getpid()}"
@@ -275,6 +336,9 @@ def train_embedding_model(wh: Warehouse, config: Any = None, force: bool = False
     os.replace(f"{tmp}.json", f"{final}.json")
     os.replace(tmp, final)
     staging.rmdir()
+    if wh.remote:  # the sidecar first: a reader finding the model finds its settings
+        wh.objects.write_bytes(f"{MODEL_DIR}/{final.name}.json", Path(f"{final}.json").read_bytes())
+        wh.objects.write_bytes(f"{MODEL_DIR}/{final.name}", final.read_bytes())
     emb = load_embedder(final)
     row = {"model_version": mv, "source": "trained", "path": f"{MODEL_DIR}/{final.name}", "file_sha256": sha,
            "dim": emb.dim, "input_size": emb.input_size, "channels": emb.channels, "intensity": emb.intensity,
@@ -385,7 +449,9 @@ def build_lesion_embeddings(wh: Warehouse, batch_size: int = 64,
         stored = {lid: mat[i] for i, lid in enumerate(tbl.column("lesion_id").to_pylist()) if versions[i] == mv}
     todo = [lid for lid, h in crops if not (lid in stored and state.get(lid) == (h, mv))]
     t1 = time.perf_counter()
-    fresh = embed_crops(emb, [crop_path(wh, lid) for lid in todo], batch_size) if todo else np.zeros((0, emb.dim))
+    wanted = set(todo)
+    fresh = (embed_crops(emb, crop_paths(wh, [c for c in crops if c[0] in wanted]), batch_size) if todo
+             else np.zeros((0, emb.dim)))
     embed_s = time.perf_counter() - t1
     vectors = {**stored, **dict(zip(todo, fresh))}
     excluded = [{"lesion_id": lid, "reason": "no crop (see lesion_crops)"} for lid in sorted(lesions)

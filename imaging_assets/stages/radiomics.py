@@ -338,14 +338,14 @@ def extract_features(
 def lesions_preview(wh: Warehouse, limit: int = 10) -> list[dict[str, Any]]:
     """The largest extractable lesions (id, patient key, modality, ROI, label, volume, status, the path of
     the picture ``lesion_thumbnails`` draws): where a user copies a reference lesion id from."""
-    from imaging_assets.stages.thumbnails import thumbnail_path
+    from imaging_assets.stages.thumbnails import thumbnail_uri
 
     with wh.connect(read_only=True) as con:
         rows = con.execute(
             "SELECT lesion_id, patient_key, modality, roi_name, raw_label, round(volume_mm3, 1) AS volume_mm3, "
             "status FROM lesions ORDER BY extractable DESC, volume_mm3 DESC NULLS LAST, lesion_id LIMIT ?",
             [limit]).fetchdf().to_dict("records")
-    return [{**r, "thumbnail": str(thumbnail_path(wh, r["lesion_id"]))} for r in rows]
+    return [{**r, "thumbnail": thumbnail_uri(wh, r["lesion_id"])} for r in rows]
 
 
 def feature_table_report(wh: Warehouse) -> FeatureTableReport:

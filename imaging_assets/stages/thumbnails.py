@@ -1,12 +1,13 @@
 """Pictures of lesions: the step behind ``lesion_thumbnails`` and the montages of cohorts.
 
-Every extractable lesion gets a PNG ``<warehouse>/thumbnails/<lesion_id>.png`` (axial, coronal and sagittal
+Every extractable lesion gets a PNG ``<warehouse files>/thumbnails/<lesion_id>.png`` (a local folder or
+object storage: :class:`~imaging_assets.store.objects.ObjectStore`; axial, coronal and sagittal
 slices through its centre with the mask outline, windowed per modality, scale bar and orientation letters;
 drawn by :mod:`imaging_assets.analysis.thumbnails`, no patient information in the picture), named by the
 lesion id so any tool can open it. The step is incremental: a picture is drawn again only when its
 **content hash** changes (the lesion's source fingerprint, modality, body part and the renderer's
 version), and pictures of lesions that left the ``lesions`` table are removed. Each file is written to a
-temporary name and moved into place, and the ``lesion_thumbnails`` rows are replaced in one transaction
+temporary name and moved into place (on S3 one PUT), and the ``lesion_thumbnails`` rows are replaced in one transaction
 after the pictures are drawn: a crash leaves the previous pictures and rows, never half a file.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,37 +50,56 @@ class ThumbnailsResult:
     examples: list[dict[str, Any]]
 
 
-def thumbnail_dir(wh: Warehouse) -> Path:
-    """``<warehouse root>/thumbnails``."""
-    return Path(wh.root) / THUMBNAIL_DIR
+def thumbnail_key(lesion_id: str) -> str:
+    """A lesion's picture's key in the warehouse files: ``thumbnails/<lesion_id>.png``."""
+    return f"{THUMBNAIL_DIR}/{lesion_id}.png"
 
 
-def thumbnail_path(wh: Warehouse, lesion_id: str) -> Path:
-    """Where a lesion's picture lives (whether drawn yet or not)."""
-    return thumbnail_dir(wh) / f"{lesion_id}.png"
+def thumbnail_uri(wh: Warehouse, lesion_id: str) -> str:
+    """Where a lesion's picture lives (whether drawn yet or not): a local path or an ``s3://`` URI."""
+    return wh.objects.uri(thumbnail_key(lesion_id))
 
 
-def keep_picture(wh: Warehouse, name: str, data: bytes | Path | None) -> Path | None:
-    """Store a plot under ``<warehouse>/plots/<name>-<sha8>.png`` (written to a temporary name, then moved;
-    the newest :data:`PLOTS_KEPT` versions of ``name`` are kept) and return its path; None for no plot."""
+def thumbnail_ids(wh: Warehouse) -> set[str]:
+    """The lesions that have a picture (one listing of the folder, not a request per lesion)."""
+    return {n[:-4] for n in wh.objects.list(THUMBNAIL_DIR) if n.endswith(".png") and not n.startswith(".")}
+
+
+def thumbnail_bytes(wh: Warehouse, lesion_id: str) -> bytes | None:
+    """A lesion's picture (PNG bytes), None when it has none."""
+    try:
+        return wh.objects.read_bytes(thumbnail_key(lesion_id))
+    except FileNotFoundError:
+        return None
+
+
+def keep_picture(wh: Warehouse, name: str, data: bytes | Path | None) -> str | None:
+    """Store a plot as ``plots/<name>-<sha8>.png`` in the warehouse files (one atomic write; the newest
+    :data:`PLOTS_KEPT` versions of ``name`` are kept) and return its file name; None for no plot."""
     if data is None:
         return None
     raw = Path(data).read_bytes() if isinstance(data, Path) else bytes(data)
-    folder = Path(wh.root) / PLOT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{name}-{hashlib.sha1(raw).hexdigest()[:8]}.png"
-    if not final.is_file():
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(raw)
-        os.replace(tmp, final)
-    else:
-        os.utime(final)
-    versions = sorted(folder.glob(f"{name}-????????.png"), key=lambda p: p.stat().st_mtime, reverse=True)
+    final = f"{name}-{hashlib.sha1(raw).hexdigest()[:8]}.png"
+    store = wh.objects
+    store.write_bytes(f"{PLOT_DIR}/{final}", raw)  # also when present: its time makes it the newest version
+    times = store.list_times(PLOT_DIR)
+    pattern = re.compile(rf"^{re.escape(name)}-[0-9a-f]{{8}}\.png$")
+    versions = sorted((n for n in times if pattern.match(n)), key=lambda n: (n == final, times[n]), reverse=True)
     for old in versions[PLOTS_KEPT:]:
-        for copy in folder.glob(f"{old.stem}-w*.png"):
-            copy.unlink(missing_ok=True)
-        old.unlink(missing_ok=True)
+        stem = old[:-4]
+        for copy in times:
+            if copy.startswith(f"{stem}-w") and copy.endswith(".png"):
+                store.delete(f"{PLOT_DIR}/{copy}")
+        store.delete(f"{PLOT_DIR}/{old}")
     return final
+
+
+def picture_bytes(wh: Warehouse, folder: str, name: str) -> bytes | None:
+    """A stored picture (``thumbnails`` / ``plots``), None when there is none."""
+    try:
+        return wh.objects.read_bytes(f"{folder}/{name}")
+    except FileNotFoundError:
+        return None
 
 
 #: The warehouse's key for signed picture links (made on first use, mode 0600).
@@ -122,19 +143,25 @@ def picture_url(wh: Warehouse, base: str, folder: str, name: str) -> str:
     return f"{base.rstrip('/')}/{folder}/{name}?sig={picture_signature(wh, folder, name)}"
 
 
-def page_sized(wh: Warehouse, path: Path, width: int) -> Path:
-    """``path`` itself when at most ``width`` pixels wide, else a scaled-down copy kept beside it."""
+def page_sized(wh: Warehouse, name: str, width: int) -> str:
+    """The plot ``name`` itself when at most ``width`` pixels wide, else a scaled-down copy kept beside it
+    (``<stem>-w<width>.png``); returns the file name under ``plots``."""
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as im:
+    store = wh.objects
+    raw = store.read_bytes(f"{PLOT_DIR}/{name}")
+    with Image.open(io.BytesIO(raw)) as im:
         if im.width <= width:
-            return path
+            return name
+        out = f"{name[:-4]}-w{width}.png"
+        if store.exists(f"{PLOT_DIR}/{out}"):
+            return out
         small = im.convert("RGB").resize((width, max(1, round(im.height * width / im.width))), Image.LANCZOS)
-    out = path.with_name(f"{path.stem}-w{width}.png")
-    if not out.is_file():
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        small.save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, out)
+    buf = io.BytesIO()
+    small.save(buf, format="PNG", optimize=True)
+    store.write_bytes(f"{PLOT_DIR}/{out}", buf.getvalue())
     return out
 
 
@@ -171,9 +198,10 @@ def render_lesion_thumbnails(wh: Warehouse, workers: int | None = None, force: b
     for f in r.failed[:10]:
         logger.warning("thumbnail of lesion %s: %s", f["lesion_id"], f["error"])
     largest = sorted(r.lesions, key=lambda x: -(x.get("volume_mm3") or 0))[:4]
-    examples = [{"lesion_id": x["lesion_id"], "path": str(thumbnail_path(wh, x["lesion_id"])),
+    have = thumbnail_ids(wh)
+    examples = [{"lesion_id": x["lesion_id"], "path": thumbnail_uri(wh, x["lesion_id"]),
                  "modality": x.get("modality"), "volume_mm3": x.get("volume_mm3")}
-                for x in largest if thumbnail_path(wh, x["lesion_id"]).is_file()]
+                for x in largest if x["lesion_id"] in have]
     return ThumbnailsResult(folder=r.folder, rendered=r.made, unchanged=r.unchanged, removed=r.removed,
                             failed=r.failed, total=r.total, elapsed_s=r.elapsed_s, examples=examples)
 
@@ -184,7 +212,8 @@ def thumbnail_coverage(wh: Warehouse) -> dict[str, Any]:
         ids = [r[0] for r in con.execute("SELECT lesion_id FROM lesions WHERE extractable").fetchall()]
         errors = con.execute("SELECT lesion_id, error FROM lesion_thumbnails WHERE status = 'error' "
                              "ORDER BY lesion_id").fetchall()
-    missing = [i for i in ids if not thumbnail_path(wh, i).is_file()]
+    have = thumbnail_ids(wh)
+    missing = [i for i in ids if i not in have]
     return {"lesions": len(ids), "with_picture": len(ids) - len(missing), "missing": missing,
             "errors": [{"lesion_id": e[0], "error": e[1]} for e in errors]}
 
@@ -197,6 +226,5 @@ def montage_png(wh: Warehouse, tiles: Sequence[Mapping[str, Any]], title: str | 
 
     items = []
     for t in tiles:
-        p = thumbnail_path(wh, str(t["lesion_id"]))
-        items.append((p.read_bytes() if p.is_file() else None, list(t.get("caption") or [])))
+        items.append((thumbnail_bytes(wh, str(t["lesion_id"])), list(t.get("caption") or [])))
     return montage(items, columns=columns, title=title)

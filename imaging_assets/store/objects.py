@@ -245,6 +245,18 @@ class ObjectStore:
             return []
         return sorted(i.path[len(base):].lstrip("/") for i in infos if i.type == fs.FileType.File)
 
+    def list_times(self, prefix: str = "") -> dict[str, float]:
+        """Files directly under ``prefix`` -> their modification time (seconds since the epoch)."""
+        from pyarrow import fs
+
+        base = self._path(prefix)
+        try:
+            infos = self._fs.get_file_info(fs.FileSelector(base, allow_not_found=True))
+        except FileNotFoundError:
+            return {}
+        return {i.path[len(base):].lstrip("/"): (i.mtime.timestamp() if i.mtime is not None else 0.0)
+                for i in infos if i.type == fs.FileType.File}
+
     def list_dirs(self, prefix: str = "") -> list[str]:
         """Names of the folders (common prefixes) directly under ``prefix``, sorted."""
         from pyarrow import fs

@@ -81,7 +81,7 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
-    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
     from starlette.routing import Route
 
     from imaging_assets import settings
@@ -150,17 +150,17 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
 
     async def pictures(request: Request):
         folder, name = request.path_params["folder"], request.path_params["name"]
-        path = picture_file(wh, folder, name)
+        data = await asyncio.to_thread(picture_file, wh, folder, name)  # may be a request to object storage
         signed = picture_signature_ok(wh, folder, name, request.query_params.get("sig", ""))
         if not signed:
             _, denied = guard(request, "view")
             if denied is not None:
                 return denied
-        if path is None:
+        if data is None:
             return PlainTextResponse("not found", status_code=404)
         # plots are content-addressed (never change); a thumbnail changes when its lesion does
         cache = "private, max-age=31536000, immutable" if folder == "plots" else "private, no-cache"
-        return FileResponse(path, media_type="image/png", headers={"Cache-Control": cache})
+        return Response(data, media_type="image/png", headers={"Cache-Control": cache})
 
     async def api_similar(request: Request):
         user, denied = guard(request, SEARCH)

@@ -21,12 +21,14 @@ MAX_UPLOAD_BYTES = 1 << 30
 _UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
-def picture_file(wh: Warehouse, folder: str, name: str) -> Path | None:
-    """The file a picture URL names, or None (unknown folder, a name that could leave it, no such file)."""
+def picture_file(wh: Warehouse, folder: str, name: str) -> bytes | None:
+    """The picture a URL names (PNG bytes from the warehouse files, local or on object storage), or None
+    (unknown folder, a name that could leave it, no such file)."""
+    from imaging_assets.stages.thumbnails import picture_bytes
+
     if folder not in PICTURE_FOLDERS or not _NAME.match(name) or ".." in name:
         return None
-    path = Path(wh.root) / folder / name
-    return path if path.is_file() else None
+    return picture_bytes(wh, folder, name)
 
 
 def _values(params: Any, name: str) -> list[str]:

@@ -177,9 +177,9 @@ def _kill_mid_batch(instance, files, batch: str) -> tuple[bool, object]:
 
     from imaging_assets.defs.backfill import run_backfill
 
-    for p in files.folder(batch).iterdir():  # only its inputs remain
-        if p.name != "_inputs.json":
-            p.unlink()
+    for name in files.names(batch):  # only its inputs remain
+        if name != "_inputs.json":
+            files.store.delete(f"{files.prefix}/{batch}/{name}")
     t0 = time.time()
     result = {}
     backfill = threading.Thread(target=lambda: result.update(report=run_backfill(
@@ -220,7 +220,7 @@ def test_celery_worker_killed_mid_batch_is_retried_without_duplicates_postgres(c
         landed, _ = _kill_mid_batch(instance, files, batch)
         tried.append(batch)
         assert files.current(batch) is not None
-        assert not [p.name for p in files.folder(batch).iterdir() if p.name.startswith(".")]
+        assert not [name for name in files.names(batch) if name.startswith(".")]
         if landed:
             mid.append(batch)
             break

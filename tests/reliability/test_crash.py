@@ -349,3 +349,62 @@ def test_a_run_killed_mid_extraction_frees_its_pool_slot_and_the_next_run_finish
               "radiomics_provenance", "radiomics_errors"}
     mine, theirs = rh.duckdb_table_hashes(db), clean_chain["duckdb_hashes"]
     assert rh.diff_hashes({t: mine[t] for t in stages if t in mine}, {t: theirs[t] for t in stages if t in theirs}) == {}
+
+
+def _s3_state(uri: str):
+    """The current lesion_vectors table on object storage (options registered for ``uri``), or None."""
+    from imaging_assets.store.lance import open_db, table_names
+
+    db = open_db(uri)
+    if "lesion_vectors" not in table_names(db):
+        return None
+    return db.open_table("lesion_vectors").to_arrow()
+
+
+def test_s3_kill_during_vector_table_write_leaves_the_last_version(tmp_path, driver_env, s3_server):
+    """The same kills with the Lance table on a real S3 server: a writer killed between its data files and its
+    commit (or inside the commit's conditional PUT) leaves the table readable at its last version."""
+    from imaging_assets.store import objects
+    from imaging_assets.store.lance import nearest, table_version
+
+    n = 20_000
+    uri = s3_server.bucket("crash-vectors") + "/lance"
+    objects.configure(uri, s3_server.options)
+    env = {**driver_env, **s3_server.env()}
+    a, b = vector_set("A", n, DIM), vector_set("B", n, DIM)
+    rows_a, rows_b = _by_id(a), _by_id(b)
+    base = ["vectors", "--uri", uri, "--n", n, "--dim", DIM]
+
+    def run(variant: str, extra: list = (), trigger=None, delay: float = 0.0) -> bool:
+        d = DriverProcess(base + ["--variant", variant, *extra], env=env)
+        if trigger is None:
+            assert d.finish(timeout=300) == 0, d.output()
+            return True
+        assert d.wait_for(trigger, timeout=180) is not None, d.output()
+        time.sleep(delay)
+        d.kill()
+        return any(ln.startswith("SYNC_DONE") for ln in d.lines)
+
+    run("A")
+    state = _s3_state(uri)
+    assert state is not None and _by_id(state) == rows_a
+    committed = table_version(uri)
+    # killed after the merge commit, before the deletes: the merge is one commit, the table readable
+    assert not run("B", ["--hang-before-delete"], lambda ln: ln.startswith("DELETING"))
+    state = _s3_state(uri)
+    _assert_rows_from(state, rows_a, rows_b)
+    assert set(_by_id(state)) == set(rows_a) | set(rows_b)
+    assert table_version(uri) > committed
+    # killed at random moments of the re-syncs (diff, deletes, verification, optimize, indexes)
+    rng = random.Random(11)
+    for _ in range(2):
+        before = table_version(uri)
+        run("B", [], lambda ln: ln == "SYNC_START", rng.uniform(0.05, 1.5))
+        state = _s3_state(uri)  # readable at whatever version was last committed, never torn
+        _assert_rows_from(state, rows_a, rows_b)
+        assert table_version(uri) >= before
+    run("B")
+    state = _s3_state(uri)
+    assert _by_id(state) == rows_b and state.num_rows == n
+    hits = nearest(uri, "V000001", k=5)
+    assert len(hits) == 5 and all(h["lesion_id"] in rows_b and h["lesion_id"] != "V000001" for h in hits)

@@ -27,25 +27,42 @@ def _q(wh: Warehouse, sql: str, params=()):
         con.close()
 
 
-def test_a_commit_is_all_or_nothing_and_replaces_exactly_its_partition(tmp_path):
-    files = PartitionFiles(tmp_path / "p")
+def _check_commits(files: PartitionFiles) -> None:
     assert files.current("b1") is None and files.keys() == []
     v1 = files.commit("b1", {"t": pa.table({"x": [1, 2]})}, {"n": 2})
     files.commit("b2", {"t": pa.table({"x": [9]})}, {"n": 1})
-    # a writer that died before its manifest rename: its files are there, the partition is still v1
-    pa.parquet.write_table(pa.table({"x": [7, 7, 7]}), files.folder("b1") / "t-deadbeef.parquet")
-    (files.folder("b1") / ".t-x.parquet.tmp").write_bytes(b"torn")
+    # a writer that died before its manifest write: its files are there, the partition is still v1
+    buf = pa.BufferOutputStream()
+    pa.parquet.write_table(pa.table({"x": [7, 7, 7]}), buf)
+    files.store.write_bytes(f"{files.prefix}/b1/t-deadbeef.parquet", buf.getvalue().to_pybytes())
+    files.store.write_bytes(f"{files.prefix}/b1/.t-x.parquet.tmp", b"torn")
     assert files.current("b1").token == v1.token and files.current("b1").read("t")["x"].to_pylist() == [1, 2]
     v2 = files.commit("b1", {"t": pa.table({"x": [3]})}, {"n": 1})
     assert files.current("b1").read("t")["x"].to_pylist() == [3] and v2.token != v1.token
-    assert sorted(p.name for p in files.folder("b1").iterdir()) == ["_manifest.json", f"t-{v2.token}.parquet"]
+    assert files.names("b1") == ["_manifest.json", f"t-{v2.token}.parquet"]
     assert files.current("b2").read("t")["x"].to_pylist() == [9]  # the other partition is untouched
     assert files.keys() == ["b1", "b2"]
     with pytest.raises(ValueError, match="only letters"):
         files.folder("../escape")
-    (files.folder("b2") / "_manifest.json").write_text("{not json")
+    files.store.write_bytes(f"{files.prefix}/b2/_manifest.json", b"{not json")
     with pytest.raises(ValueError, match="b2.*_manifest.json"):
         files.current("b2")
+    assert files.write_inputs("b1", {"a": 1}) and not files.write_inputs("b1", {"a": 1})
+    assert files.read_inputs("b1") == {"a": 1}
+
+
+def test_s3_partition_commits_on_object_storage(s3_server):
+    """The same commit protocol on a real S3 server: the manifest PUT is the commit."""
+    from imaging_assets.store.objects import ObjectStore
+
+    _check_commits(PartitionFiles(ObjectStore(s3_server.bucket("partfiles") + "/wh", s3_server.options),
+                                  "partitions/radiomics"))
+
+
+def test_a_commit_is_all_or_nothing_and_replaces_exactly_its_partition(tmp_path):
+    files = PartitionFiles(str(tmp_path), "p")
+    _check_commits(files)
+    assert sorted(p.name for p in (tmp_path / "p" / "b1").iterdir()) == sorted(files.names("b1"))
     with pytest.raises(FileNotFoundError, match="materialize `lesions` first"):
         files.read_inputs("b9")
 

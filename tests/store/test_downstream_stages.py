@@ -316,26 +316,26 @@ def test_thumbnails_are_incremental_and_follow_the_lesions(chain, tmp_path):
 
     from PIL import Image
 
-    from imaging_assets.stages.thumbnails import render_lesion_thumbnails, thumbnail_path
+    from imaging_assets.stages.thumbnails import render_lesion_thumbnails, thumbnail_uri
 
     src = chain["wh"]
     root = tmp_path / "wh"
     shutil.copytree(src.root, root)
     wh = Warehouse(root)
     ids = [r[0] for r in _q(wh.duckdb_path, "SELECT lesion_id FROM lesions WHERE extractable ORDER BY 1")]
-    assert ids and all(thumbnail_path(wh, i).is_file() for i in ids)  # drawn by the chain
-    with Image.open(thumbnail_path(wh, ids[0])) as im:
+    assert ids and all(Path(thumbnail_uri(wh, i)).is_file() for i in ids)  # drawn by the chain
+    with Image.open(Path(thumbnail_uri(wh, ids[0]))) as im:
         assert im.format == "PNG" and im.width > 2.5 * im.height  # axial, coronal, sagittal side by side
     again = render_lesion_thumbnails(wh, workers=1)
     assert (again.rendered, again.unchanged, again.removed, again.failed) == (0, len(ids), 0, [])
-    before = thumbnail_path(wh, ids[1]).stat().st_mtime_ns
+    before = Path(thumbnail_uri(wh, ids[1])).stat().st_mtime_ns
     with connect(wh.duckdb_path) as con:
         con.execute("UPDATE lesions SET source_fingerprint = 'changed' WHERE lesion_id = ?", [ids[0]])
         con.execute("DELETE FROM lesions WHERE lesion_id = ?", [ids[-1]])
     third = render_lesion_thumbnails(wh, workers=1)
     assert (third.rendered, third.unchanged, third.removed) == (1, len(ids) - 2, 1)
-    assert not thumbnail_path(wh, ids[-1]).exists()
-    assert thumbnail_path(wh, ids[1]).stat().st_mtime_ns == before
+    assert not Path(thumbnail_uri(wh, ids[-1])).exists()
+    assert Path(thumbnail_uri(wh, ids[1])).stat().st_mtime_ns == before
     assert _q(wh.duckdb_path, "SELECT count(*) FROM lesion_thumbnails")[0][0] == len(ids) - 1
 
 

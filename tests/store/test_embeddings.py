@@ -52,7 +52,7 @@ def test_every_lesion_has_a_crop_a_model_and_an_embedding(chain):
     n = _q(wh, "SELECT count(*) FROM lesions WHERE extractable")[0][0]
     crops = out["lesion_crops"]
     assert crops.total == n and crops.made == n and not crops.failed
-    arr = np.load(embeddings.crop_path(wh, _q(wh, "SELECT min(lesion_id) FROM lesions WHERE extractable")[0][0]))
+    arr = np.load(Path(wh.files) / embeddings.crop_key(_q(wh, "SELECT min(lesion_id) FROM lesions WHERE extractable")[0][0]))
     assert arr.shape == (2, crops.size, crops.size, crops.size) and arr.dtype == np.float16
     assert set(np.unique(arr[1])) <= {0.0, 1.0} or float(arr[1].max()) <= 1.0
     model = out["embedding_model"]
@@ -103,7 +103,7 @@ def test_a_removed_lesion_loses_its_crop_and_embedding(chain, tmp_path):
     with wh.transaction() as con:
         con.execute("UPDATE lesions SET extractable = false WHERE lesion_id = ?", [gone])
     r = embeddings.build_lesion_crops(wh, workers=1)
-    assert r.removed == 1 and not embeddings.crop_path(wh, gone).exists()
+    assert r.removed == 1 and not wh.objects.exists(embeddings.crop_key(gone))
     assert embeddings.train_embedding_model(wh, TRAIN, external={}).reused  # the cohort did not grow
     e = embeddings.build_lesion_embeddings(wh)
     assert e.deleted == 1 and e.embedded == 0

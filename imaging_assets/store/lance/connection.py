@@ -1,8 +1,10 @@
 """Connections to the LanceDB database (cached per URI) and opening its tables.
 
-``uri`` everywhere is a local folder or an object-store URI (``s3://``, ``gs://``, ``az://``); LanceDB
-reads the credentials from the usual environment variables, so object storage works by configuration
-alone.
+``uri`` everywhere is a local folder or an object-store URI (``s3://``, ``gs://``, ``az://``). For
+``s3://`` the endpoint and credentials are those registered for the warehouse
+(:func:`imaging_assets.store.objects.storage_options`: the resource's fields, else the standard AWS
+environment variables), passed to LanceDB as ``storage_options``; other schemes use the client's own
+environment variables.
 
 Reads of a local table (:func:`open_dataset`, :func:`table_version`) open its pylance dataset
 (``<uri>/<table>.lance``, the folder LanceDB itself writes) directly: importing ``lancedb`` costs ~1 s of
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imaging_assets.store.lance.schema import VECTOR_TABLE
+from imaging_assets.store.objects import storage_options
 
 if TYPE_CHECKING:  # heavy imports stay lazy (the Dagster loader imports modules that import this one)
     import lancedb
@@ -26,7 +29,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy (the Dagster loader imports modules
 
 logger = logging.getLogger(__name__)
 
-_CONNECTIONS: dict[str, Any] = {}
+_CONNECTIONS: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
 _CONNECTIONS_LOCK = threading.Lock()
 
 
@@ -44,8 +47,9 @@ def open_db(uri: str | os.PathLike[str]) -> lancedb.DBConnection:
     ----------
     uri
         Local folder (created on first write) or object-store URI (``s3://bucket/prefix``, ``gs://``,
-        ``az://``). Credentials and endpoints come from the environment, read by LanceDB itself
-        (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT``, ``GOOGLE_SERVICE_ACCOUNT``, ``AZURE_STORAGE_ACCOUNT_NAME``...).
+        ``az://``). ``s3://`` endpoints and credentials: :func:`~imaging_assets.store.objects.storage_options`;
+        others from the environment, read by LanceDB itself (``GOOGLE_SERVICE_ACCOUNT``,
+        ``AZURE_STORAGE_ACCOUNT_NAME``...).
 
     Returns
     -------
@@ -54,13 +58,15 @@ def open_db(uri: str | os.PathLike[str]) -> lancedb.DBConnection:
         survive between searches).
     """
     key = _uri_str(uri)
+    options = storage_options(key)
+    cache_key = (key, tuple(sorted(options.items())) if options else ())  # new credentials: a new connection
     with _CONNECTIONS_LOCK:
-        con = _CONNECTIONS.get(key)
+        con = _CONNECTIONS.get(cache_key)
         if con is None:
             import lancedb
 
-            con = lancedb.connect(key)
-            _CONNECTIONS[key] = con
+            con = lancedb.connect(key, storage_options=options) if options else lancedb.connect(key)
+            _CONNECTIONS[cache_key] = con
         return con
 
 
