@@ -94,8 +94,7 @@ class Warehouse:
 
         location = os.fspath(root) if root else settings.warehouse_location()
         local = settings.duckdb_dir(location)
-        files = location if objstore.is_remote(location) else str(local)
-        return cls(local, lance_uri or settings.lance_uri(files), files, s3)
+        return cls(local, lance_uri or settings.lance_uri(location), location, s3)
 
     @property
     def remote(self) -> bool:
