@@ -489,7 +489,7 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     from imaging_assets.defs.cohorts import materialize_cohort
     from imaging_assets.defs.resources import WarehouseResource
 
-    result = materialize_cohort(WarehouseResource(root=str(wh.root), lance=wh.lance_uri), args.name,
+    result = materialize_cohort(WarehouseResource(root=wh.files, lance=wh.lance_uri), args.name,
                                 config if (len(config) > 1 or args.config) else None, user=args.requested_by,
                                 instance=instance)
     table = cohort_table_name(args.name)
@@ -512,7 +512,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from imaging_assets.web import serve
 
     wh = Warehouse.from_settings(root=args.warehouse)
-    print(f"searching {wh.root} on http://{args.host}:{args.port}/ (pictures under /pictures; Ctrl-C stops)",
+    print(f"searching {wh.files} on http://{args.host}:{args.port}/ (pictures under /pictures; Ctrl-C stops)",
           flush=True)
     serve(wh, host=args.host, port=args.port)
     return 0

@@ -106,6 +106,20 @@ class Warehouse:
         """The files of the warehouse (:class:`~imaging_assets.store.objects.ObjectStore` under ``files``)."""
         return objstore.store(self.files, self.s3)
 
+    def environment(self) -> dict[str, str]:
+        """Environment variables that make :meth:`from_settings` in a child process open this warehouse
+        (its files, DuckDB folder, Lance URI and, on S3, the endpoint and credentials in use)."""
+        env = {"IMAGING_ASSETS_WAREHOUSE": self.files, "IMAGING_ASSETS_DUCKDB_DIR": str(self.root),
+               "IMAGING_ASSETS_LANCE_URI": self.lance_uri}
+        if self.remote:
+            o = self.s3 or objstore.s3_options(self.files)
+            for var, value in (("AWS_ENDPOINT_URL", o.endpoint_url), ("AWS_REGION", o.region),
+                               ("AWS_ACCESS_KEY_ID", o.access_key_id), ("AWS_SECRET_ACCESS_KEY", o.secret_access_key),
+                               ("AWS_SESSION_TOKEN", o.session_token)):
+                if value:
+                    env[var] = value
+        return env
+
     @property
     def delta_uri(self) -> str:
         """Folder / URI of the Delta Lake tables (``<files>/delta``)."""

@@ -248,8 +248,8 @@ def create_app(wh: Warehouse, users: str | Path | None = None, warm: Any = None,
         # Dagster's imports) neither slows the searches of this process nor takes it down when it fails
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "imaging_assets.cli", "cohort", name, "--config", json.dumps(config),
-            "--requested-by", user.name, "--json", "--warehouse", str(wh.root),
-            env={**os.environ, "IMAGING_ASSETS_LANCE_URI": wh.lance_uri},
+            "--requested-by", user.name, "--json", "--warehouse", wh.files,
+            env={**os.environ, **wh.environment()},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await proc.communicate()
         try:
