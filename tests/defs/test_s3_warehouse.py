@@ -92,6 +92,12 @@ def test_s3_whole_graph_materializes_searches_and_reruns_incrementally(small_coh
         assert hits.height == 3 and lid not in hits["lesion_id"].to_list()
         sql = run_sql(wh, "SELECT count(*) AS n FROM lesion_vectors v JOIN lesions l USING (lesion_id)")
         assert int(sql["n"][0]) == n
+        # the search server's pictures come from the bucket
+        from imaging_assets.web import picture_file
+
+        png = picture_file(wh, "thumbnails", f"{lid}.png")
+        assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert picture_file(wh, "thumbnails", "nope.png") is None
 
         # a second materialization reads nothing new, extracts nothing, redraws nothing
         version = meta["lesion_vectors"]["table_version"].value
