@@ -1,9 +1,11 @@
 """A real S3-compatible server on loopback, for the tests, the benchmarks and trying object storage locally.
 
-It is moto's ``ThreadedMotoServer`` (a dev dependency: ``make install`` installs it) listening on
-``127.0.0.1`` on a free port: a real HTTP server speaking the S3 protocol, with conditional writes
-(``If-None-Match: *``) enforced, which Lance and delta-rs rely on for safe commits. Everything it stores
-lives in memory and is gone when it stops.
+It is moto's server (``python -m moto.server``, a dev dependency: ``make install`` installs it) in a
+process of its own (its own process group), listening on ``127.0.0.1`` on a free port: a real HTTP server
+speaking the S3 protocol, with conditional writes (``If-None-Match: *``) enforced, which Lance and delta-rs
+rely on for safe commits. Not moto's in-process ``ThreadedMotoServer``: some delta-rs calls
+(``history``, ``alter``) hold Python's GIL while they wait for the network, so a server thread in the same
+process could never answer them. Everything it stores lives in memory and is gone when it stops.
 
 Usage::
 
@@ -17,7 +19,11 @@ or ``python -m imaging_assets.locals3`` to keep one running and print the enviro
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,7 +49,7 @@ class LocalS3:
     """A running server: its endpoint, the options to reach it, and bucket creation."""
 
     endpoint_url: str
-    server: Any
+    process: Any
 
     @property
     def options(self) -> S3Options:
@@ -73,7 +79,13 @@ class LocalS3:
 
     def stop(self) -> None:
         """Stop the server (its content is lost)."""
-        self.server.stop()
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
 
 
 @contextmanager
@@ -86,29 +98,28 @@ def local_s3(port: int | None = None) -> Iterator[LocalS3]:
         When moto (a dev dependency) is not installed, or the server does not answer within 10 s.
     """
     try:
-        from moto.server import ThreadedMotoServer
+        import moto.server  # noqa: F401 - only to fail early with a clear message
     except ImportError as exc:  # pragma: no cover - dev dependency
         raise RuntimeError("the local S3 server needs moto[server] (installed by `make install`)") from exc
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = port or _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    s3 = LocalS3(f"http://127.0.0.1:{port}", server)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    s3 = LocalS3(f"http://127.0.0.1:{port}", proc)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the local S3 server on port {port} exited with {proc.returncode}")
             try:
                 s3.client().list_buckets()
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the local S3 server on {s3.endpoint_url} did not start") from None
-                time.sleep(0.1)
+                    raise RuntimeError(f"the local S3 server on {s3.endpoint_url} did not start in 30 s") from None
+                time.sleep(0.2)
         yield s3
     finally:
-        server.stop()
+        s3.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

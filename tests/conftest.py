@@ -33,7 +33,7 @@ def small_cohort(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (moto's ThreadedMotoServer) on loopback with a free port, for the session;
+    """A real S3-compatible server (moto's, in a process of its own) on loopback with a free port, for the session;
     stopped afterwards. ``s3_server.bucket(name)`` creates a bucket and returns ``s3://name``."""
     from imaging_assets.locals3 import local_s3
 

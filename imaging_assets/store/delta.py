@@ -121,6 +121,21 @@ def with_comments(table: pa.Table, comments: Mapping[str, str] | None) -> pa.Tab
     return table.cast(pa.schema(fields, metadata=table.schema.metadata))
 
 
+def _delta_layout(table: pa.Table) -> pa.Table:
+    """Fixed-size lists as plain lists: Delta has no fixed-size list type (a vector is ``array<float>``),
+    and data files written with one disagree with the table's schema for readers such as polars."""
+    def plain(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+            return pa.list_(pa.field(t.value_field.name, plain(t.value_type), t.value_field.nullable))
+        if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+            return pa.string()
+        return t
+
+    fields = [f.with_type(plain(f.type)) for f in table.schema]
+    schema = pa.schema(fields, metadata=table.schema.metadata)
+    return table if schema.equals(table.schema, check_metadata=True) else table.cast(schema)
+
+
 def _check_keys(table: pa.Table, keys: Sequence[str]) -> None:
     missing = [k for k in keys if k not in table.column_names]
     if missing:
@@ -265,7 +280,7 @@ def merge_table(
     keys = list(keys)
     partition_by = list(partition_by or [])
     opts = _options(uri)
-    table = with_comments(table, column_comments)
+    table = _delta_layout(with_comments(table, column_comments))
     _check_keys(table, keys)
     commit = _commit(lineage)
     wanted_props = {(k if k.startswith(PROPERTY_PREFIX) else PROPERTY_PREFIX + k): str(v)
@@ -276,7 +291,7 @@ def merge_table(
         return MergeResult(uri=uri, version=dt.version(), rows=table.num_rows,
                            elapsed_s=round(time.perf_counter() - t0, 3), **kw)
 
-    if not DeltaTable.is_deltatable(uri, storage_options=opts):
+    if not exists(uri):
         write_deltalake(uri, table, mode="error", partition_by=partition_by or None, name=name,
                         description=description or None, storage_options=opts, commit_properties=commit)
         dt = DeltaTable(uri, storage_options=opts)
@@ -295,7 +310,7 @@ def merge_table(
     stored = _schema_of(dt)
     source = _conform(table, stored) if list(meta.partition_columns) == partition_by else None
     if source is None:  # the schema or the partitioning changed: one overwrite with the new schema
-        old_rows = dt.count() if hasattr(dt, "count") else dt.to_pyarrow_dataset().count_rows()
+        old_rows = dt.count()
         write_deltalake(dt, table, mode="overwrite", schema_mode="overwrite", partition_by=partition_by or None,
                         name=name, description=description or None, storage_options=opts,
                         commit_properties=commit)
@@ -345,10 +360,20 @@ def _set_metadata(dt: DeltaTable, description: str, props: Mapping[str, str], co
 
 # --------------------------------------------------------------------------------------------------- read
 def exists(uri: str) -> bool:
-    """True when ``uri`` holds a Delta table."""
-    from deltalake import DeltaTable
+    """True when ``uri`` holds a Delta table.
 
-    return bool(DeltaTable.is_deltatable(uri, storage_options=_options(uri)))
+    Opens the table rather than calling ``DeltaTable.is_deltatable``: in delta-rs 1.6.6 that call (like
+    ``history()`` and the ``alter`` operations) keeps the GIL while it waits on the network, which hangs
+    against an S3 server running in the same Python process (moto's ``ThreadedMotoServer``).
+    """
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        DeltaTable(uri, storage_options=_options(uri))
+    except TableNotFoundError:
+        return False
+    return True
 
 
 def open_table(uri: str, version: int | None = None) -> DeltaTable:
@@ -383,8 +408,13 @@ def column_comments(uri: str) -> dict[str, str]:
 
 def list_tables(root: str) -> list[str]:
     """Names of the Delta tables directly under ``root`` (a folder or ``s3://`` prefix), sorted."""
-    names = objstore.store(root).list_dirs() if objstore.is_remote(root) or os.path.isdir(root) else []
-    return [n for n in names if not n.startswith((".", "_")) and exists(objstore.join(root, n))]
+    if not objstore.is_remote(root):  # a folder with a _delta_log (no table opened: cheap for each SQL query)
+        if not os.path.isdir(root):
+            return []
+        return sorted(n for n in os.listdir(root) if not n.startswith((".", "_"))
+                      and os.path.isdir(os.path.join(root, n, "_delta_log")))
+    found = objstore.store(root)
+    return [n for n in found.list_dirs() if not n.startswith((".", "_")) and "_delta_log" in found.list_dirs(n)]
 
 
 def register_duckdb_views(

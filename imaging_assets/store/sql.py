@@ -20,12 +20,17 @@ Guards (a query is refused with a clear message before anything runs):
 * every attempt is audited once: ``ok``, ``refused: …``, ``timeout: …`` or ``error: …`` (also for
   statements the parser cannot classify and for an interrupted query).
 
-Lance tables are registered as Arrow views before the lock, so SQL joins them with DuckDB tables.
+Lance tables are registered as Arrow views before the lock, so SQL joins them with DuckDB tables; so are
+the Delta Lake copies (``<files>/delta/<table>``, :mod:`imaging_assets.store.delta`) as ``delta_<table>``
+(``delta_lesions``, ...; the prefix keeps them from shadowing the DuckDB tables), through
+``DeltaTable.to_pyarrow_dataset()`` because DuckDB's ``delta`` extension cannot be installed for duckdb 2.0
+here. The audit row records the Lance and Delta versions the query saw.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +40,8 @@ import duckdb
 from imaging_assets.errors import QueryRefused
 from imaging_assets.store import audit
 from imaging_assets.store.warehouse import Warehouse
+
+logger = logging.getLogger(__name__)
 
 #: Query-node types of a plain read (DuckDB's ``json_serialize_sql`` names); anything else is refused.
 _READ_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
@@ -183,6 +190,7 @@ def run_sql(wh: Warehouse, sql: str, limit: int | None = None, user: str | None 
         try:
             with wh.snapshot(prepare=only_own_audit_rows) as con:
                 versions = _register_lance(con, wh.lance_uri)
+                versions.update(_register_delta(con, wh.delta_uri))
                 con.execute("SET memory_limit = ?", [memory])
                 con.execute("SET temp_directory = ''")
                 con.execute("SET enable_progress_bar = false")
@@ -241,3 +249,35 @@ def _register_lance(con: duckdb.DuckDBPyConnection, lance_uri: str) -> dict[str,
         except Exception:  # noqa: BLE001 - no such Lance table yet
             continue
     return pinned
+
+
+def _register_delta(con: duckdb.DuckDBPyConnection, delta_uri: str) -> dict[str, Any]:
+    """Register the warehouse's Delta tables (``<files>/delta/<table>``) as ``delta_<table>`` at their current
+    versions and return ``{"delta_<table>": version}`` for the audit row; ``{}`` when there are none.
+
+    DuckDB's ``delta`` extension has no build for duckdb 2.0 here (and extensions cannot be downloaded), so
+    each table's ``DeltaTable.to_pyarrow_dataset()`` is registered, as the Lance tables are: DuckDB scans
+    it lazily with projection and filter push-down. The ``delta_`` prefix keeps the copies from shadowing
+    the DuckDB tables; a name a DuckDB table already has is left out.
+    """
+    from imaging_assets.store import delta
+
+    if not delta_uri:
+        return {}
+    try:
+        names = delta.list_tables(delta_uri)
+    except Exception:  # noqa: BLE001 - no Delta folder / object store unreachable: the query runs without them
+        logger.warning("Delta tables under %s not registered", delta_uri, exc_info=True)
+        return {}
+    taken = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    wanted = [n for n in names if f"delta_{n}" not in taken and f"delta_{n}".replace("_", "").isalnum()]
+    try:
+        seen = delta.register_duckdb_views(con, delta_uri, wanted, prefix="delta_")
+    except Exception:  # noqa: BLE001 - a table that cannot be opened: register the others
+        seen = {}
+        for name in wanted:
+            try:
+                seen.update(delta.register_duckdb_views(con, delta_uri, [name], prefix="delta_"))
+            except Exception:  # noqa: BLE001
+                logger.warning("Delta table %s not registered", name, exc_info=True)
+    return {f"delta_{name}": version for name, version in seen.items()}

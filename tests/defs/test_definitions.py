@@ -43,6 +43,18 @@ def test_definitions_load_with_expected_graph():
         assert node.description and len(node.description) > 40
 
 
+def test_delta_tables_asset_in_the_lakehouse_group_and_the_refresh_job():
+    defs = _defs()
+    graph = defs.get_repository_def().asset_graph
+    node = graph.get(dg.AssetKey("delta_tables"))
+    assert node.group_name == "lakehouse" and "deltalake" in node.kinds
+    assert {"lesions", "radiomics_features", "feature_robustness", "robust_feature_set", "lesion_vectors",
+            "phenotype_clusters", "cluster_outcomes"} <= {k.to_user_string() for k in node.parent_keys}
+    assert node.description and "Delta" in node.description
+    job = defs.resolve_job_def("refresh_job")  # `make demo` runs it: the demo writes the Delta tables
+    assert "delta_tables" in {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
+
+
 def test_domain_packages_do_not_import_dagster():
     import ast
     from pathlib import Path
