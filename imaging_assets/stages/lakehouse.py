@@ -26,6 +26,7 @@ every commit: asset key, Dagster run id, project version, source table (and Lanc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,10 @@ from imaging_assets.store import objects as objstore
 from imaging_assets.store.warehouse import Warehouse
 
 logger = logging.getLogger(__name__)
+
+#: Bookkeeping columns set anew whenever a table is recomputed: a row equal but for them is not a change (the
+#: Delta copy keeps the time its values were first computed), so an upstream re-run rewrites nothing.
+VOLATILE = ("computed_at",)
 
 #: Columns never exported, per source table (PHI or local paths; see the module docstring).
 DROPPED: dict[str, tuple[str, ...]] = {
@@ -161,22 +166,11 @@ SOURCES: tuple[_Source, ...] = (
 
 
 @dataclass(frozen=True)
-class DeltaTableResult:
-    """One exported table after a run."""
+class DeltaTableResult(delta.MergeResult):
+    """One exported table after a run: what its merge did, and which table (and Lance version) it copied."""
 
-    table: str
-    uri: str
-    version: int
-    rows: int
-    inserted: int
-    updated: int
-    deleted: int
-    created: bool
-    files_added: int
-    files_removed: int
-    versions_added: int
+    table: str = ""
     source_version: int | None = None  # the Lance version copied (Lance tables only)
-    elapsed_s: float = 0.0
 
     def as_row(self) -> dict[str, Any]:
         """The table's line in asset metadata."""
@@ -353,12 +347,8 @@ def export_delta_tables(wh: Warehouse, run_id: str = "", asset_key: str = "delta
         r = delta.merge_table(objstore.join(wh.delta_uri, name), table, keys,
                               partition_by=list(spec.partition_by) or None, name=name,
                               description=spec.description, column_comments=_comments(name, table),
-                              properties=props, lineage=lineage)
-        results.append(DeltaTableResult(table=name, uri=r.uri, version=r.version, rows=r.rows, inserted=r.inserted,
-                                        updated=r.updated, deleted=r.deleted, created=r.created,
-                                        files_added=r.files_added, files_removed=r.files_removed,
-                                        versions_added=r.versions_added, source_version=lance_versions.get(name),
-                                        elapsed_s=r.elapsed_s))
+                              properties=props, lineage=lineage, volatile=VOLATILE)
+        results.append(DeltaTableResult(**dataclasses.asdict(r), table=name, source_version=lance_versions.get(name)))
         logger.info("delta %s v%s: %d rows (+%d ~%d -%d)", name, r.version, r.rows, r.inserted, r.updated, r.deleted)
         if progress is not None:
             progress(f"{name}: v{r.version}, {r.rows} rows (+{r.inserted} ~{r.updated} -{r.deleted})")

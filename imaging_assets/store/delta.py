@@ -237,6 +237,7 @@ def merge_table(
     column_comments: Mapping[str, str] | None = None,
     properties: Mapping[str, str] | None = None,
     lineage: Mapping[str, Any] | None = None,
+    volatile: Sequence[str] = (),
 ) -> MergeResult:
     """Write ``table`` as the new content of the Delta table at ``uri``: created on the first call, then one
     ``MERGE`` on ``keys`` per call (update changed rows, insert new keys, delete vanished keys).
@@ -263,6 +264,10 @@ def merge_table(
     lineage
         Recorded in every commit this call makes (asset key, run id, source versions, ...):
         ``commitInfo.imaging_assets.<key>`` and ``commitInfo.userMetadata`` (JSON).
+    volatile
+        Columns that do not make a row changed (bookkeeping such as ``computed_at``, set anew each time a
+        table is recomputed): a row whose other columns are equal keeps its stored values, so an upstream
+        re-run with the same results rewrites nothing.
 
     Returns
     -------
@@ -324,7 +329,7 @@ def merge_table(
     dt.update_incremental()
     on = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in keys)
     builder = dt.merge(source, on, source_alias="s", target_alias="t", commit_properties=commit)
-    others = [c for c in source.column_names if c not in keys]
+    others = [c for c in source.column_names if c not in keys and c not in set(volatile)]
     if others:
         changed = " OR ".join(f"(t.{_quote(c)} IS DISTINCT FROM s.{_quote(c)})" for c in others)
         builder = builder.when_matched_update_all(predicate=changed)

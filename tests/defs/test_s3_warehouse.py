@@ -74,7 +74,7 @@ def test_s3_whole_graph_materializes_searches_and_reruns_incrementally(small_coh
         keys = [o["Key"] for page in s3_server.client().get_paginator("list_objects_v2").paginate(
             Bucket="graph-warehouse", Prefix="wh/") for o in page.get("Contents", [])]
         tops = {k.split("/")[1] for k in keys}
-        assert {"lance", "partitions", "thumbnails", "crops", "models", "plots"} <= tops, tops
+        assert {"lance", "partitions", "thumbnails", "crops", "models", "plots", "delta"} <= tops, tops
         assert sum(k.startswith("wh/thumbnails/") and k.endswith(".png") for k in keys) == n
         assert sum(k.startswith("wh/crops/") and k.endswith(".npy") for k in keys) == n
         assert any(k.startswith("wh/partitions/radiomics/") and k.endswith("_manifest.json") for k in keys)
@@ -84,13 +84,27 @@ def test_s3_whole_graph_materializes_searches_and_reruns_incrementally(small_coh
                                 ".snapshots", "users.json"}, made_locally
         assert not (local / "lance").exists() and not (local / "thumbnails").exists()
 
+        # the Delta copies are in the bucket, readable with deltalake and polars, equal to DuckDB
+        import polars as pl
+
+        from imaging_assets.store import delta
+        from imaging_assets.store.objects import storage_options
+
+        lesions_uri = f"{wh.delta_uri}/lesions"
+        delta_v = delta.table_version(lesions_uri)
+        lake = pl.read_delta(lesions_uri, storage_options=storage_options(lesions_uri))
+        with wh.connect(read_only=True) as con:
+            ids = [r[0] for r in con.execute("SELECT lesion_id FROM lesions ORDER BY 1").fetchall()]
+        assert sorted(lake["lesion_id"].to_list()) == ids
+
         # search and SQL over the tables on S3
         with wh.connect(read_only=True) as con:
             lid = con.execute("SELECT lesion_id FROM lesions WHERE extractable ORDER BY volume_mm3 DESC "
                               "LIMIT 1").fetchone()[0]
         hits = find_similar(lid, k=3, warehouse=wh)
         assert hits.height == 3 and lid not in hits["lesion_id"].to_list()
-        sql = run_sql(wh, "SELECT count(*) AS n FROM lesion_vectors v JOIN lesions l USING (lesion_id)")
+        sql = run_sql(wh, "SELECT count(*) AS n FROM lesion_vectors v JOIN lesions l USING (lesion_id) "
+                          "JOIN delta_lesions d USING (lesion_id)")
         assert int(sql["n"][0]) == n
         # the search server's pictures come from the bucket
         from imaging_assets.web import picture_file
@@ -110,6 +124,10 @@ def test_s3_whole_graph_materializes_searches_and_reruns_incrementally(small_coh
         assert meta2["lesion_crops"]["made"].value == 0
         assert meta2["lesion_vectors"]["table_version"].value >= version
         assert find_similar(lid, k=3, warehouse=wh)["lesion_id"].to_list() == hits["lesion_id"].to_list()
+        assert delta.table_version(lesions_uri) == delta_v + 1  # one version per run, nothing rewritten
+        changed = [r for r in meta2["delta_tables"]["tables"].value.records
+                   if r.data["inserted"] or r.data["updated"] or r.data["deleted"]]
+        assert not changed, [r.data for r in changed]
 
 
 def test_s3_settings_put_duckdb_locally_and_files_in_the_bucket(monkeypatch, tmp_path):

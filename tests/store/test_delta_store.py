@@ -75,6 +75,28 @@ def test_delta_unchanged_run_rewrites_no_file_and_adds_one_version(tmp_path):
     assert last["imaging_assets.run_id"] == "again-1"
 
 
+def test_delta_volatile_bookkeeping_column_is_not_a_change(tmp_path):
+    """A recomputed table whose rows differ only in ``computed_at`` rewrites nothing; a real change still
+    updates its row, with the new time."""
+    import datetime as dt
+
+    uri = str(tmp_path / "t")
+
+    def at(day: int, values) -> pa.Table:
+        t = _table(["a", "b"], values)
+        stamp = dt.datetime(2026, 1, day, tzinfo=dt.UTC)
+        return t.append_column("computed_at", pa.array([stamp, stamp], pa.timestamp("us", tz="UTC")))
+
+    _write(uri, at(1, [1.0, 2.0]), volatile=["computed_at"])
+    again = _write(uri, at(2, [1.0, 2.0]), run="r2", volatile=["computed_at"])
+    assert (again.updated, again.files_added, again.files_removed) == (0, 0, 0)
+    assert {r["computed_at"].day for r in _rows(uri)} == {1}
+    changed = _write(uri, at(3, [1.0, 5.0]), run="r3", volatile=["computed_at"])
+    assert changed.updated == 1
+    assert {r["id"]: r["computed_at"].day for r in _rows(uri)} == {"a": 1, "b": 3}
+    assert _write(uri, at(4, [1.0, 5.0]), run="r4").updated == 2  # without it, the time alone is a change
+
+
 def test_delta_changed_vector_element_updates_only_that_row(tmp_path):
     uri = str(tmp_path / "t")
     _write(uri, _table(["a", "b"], [1.0, 2.0], vectors=[[0, 1], [2, 3]]), partition_by=None)
