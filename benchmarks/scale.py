@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         run_chain(Warehouse(pristine), ChainSettings(dicom_roots=[args.demo / "dicom"], secret=DEMO_KEY,
                                                      batch_size=args.series_per_batch), until="lesions")
         files = batch_files(Warehouse(pristine))
-        partitions = sorted(p.name for p in files.root.iterdir())
+        partitions = files.folders()
         lesions = sum(len(files.read_inputs(p)["lesions"]) for p in partitions)
         print(f"demo: {lesions} extractable lesions in {len(partitions)} batches of {args.series_per_batch} series "
               f"(discovery + lesions {time.perf_counter() - t0:.1f} s)", flush=True)

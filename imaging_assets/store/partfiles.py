@@ -84,6 +84,10 @@ class PartitionFiles:
         """Names of the files in one partition's folder, sorted."""
         return self.store.list(self._key(key))
 
+    def folders(self) -> list[str]:
+        """Every partition with a folder (inputs written, committed or not), sorted."""
+        return [k for k in self.store.list_dirs(self.prefix) if _SAFE_KEY.match(k)]
+
     def keys(self) -> list[str]:
         """Partitions with a committed version, sorted."""
         return [k for k in self.store.list_dirs(self.prefix) if _SAFE_KEY.match(k)

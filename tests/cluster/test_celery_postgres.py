@@ -143,7 +143,7 @@ def test_celery_backfill_on_postgres_equals_one_process(cluster, single_process)
     assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
     partitions = instance.get_dynamic_partitions("series_batches")
     assert len(partitions) >= 4, partitions
-    assert partitions == sorted(p.name for p in batch_files(cluster["wh"]).root.iterdir())
+    assert partitions == batch_files(cluster["wh"]).folders()
     tag = submit_backfill("extraction_celery_job", partitions)
     report = wait_for_backfill(tag, len(partitions), timeout_s=900, instance=instance)
     assert report.ok, report

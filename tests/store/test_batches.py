@@ -41,7 +41,7 @@ def _check_commits(files: PartitionFiles) -> None:
     assert files.current("b1").read("t")["x"].to_pylist() == [3] and v2.token != v1.token
     assert files.names("b1") == ["_manifest.json", f"t-{v2.token}.parquet"]
     assert files.current("b2").read("t")["x"].to_pylist() == [9]  # the other partition is untouched
-    assert files.keys() == ["b1", "b2"]
+    assert files.keys() == ["b1", "b2"] == files.folders()
     with pytest.raises(ValueError, match="only letters"):
         files.folder("../escape")
     files.store.write_bytes(f"{files.prefix}/b2/_manifest.json", b"{not json")
