@@ -121,10 +121,10 @@ def _compare(work: Path, sources: dict) -> int:
     with local_s3() as s3:
         bucket = s3.bucket("bench-warehouse")
         o = s3.options
+        os.environ.update({"AWS_ACCESS_KEY_ID": o.access_key_id, "AWS_SECRET_ACCESS_KEY": o.secret_access_key})
         os.environ["IMAGING_ASSETS_DUCKDB_DIR"] = str(work / "s3-duckdb")
         remote = materialize_twice({**sources, "warehouse": WarehouseResource(
-            root=f"{bucket}/wh", s3_endpoint_url=o.endpoint_url, s3_region=o.region, aws_access_key_id=o.access_key_id,
-            aws_secret_access_key=o.secret_access_key)}, "s3")
+            root=f"{bucket}/wh", s3_endpoint_url=o.endpoint_url, s3_region=o.region)}, "s3")
         client = s3.client()
         objects = sum(len(page.get("Contents", [])) for page in
                       client.get_paginator("list_objects_v2").paginate(Bucket="bench-warehouse"))

@@ -13,9 +13,6 @@ from imaging_assets.store.warehouse import Warehouse
 S3_ENV_FIELDS = {
     "s3_endpoint_url": "AWS_ENDPOINT_URL",
     "s3_region": "AWS_REGION",
-    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
-    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
-    "aws_session_token": "AWS_SESSION_TOKEN",
 }
 
 
@@ -42,9 +39,8 @@ class WarehouseResource(dg.ConfigurableResource):
     )
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (AWS_ENDPOINT_URL).")
     s3_region: str | None = Field(default=None, description="S3 region (AWS_REGION).")
-    aws_access_key_id: str | None = Field(default=None, description="S3 access key id (AWS_ACCESS_KEY_ID).")
-    aws_secret_access_key: str | None = Field(default=None, description="S3 secret (AWS_SECRET_ACCESS_KEY).")
-    aws_session_token: str | None = Field(default=None, description="S3 session token (AWS_SESSION_TOKEN).")
+    # No credential fields: like the pseudonymisation secret, a config field's value can end up in run storage;
+    # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN are read from the environment only.
 
     def get_warehouse(self) -> Warehouse:
         """The :class:`~imaging_assets.store.warehouse.Warehouse` every stage step takes."""
@@ -54,9 +50,9 @@ class WarehouseResource(dg.ConfigurableResource):
             s3 = S3Options(
                 endpoint_url=self.s3_endpoint_url or env.endpoint_url,
                 region=self.s3_region or env.region,
-                access_key_id=self.aws_access_key_id or env.access_key_id,
-                secret_access_key=self.aws_secret_access_key or env.secret_access_key,
-                session_token=self.aws_session_token or env.session_token,
+                access_key_id=env.access_key_id,
+                secret_access_key=env.secret_access_key,
+                session_token=env.session_token,
             )
         return Warehouse.from_settings(root=self.root, lance_uri=self.lance or None, s3=s3)
 

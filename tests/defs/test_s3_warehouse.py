@@ -36,13 +36,13 @@ def test_s3_whole_graph_materializes_searches_and_reruns_incrementally(small_coh
 
     local = tmp_path / "duckdb"
     monkeypatch.setenv("IMAGING_ASSETS_DUCKDB_DIR", str(local))
-    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
-        monkeypatch.delenv(var, raising=False)  # the resource's fields alone must reach the server
+    for var in ("AWS_ENDPOINT_URL", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)  # the resource's endpoint field must reach the server
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.options.access_key_id)  # credentials: environment only
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.options.secret_access_key)
     bucket = s3_server.bucket("graph-warehouse")
     opts = s3_server.options
-    warehouse = WarehouseResource(root=f"{bucket}/wh", s3_endpoint_url=opts.endpoint_url, s3_region=opts.region,
-                                  aws_access_key_id=opts.access_key_id,
-                                  aws_secret_access_key=opts.secret_access_key)
+    warehouse = WarehouseResource(root=f"{bucket}/wh", s3_endpoint_url=opts.endpoint_url, s3_region=opts.region)
     wh = warehouse.get_warehouse()
     assert wh.remote and wh.files == f"{bucket}/wh" and wh.lance_uri == f"{bucket}/wh/lance"
     assert wh.root == local and wh.duckdb_path == local / "warehouse.duckdb"
@@ -160,9 +160,9 @@ def test_s3_resource_reads_the_standard_aws_variables_through_envvar(monkeypatch
     assert s3_env_vars() == {}
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id-1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     fields = s3_env_vars()
-    assert fields == {"aws_access_key_id": dg.EnvVar("AWS_ACCESS_KEY_ID"),
-                      "aws_secret_access_key": dg.EnvVar("AWS_SECRET_ACCESS_KEY")}
+    assert fields == {"s3_endpoint_url": dg.EnvVar("AWS_ENDPOINT_URL")}
     res = WarehouseResource(root="s3://b/wh", **fields)
     with dg.build_resources({"warehouse": res}) as built:  # Dagster resolves the EnvVar fields
         wh = built.warehouse.get_warehouse()
