@@ -278,19 +278,6 @@ class ObjectStore:
             if "not found" not in str(exc).lower() and "does not exist" not in str(exc).lower():
                 raise
 
-    def delete_dir(self, prefix: str) -> None:
-        """Remove everything under ``prefix`` (nothing when absent)."""
-        path = self._path(prefix)
-        if path == self._base:
-            raise ValueError(f"refusing to delete the whole store {self.root}")
-        try:
-            self._fs.delete_dir(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            if "not found" not in str(exc).lower() and "does not exist" not in str(exc).lower():
-                raise
-
     def open_input_file(self, key: str) -> Any:
         """A seekable pyarrow file of a key (for Parquet reads without loading the whole file first)."""
         return self._fs.open_input_file(self._path(key))
