@@ -54,6 +54,7 @@ from imaging_assets.features.extract import (
     extract_lesion,
     extract_many,
     extraction_image,
+    float32_geometry,
     max_relative_difference,
 )
 from imaging_assets.features.params import load_params
@@ -188,7 +189,9 @@ def time_stock(image: sitk.Image, mask: sitk.Image, label: int, params: dict) ->
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
     extractor = RadiomicsFeatureExtractor(params)
-    image = extraction_image(image)  # the cast is not timed: both sides get it
+    # the cast is not timed: both sides get it (the mask gets the same float32 geometry, else an image whose
+    # origin is not float32-exact no longer shares the mask's grid)
+    image, mask = extraction_image(image), float32_geometry(mask)
     t0 = time.perf_counter()
     result = extractor.execute(image, mask, label=label)
     elapsed = time.perf_counter() - t0

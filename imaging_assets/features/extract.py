@@ -166,6 +166,30 @@ def extraction_image(image: sitk.Image) -> sitk.Image:
     return float32_geometry(image)
 
 
+def extraction_crop(image: sitk.Image, size: Iterable[int], index: Iterable[int]) -> sitk.Image:
+    """``RegionOfInterest(extraction_image(image), size, index)``, casting only the region.
+
+    The same voxels and the same geometry to the last bit: the origin is the rounded image's
+    ``TransformIndexToPhysicalPoint(index)``, the very computation ``RegionOfInterest`` makes. On a
+    512x512x48 CT the whole-image cast was 40 ms of a 250 ms lesion.
+    """
+    size, index = [int(v) for v in size], [int(v) for v in index]
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        return sitk.RegionOfInterest(extraction_image(image), size, index)
+    crop = sitk.RegionOfInterest(image, size, index)
+    if crop.GetPixelID() != EXTRACTION_PIXEL_TYPE:
+        crop = sitk.Cast(crop, EXTRACTION_PIXEL_TYPE)
+    origin, spacing, direction = (_float32(g) for g in (image.GetOrigin(), image.GetSpacing(), image.GetDirection()))
+    grid = sitk.Image([1] * image.GetDimension(), sitk.sitkUInt8)
+    grid.SetOrigin(origin)
+    grid.SetSpacing(spacing)
+    grid.SetDirection(direction)
+    crop.SetOrigin(grid.TransformIndexToPhysicalPoint(index))
+    crop.SetSpacing(spacing)
+    crop.SetDirection(direction)
+    return crop
+
+
 def pyradiomics_version() -> str:
     """Version string of the installed pyradiomics."""
     import radiomics
@@ -229,11 +253,11 @@ def _label_map(mask: sitk.Image, settings: Mapping[str, Any]) -> sitk.Image:
 
 
 def _same_geometry(image: sitk.Image, mask: sitk.Image, tolerance: float) -> bool:
+    """Same size and, after the float32 rounding both get (:func:`float32_geometry`), the same grid."""
     if image.GetSize() != mask.GetSize() or image.GetDimension() != mask.GetDimension():
         return False
-    for a, b in ((image.GetSpacing(), mask.GetSpacing()), (image.GetOrigin(), mask.GetOrigin()),
-                 (image.GetDirection(), mask.GetDirection())):
-        if not np.allclose(a, b, rtol=0.0, atol=tolerance):
+    for get in (sitk.Image.GetSpacing, sitk.Image.GetOrigin, sitk.Image.GetDirection):
+        if not np.allclose(_float32(get(image)), _float32(get(mask)), rtol=0.0, atol=tolerance):
             return False
     return True
 
@@ -248,17 +272,20 @@ def lesion_bbox(mask: sitk.Image, label: int) -> tuple[np.ndarray, np.ndarray, i
     """
     arr = sitk.GetArrayViewFromImage(mask)
     sel = arr == label
-    count = int(np.count_nonzero(sel))
-    if count == 0:
+    # the first axis on the whole array, the others only on the slab the lesion occupies
+    first = np.flatnonzero(sel.reshape(sel.shape[0], -1).any(axis=1))
+    if first.size == 0:
         present = np.unique(arr)
         present = present[present != 0]
         if present.size == 0:
             raise LesionError(f"the mask is empty (no non-zero voxel): nothing to extract for label {label}")
         raise LesionError(f"label {label} is not present in the mask (labels present: {present.tolist()})")
-    lo, hi = [], []
-    for axis in range(sel.ndim):  # numpy axes are z, y, x
+    slab = sel[first[0]:first[-1] + 1]
+    count = int(np.count_nonzero(slab))
+    lo, hi = [int(first[0])], [int(first[-1])]
+    for axis in range(1, sel.ndim):  # numpy axes are z, y, x
         other = tuple(a for a in range(sel.ndim) if a != axis)
-        idx = np.flatnonzero(sel.any(axis=other))
+        idx = np.flatnonzero(slab.any(axis=other))
         lo.append(int(idx[0]))
         hi.append(int(idx[-1]))
     return np.array(lo[::-1]), np.array(hi[::-1]), count
@@ -343,8 +370,9 @@ def extract_lesion_detailed(
     settings = dict(base.settings)
     settings["label"] = int(label)
 
-    # One pixel type and one geometry precision for every source (module docstring).
-    image = extraction_image(image)
+    # One pixel type and one geometry precision for every source (module docstring); the image is cast
+    # whole only when it is extracted whole or normalised, else only the crop (extraction_crop).
+    source = image
     mask = _label_map(float32_geometry(mask), settings)
     lo, hi, count = lesion_bbox(mask, label)
     if count == 1:
@@ -357,12 +385,13 @@ def extract_lesion_detailed(
         raise LesionError(
             f"label {label} covers every voxel of the mask: pyradiomics needs background voxels around a lesion"
         )
-    margin = crop_margin_voxels(p, image.GetSpacing()) if crop else None
+    margin = crop_margin_voxels(p, _float32(source.GetSpacing())) if crop else None
     tolerance = settings.get("geometryTolerance") or 1e-6
-    if margin is not None and not _same_geometry(image, mask, tolerance):
+    if margin is not None and not _same_geometry(source, mask, tolerance):
         logger.warning("image and mask geometries differ: extracting from the whole image (no crop)")
         margin = None
     if margin is None:
+        image = extraction_image(source)
         if crop:
             logger.info("enabled filters need the whole image: extracting without crop")
         features = _features(_execute(base, image, mask, label))
@@ -371,11 +400,15 @@ def extract_lesion_detailed(
 
     index, extent = _crop_region(lo, hi, margin, size, wavelet_reach_voxels(p))
     whole = tuple(extent) == size
-    image_c = image if whole else sitk.RegionOfInterest(image, extent, index)
+    run_settings = dict(settings)
+    if whole or run_settings.get("normalize", False):
+        image = extraction_image(source)
+        image_c = image if whole else sitk.RegionOfInterest(image, extent, index)
+    else:
+        image_c = extraction_crop(source, extent, index)
     mask_c = mask if whole else sitk.RegionOfInterest(mask, extent, index)
     image_hash, mask_hash = content_hash(image_c), content_hash(mask_c)
 
-    run_settings = dict(settings)
     if run_settings.get("normalize", False):
         normalized = imageoperations.normalizeImage(image, **run_settings)  # whole-image mean / SD
         image_c = normalized if whole else sitk.RegionOfInterest(normalized, extent, index)
