@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import Callable, Mapping
 from functools import cache
 from itertools import chain
@@ -112,12 +113,12 @@ def _glrlm_distance(norm: str, offset_mm: np.ndarray) -> float:
     return np.sum(offset_mm)
 
 
-def _drop_empty_angles(p: np.ndarray, totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _drop_empty_angles(p: np.ndarray, totals: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """pyradiomics: with more than one angle, angles whose matrix is empty are removed; empty totals -> NaN."""
-    if p.shape[-1] > 1:
+    if p.shape[axis] > 1:
         keep = totals != 0
         if not keep.all():
-            p, totals = p[..., keep], totals[keep]
+            p, totals = np.compress(keep, p, axis), totals[keep]
     totals = totals.astype(float)
     totals[totals == 0] = np.nan
     return p, totals
@@ -127,26 +128,41 @@ def _entropy(p: np.ndarray, axis: Any) -> np.ndarray:
     return -np.sum(p * np.log2(p + EPS), axis)
 
 
+def _mean_over_angles(per_angle: Mapping[str, np.ndarray]) -> FeatureValues:
+    """``nanmean`` over the angles of every feature at once (numpy's ``nanmean`` only where a NaN is)."""
+    names = list(per_angle)
+    values = np.array([per_angle[k] for k in names])
+    means = np.nanmean(values, 1) if np.isnan(values).any() else values.mean(1)
+    return dict(zip(names, means, strict=True))
+
+
+class NotFused(Exception):  # noqa: N818 - not an error: the class goes to pyradiomics
+    """A case the fused pass leaves to pyradiomics' own class (e.g. an empty texture matrix)."""
+
+
 # ------------------------------------------------------------------------------------------ first order
 def firstorder_features(values: np.ndarray, binned_values: np.ndarray, settings: Mapping[str, Any],
                         spacing: tuple[float, ...]) -> FeatureValues:
     """Every ``RadiomicsFirstOrder`` feature of a segment from its voxels (float64) and their bins."""
-    x = values
+    x = np.sort(values)  # percentiles and median read the sorted voxels (numpy's linear rule, below)
     shift = settings.get("voxelArrayShift", 0)
     n = x.size
     shifted_sq = np.sum((x + shift) ** 2)
     counts = np.bincount(binned_values)
     p_i = counts[counts > 0].astype(float)
     p_i /= np.sum(p_i) if n else 1.0
-    minimum, maximum = np.min(x), np.max(x)
-    p10, p25, p75, p90 = np.percentile(x, [10, 25, 75, 90])
+    minimum, maximum = x[0], x[-1]
+    p10, p25, p75, p90 = _sorted_percentiles(x, (10, 25, 75, 90))
     mean = np.mean(x)
     centred = x - mean
-    robust = x[(x - p10 >= 0) & (x - p90 <= 0)]
-    m2 = np.mean(np.power(centred, 2))
-    m3 = np.mean(np.power(centred, 3))
-    m4 = np.mean(np.power(centred, 4))
+    c2 = centred * centred
+    robust = x[np.searchsorted(x, p10, "left"):np.searchsorted(x, p90, "right")]  # p10 <= x <= p90
+    m2 = np.mean(c2)
+    m3 = np.mean(c2 * centred)
+    m4 = np.mean(c2 * c2)
     m2_safe = m2 if m2 != 0 else 1.0
+    half = n // 2
+    median = x[half] if n % 2 else np.mean(x[half - 1:half + 1])
     return {
         "10Percentile": p10,
         "90Percentile": p90,
@@ -157,7 +173,7 @@ def firstorder_features(values: np.ndarray, binned_values: np.ndarray, settings:
         "Maximum": maximum,
         "Mean": mean,
         "MeanAbsoluteDeviation": np.mean(np.absolute(centred)),
-        "Median": np.median(x),
+        "Median": median,
         "Minimum": minimum,
         "Range": maximum - minimum,
         "RobustMeanAbsoluteDeviation": np.mean(np.absolute(robust - np.mean(robust))),
@@ -165,8 +181,23 @@ def firstorder_features(values: np.ndarray, binned_values: np.ndarray, settings:
         "Skewness": m3 / m2_safe ** 1.5,
         "TotalEnergy": shifted_sq * np.multiply.reduce(spacing),
         "Uniformity": np.nansum(p_i ** 2),
-        "Variance": np.std(x) ** 2,
+        "Variance": m2,  # numpy's std squared
     }
+
+
+def _sorted_percentiles(x: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """``numpy.percentile(x, q)`` (method "linear") of an already sorted ``x``, for each ``q``."""
+    out = []
+    for q in qs:
+        virtual = (q / 100) * (x.size - 1)
+        below = math.floor(virtual)
+        above = min(below + 1, x.size - 1)
+        gamma = virtual - below
+        a, b = x[below], x[above]
+        diff = b - a
+        # numpy's _lerp: from the nearer end
+        out.append(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ GLCM
@@ -174,54 +205,61 @@ def glcm_features(binned: np.ndarray, mask: np.ndarray, levels: np.ndarray, sett
                   spacing: tuple[float, ...], wanted: frozenset[str] = frozenset({"MCC"})) -> FeatureValues:
     """Every ``RadiomicsGLCM`` feature, per angle, then one ``nanmean`` over the angles.
 
-    MCC (an eigen decomposition per angle, most of the class's time) only when ``wanted`` names it.
+    The matrix is held angle first, ``(angles, Ng, Ng)``. Sums of ``P`` times a function of ``(i, j)`` run
+    over its non-zero entries only (zero entries add exactly 0 to pyradiomics' sums: ``0 * log2(eps)``
+    is 0); features that depend on ``(i, j)`` only through ``i + j`` or ``|i - j|`` are summed over the
+    sum / difference distributions, and those of one index over the marginals. MCC (an eigen
+    decomposition per angle, most of the class's time) only when ``wanted`` names it.
     """
     ng = int(levels[-1])
-    p, angles = cMatrices.calculate_glcm(binned, mask, np.array(settings.get("distances", [1])), ng,
-                                         settings.get("force2D", False), settings.get("force2Ddimension", 0))
+    raw, angles = cMatrices.calculate_glcm(binned, mask, np.array(settings.get("distances", [1])), ng,
+                                           settings.get("force2D", False), settings.get("force2Ddimension", 0))
     index = levels - 1
-    p = p[0][np.ix_(index, index)]  # (Ng, Ng, angles) over the gray levels present
+    p = raw[0].transpose(2, 0, 1)[:, index[:, None], index[None, :]]  # (angles, Ng, Ng), levels present
     if settings.get("symmetricalGLCM", True):
-        p += np.transpose(p, (1, 0, 2)).copy()
+        p = p + p.transpose(0, 2, 1)
     norm = settings.get("weightingNorm")
     if norm is not None:
         weights = _angle_weights(angles, spacing, norm, _glcm_distance)
-        p = np.sum(p * weights[None, None, :], 2, keepdims=True)
-    p, totals = _drop_empty_angles(p, np.sum(p, (0, 1)))
-    p /= totals[None, None, :]
+        p = np.sum(p * weights[:, None, None], 0, keepdims=True)
+    p, totals = _drop_empty_angles(p, np.sum(p, (1, 2)), axis=0)
+    if np.isnan(totals).any():
+        raise NotFused("an empty GLCM (no voxel pair in the ROI)")
+    p /= totals[:, None, None]
 
-    # Shared intermediates. Every feature that depends on (i, j) only through i + j or |i - j| is summed
-    # over the sum / difference distributions, and every one that depends on one index only over the
-    # marginals: the same terms as pyradiomics' sums over the whole matrix, grouped (exact algebra).
     lv = levels.astype(float)
-    n_angles = p.shape[2]
-    flat = p.reshape(-1, n_angles)  # (Ng * Ng, angles)
-    px, py = p.sum(1), p.sum(0)  # (Ng, angles)
-    col = lv[:, None]
-    ux, uy = np.sum(col * px, 0), np.sum(col * py, 0)
+    n_angles, n_levels = p.shape[0], p.shape[1]
+    px, py = p.sum(2), p.sum(1)  # (angles, Ng)
+    ux, uy = px @ lv, py @ lv
+    flat = p.reshape(n_angles, -1)  # (angles, Ng * Ng)
+    n_sum, n_diff = 2 * ng - 1, ng
     k_sum, k_diff = np.arange(2, (ng * 2) + 1, dtype="float"), np.arange(0, ng, dtype="float")
-    offsets = np.arange(n_angles)[None, :]
-    sum_index = (np.rint(lv[:, None] + lv[None, :]).astype(np.intp).reshape(-1, 1) - 2) * n_angles + offsets
-    diff_index = np.rint(np.abs(lv[:, None] - lv[None, :])).astype(np.intp).reshape(-1, 1) * n_angles + offsets
-    p_sum = np.bincount(sum_index.ravel(), flat.ravel(), len(k_sum) * n_angles).reshape(len(k_sum), n_angles)
-    p_diff = np.bincount(diff_index.ravel(), flat.ravel(), len(k_diff) * n_angles).reshape(len(k_diff), n_angles)
-    ks, kd = k_sum[:, None], k_diff[:, None]
-    hxy = _entropy(p, (0, 1))
+    rows = np.arange(n_angles)[:, None]
+    sum_index = (rows * n_sum + (np.rint(lv[:, None] + lv[None, :]).astype(np.intp) - 2).ravel()).ravel()
+    diff_index = (rows * n_diff + np.rint(np.abs(lv[:, None] - lv[None, :])).astype(np.intp).ravel()).ravel()
+    p_sum = np.bincount(sum_index, flat.ravel(), n_angles * n_sum).reshape(n_angles, n_sum)
+    p_diff = np.bincount(diff_index, flat.ravel(), n_angles * n_diff).reshape(n_angles, n_diff)
+    ij = (lv[:, None] * lv[None, :]).ravel()
 
-    centred_sum = ks - ux - uy  # (i + j) - ux - uy, per gray-level sum
+    def per_angle_sum(terms: np.ndarray) -> np.ndarray:
+        return np.add.reduce(terms.reshape(n_angles, -1), 1)
+
+    logs = np.zeros_like(flat)  # log2(p + eps) only where p > 0: elsewhere the term p * log2(...) is 0
+    np.log2(flat + EPS, out=logs, where=flat > 0)
+    hxy = -per_angle_sum(flat * logs)
+    centred_sum = k_sum[None, :] - (ux + uy)[:, None]  # (i + j) - ux - uy, per gray-level sum
     cs2 = centred_sum * centred_sum
-    dx2, dy2 = (col - ux) ** 2, (col - uy) ** 2
-    sum_squares = np.sum(px * dx2, 0)
-    sigx, sigy = sum_squares ** 0.5, np.sum(py * dy2, 0) ** 0.5
-    autocorrelation = (lv * lv[:, None]).ravel() @ flat
+    sum_squares = np.sum(px * (lv[None, :] - ux[:, None]) ** 2, 1)
+    sigx, sigy = sum_squares ** 0.5, np.sum(py * (lv[None, :] - uy[:, None]) ** 2, 1) ** 0.5
+    autocorrelation = flat @ ij
     corr = (autocorrelation - ux * uy) / (sigx * sigy + EPS)  # sum P (i - ux)(j - uy) = sum P ij - ux uy
     corr[sigx * sigy == 0] = 1
-    diff_avg = np.sum(kd * p_diff, 0)
-    hx, hy = _entropy(px, 0), _entropy(py, 0)
-    pxpy = px[:, None, :] * py[None, :, :]
+    diff_avg = p_diff @ k_diff
+    hx, hy = _entropy(px, 1), _entropy(py, 1)
+    pxpy = px[:, :, None] * py[:, None, :]
     log_pxpy = np.log2(pxpy + EPS)
-    hxy1 = -np.sum(p * log_pxpy, (0, 1))
-    hxy2 = -np.sum(pxpy * log_pxpy, (0, 1))
+    hxy1 = -per_angle_sum(p * log_pxpy)
+    hxy2 = -per_angle_sum(pxpy * log_pxpy)
     div = np.fmax(hx, hy)
     imc1 = hxy - hxy1
     imc1[div != 0] /= div[div != 0]
@@ -229,52 +267,48 @@ def glcm_features(binned: np.ndarray, mask: np.ndarray, levels: np.ndarray, sett
     imc2 = (1 - np.e ** (-2 * (hxy2 - hxy))) ** 0.5
     imc2[hxy2 == hxy] = 0
 
-    kd2 = kd ** 2
+    kd2 = k_diff ** 2
     per_angle = {
         "Autocorrelation": autocorrelation,
-        "ClusterProminence": np.sum(p_sum * (cs2 * cs2), 0),
-        "ClusterShade": np.sum(p_sum * (cs2 * centred_sum), 0),
-        "ClusterTendency": np.sum(p_sum * cs2, 0),
-        "Contrast": np.sum(p_diff * kd2, 0),
+        "ClusterProminence": np.sum(p_sum * (cs2 * cs2), 1),
+        "ClusterShade": np.sum(p_sum * (cs2 * centred_sum), 1),
+        "ClusterTendency": np.sum(p_sum * cs2, 1),
+        "Contrast": p_diff @ kd2,
         "Correlation": corr,
         "DifferenceAverage": diff_avg,
-        "DifferenceEntropy": _entropy(p_diff, 0),
-        "DifferenceVariance": np.sum(p_diff * (kd - diff_avg) ** 2, 0),
-        "Id": np.sum(p_diff / (1 + kd), 0),
-        "Idm": np.sum(p_diff / (1 + kd2), 0),
-        "Idmn": np.sum(p_diff / (1 + kd2 / ng ** 2), 0),
-        "Idn": np.sum(p_diff / (1 + kd / ng), 0),
+        "DifferenceEntropy": _entropy(p_diff, 1),
+        "DifferenceVariance": np.sum(p_diff * (k_diff[None, :] - diff_avg[:, None]) ** 2, 1),
+        "Id": p_diff @ (1 / (1 + k_diff)),
+        "Idm": np.sum(p_diff / (1 + kd2), 1),
+        "Idmn": np.sum(p_diff / (1 + kd2 / ng ** 2), 1),
+        "Idn": np.sum(p_diff / (1 + k_diff / ng), 1),
         "Imc1": imc1,
         "Imc2": imc2,
-        "InverseVariance": np.sum(p_diff[1:] / kd2[1:], 0),
-        "JointEnergy": np.einsum("ij,ij->j", flat, flat),
+        "InverseVariance": np.sum(p_diff[:, 1:] / kd2[1:], 1),
+        "JointEnergy": np.einsum("ij,ij->i", flat, flat),
         "JointEntropy": hxy,
-        "MaximumProbability": np.amax(flat, 0),
-        "SumAverage": np.sum(ks * p_sum, 0),
-        "SumEntropy": _entropy(p_sum, 0),
+        "MaximumProbability": flat.max(1),
+        "SumAverage": p_sum @ k_sum,
+        "SumEntropy": _entropy(p_sum, 1),
         "SumSquares": sum_squares,
     }
     if "MCC" in wanted:
         per_angle["MCC"] = _glcm_mcc(p, px, py)
-    names = list(per_angle)
-    means = np.nanmean(np.array([per_angle[k] for k in names]), 1)
-    out = dict(zip(names, means, strict=True))
+    out = _mean_over_angles(per_angle)
     out["JointAverage"] = ux.mean()
-    if "MCC" in out and p.shape[0] < 2:  # flat region: pyradiomics returns 1
+    if "MCC" in out and n_levels < 2:  # flat region: pyradiomics returns 1
         out["MCC"] = 1
     return out
 
 
 def _glcm_mcc(p: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     """Maximal correlation coefficient per angle: sqrt of Q's second largest eigenvalue (as pyradiomics)."""
-    ratio = p / (px[:, None, :] * py[None, :, :] + EPS)  # P(i,k) / (px(i) py(k) + eps)
-    # (angles, i, j): sum_k ratio(i,k) P(j,k); einsum's own loop, not BLAS (whose idle threads spin against
-    # LAPACK's eigvals on two cores: 14x slower measured)
-    q = np.einsum("ika,jka->aij", ratio, p)
+    ratio = p / (px[:, :, None] * py[:, None, :] + EPS)  # P(i,k) / (px(i) py(k) + eps)
+    q = np.einsum("aik,ajk->aij", ratio, p)  # (angles, i, j): sum_k ratio(i,k) P(j,k)
     eigen = np.linalg.eigvals(q)
     eigen.sort()
     if eigen.shape[1] < 2:
-        return np.ones(p.shape[2])
+        return np.ones(p.shape[0])
     return np.sqrt(eigen[:, -2]).real
 
 
@@ -321,8 +355,7 @@ def glrlm_features(binned: np.ndarray, mask: np.ndarray, levels: np.ndarray, set
         "ShortRunHighGrayLevelEmphasis": np.sum(p * i3 / j3, (0, 1)) / nr,
         "ShortRunLowGrayLevelEmphasis": np.sum(p / (i3 * j3), (0, 1)) / nr,
     }
-    names = list(per_angle)
-    return dict(zip(names, np.nanmean(np.array([per_angle[k] for k in names]), 1), strict=True))
+    return _mean_over_angles(per_angle)
 
 
 # ------------------------------------------------------------------------------------------ GLSZM / GLDM
@@ -555,6 +588,9 @@ class FastFeatureExtractor(RadiomicsFeatureExtractor):
                         values = glcm_features(binned, mask_box, levels, kwargs, spacing, frozenset(wanted))
                     else:
                         values = TEXTURE_FUNCTIONS[class_name](binned, mask_box, levels, kwargs, spacing)
+                except NotFused as why:
+                    logger.debug("%s on %s left to pyradiomics: %s", class_name, image_type_name, why)
+                    values = None
                 except Exception:  # noqa: BLE001 - pyradiomics recomputes the class with its own error handling
                     logger.warning("fused %s pass failed on %s: recomputing with pyradiomics", class_name,
                                    image_type_name, exc_info=True)
