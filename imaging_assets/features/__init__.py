@@ -7,8 +7,8 @@
   hash, and the crop margin each filter needs;
 * :mod:`~imaging_assets.features.extract` -- per-lesion pyradiomics extraction on the lesion's
   neighbourhood (same values as stock pyradiomics on the whole image) and the process-pool batch runner;
-* :mod:`~imaging_assets.features.fastclasses` -- pyradiomics' feature classes with their hot spots
-  vectorised (same values to 1e-12), used by that extraction;
+* :mod:`~imaging_assets.features.fastclasses` -- one fused vectorised pass per image type over
+  pyradiomics' C texture matrices (same values as its classes to 1e-10), used by that extraction;
 * :mod:`~imaging_assets.features.pipeline` -- lesion rows and extraction jobs for the assets and the
   ``extract`` command (one code path);
 * :mod:`~imaging_assets.features.perturb`, :mod:`~imaging_assets.features.icc`,

@@ -57,10 +57,10 @@ NIfTI copies of a scan have the same ``image_hash``. :func:`stock_extract` hands
 ``as_extracted=False`` for pyradiomics on the stored type). DICOM rescale slopes and intercepts are taken at
 float32 precision as well (:mod:`imaging_assets.features.volumes`).
 
-The feature classes are pyradiomics' own with four hot spots vectorised
-(:mod:`imaging_assets.features.fastclasses`: binning, feature-name enumeration, the GLCM sum/difference
-distributions, the cluster features); they change values only in the last bits (relative < 1e-12) and
-take 30-45 % off a small lesion's time.
+The features of each image type are computed in one fused pass (:mod:`imaging_assets.features.fastclasses`):
+pyradiomics' own C texture matrices, every feature of a class from shared sums with the angles as an axis,
+one discretisation per image type; values equal pyradiomics' classes to 1e-10 relative (measured: below
+1e-11). Only the crop is cast to float32 (:func:`extraction_crop`), not the whole image.
 
 Batches
 -------
@@ -447,7 +447,7 @@ def extract_lesion(
     crop : bool
         Crop to the bounding box plus the filters' margin first (see the module docstring for why this
         gives the stock values). ``False`` runs pyradiomics on the whole image (with the
-        :mod:`~imaging_assets.features.fastclasses` feature classes, as the crop does).
+        :mod:`~imaging_assets.features.fastclasses` fused pass, as the crop does).
 
     Returns
     -------

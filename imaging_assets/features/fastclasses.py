@@ -574,7 +574,8 @@ class FastFeatureExtractor(RadiomicsFeatureExtractor):
         spacing = filtered.GetSpacing()
         binned = None
         for class_name, names in enabled.items():
-            wanted = default_features(class_name) if names is None and class_name in FUSED_CLASSES else names
+            # no name (None or an empty list) enables every non-deprecated feature, as pyradiomics' execute()
+            wanted = default_features(class_name) if not names and class_name in FUSED_CLASSES else names
             values = None
             if same_grid and class_name in FUSED_CLASSES and set(wanted) <= fused_feature_names(class_name):
                 try:
