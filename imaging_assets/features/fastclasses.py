@@ -581,7 +581,7 @@ class FastFeatureExtractor(RadiomicsFeatureExtractor):
                 try:
                     if binned is None:
                         binned = discretise(array, mask_box, kwargs)
-                        levels = np.unique(binned[mask_box])
+                        levels = np.flatnonzero(np.bincount(binned[mask_box]))  # np.unique, without a sort
                     if class_name == "firstorder":
                         values = firstorder_features(array[mask_box].astype("float"), binned[mask_box], kwargs,
                                                      spacing)
