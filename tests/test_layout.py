@@ -21,6 +21,8 @@ LONG_MODULES = {
     "features/lesions.py": "mask decoding per segmentation kind (SEG binary/fractional/labelmap, RTSTRUCT, "
                            "volumes) onto one grid: one concept",
     "features/extract.py": "the cropped extraction and its equality rules with stock pyradiomics, kept together",
+    "features/fastclasses.py": "the fused pass: one feature function per pyradiomics class over shared helpers "
+                               "(weights, empty angles, means over angles) and the extractor loop that calls them",
     "features/perturb.py": "the perturbation chain (noise, affine, mask growth, contour randomisation) as one "
                            "spec and one loader",
     "demo/generator.py": "the synthetic cohort: one generator for CT series, SEG, RTSTRUCT, outcomes and truth",

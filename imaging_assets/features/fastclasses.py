@@ -136,7 +136,7 @@ def _mean_over_angles(per_angle: Mapping[str, np.ndarray]) -> FeatureValues:
     return dict(zip(names, means, strict=True))
 
 
-class NotFused(Exception):  # noqa: N818 - not an error: the class goes to pyradiomics
+class _NotFused(Exception):  # noqa: N818 - control flow inside this module, never raised out of it
     """A case the fused pass leaves to pyradiomics' own class (e.g. an empty texture matrix)."""
 
 
@@ -224,7 +224,7 @@ def glcm_features(binned: np.ndarray, mask: np.ndarray, levels: np.ndarray, sett
         p = np.sum(p * weights[:, None, None], 0, keepdims=True)
     p, totals = _drop_empty_angles(p, np.sum(p, (1, 2)), axis=0)
     if np.isnan(totals).any():
-        raise NotFused("an empty GLCM (no voxel pair in the ROI)")
+        raise _NotFused("an empty GLCM (no voxel pair in the ROI)")
     p /= totals[:, None, None]
 
     lv = levels.astype(float)
@@ -589,7 +589,7 @@ class FastFeatureExtractor(RadiomicsFeatureExtractor):
                         values = glcm_features(binned, mask_box, levels, kwargs, spacing, frozenset(wanted))
                     else:
                         values = TEXTURE_FUNCTIONS[class_name](binned, mask_box, levels, kwargs, spacing)
-                except NotFused as why:
+                except _NotFused as why:
                     logger.debug("%s on %s left to pyradiomics: %s", class_name, image_type_name, why)
                     values = None
                 except Exception:  # noqa: BLE001 - pyradiomics recomputes the class with its own error handling
